@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/pem"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -48,30 +49,19 @@ func send(t *testing.T, a *Applet, c []byte) ([]byte, iso7816.SW) {
 	return r.Data, r.SW
 }
 
-// exchange sends a command (chaining it if needed) and collects a long
-// response with GET RESPONSE, as a station does.
+// exchange sends a command through a Client (chaining, GET RESPONSE) and
+// returns the data and the final status word.
 func exchange(t *testing.T, a *Applet, cmd iso7816.Command) ([]byte, iso7816.SW) {
 	t.Helper()
-	var data []byte
+	data, err := (&Client{T: a.Local()}).Exchange(cmd)
 	var sw iso7816.SW
-	for _, c := range iso7816.Chain(cmd, protocol.CLAChaining) {
-		b, err := c.Bytes()
-		if err != nil {
-			t.Fatal(err)
-		}
-		data, sw = send(t, a, b)
-		if sw != iso7816.SWOK && c.CLA&protocol.CLAChaining != 0 {
-			return nil, sw
-		}
+	if errors.As(err, &sw) {
+		return nil, sw
 	}
-	for {
-		n, ok := sw.Remaining()
-		if !ok {
-			return data, sw
-		}
-		more, sw2 := send(t, a, []byte{0x00, 0xC0, 0, 0, byte(n)})
-		data, sw = append(data, more...), sw2
+	if err != nil {
+		t.Fatal(err)
 	}
+	return data, iso7816.SWOK
 }
 
 func selectApplet(t *testing.T, a *Applet) {

@@ -1,0 +1,51 @@
+// Command issuer is the issuer's side of blindperso: keys in a PKCS#11
+// token, import of personalization batches, card authentication.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"blindperso/protocol"
+)
+
+func main() {
+	if err := root().Execute(); err != nil {
+		os.Exit(1)
+	}
+}
+
+func root() *cobra.Command {
+	c := &cobra.Command{
+		Use:          "issuer",
+		Short:        "blindperso issuer: keys in a PKCS#11 token, batch import, card authentication",
+		SilenceUsage: true,
+	}
+	c.AddCommand(fingerprintCmd())
+	return c
+}
+
+func fingerprintCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "fingerprint PUBKEY.pem",
+		Short: "Print the SHA-256 fingerprint of an issuer public key (PEM SubjectPublicKeyInfo)",
+		Long: `Print SHA-256 of the DER SubjectPublicKeyInfo, in hex: the value a perso
+operator passes to perso run --expect-fingerprint, and that cards can pin
+at manufacture (vcard manufacture --pin).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			b, err := os.ReadFile(args[0])
+			if err != nil {
+				return err
+			}
+			k, err := protocol.ParseIssuerKeyPEM(b)
+			if err != nil {
+				return fmt.Errorf("%s: %w", args[0], err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%x\n", k.Fingerprint())
+			return nil
+		},
+	}
+}

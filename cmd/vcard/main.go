@@ -1,0 +1,192 @@
+// Command vcard makes virtual blindperso cards and feeds them, one after
+// another, into a vpcd reader of a running pcscd, so a perso station talks
+// to them through the real PC/SC stack.
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"blindperso/card"
+	"blindperso/internal/pcscd"
+	"blindperso/internal/vcard"
+	"blindperso/protocol"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := root().ExecuteContext(ctx); err != nil {
+		os.Exit(1)
+	}
+}
+
+func root() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "vcard",
+		Short: "Virtual blindperso cards on a real pcscd, through vsmartcard's vpcd",
+		Long: `vcard makes virtual cards (each a state file, its "EEPROM") and inserts
+them into a vpcd reader slot of pcscd, one after another, as a perso
+machine feeds cards. The perso station then sees them through PC/SC like
+physical cards.
+
+A typical session:
+
+  vcard pcscd --dir /tmp/pc &            # a private pcscd with two vpcd slots
+  export PCSCLITE_CSOCK_NAME=/tmp/pc/pcscd.comm
+  vcard manufacture --dir cards --count 5
+  vcard feed --reader 127.0.0.1:PORT cards/*.json`,
+		SilenceUsage: true,
+	}
+	c.AddCommand(manufactureCmd(), feedCmd(), statusCmd(), pcscdCmd())
+	return c
+}
+
+func manufactureCmd() *cobra.Command {
+	var dir, firstID, pin string
+	var count int
+	c := &cobra.Command{
+		Use:   "manufacture",
+		Short: "Make blank cards: one state file each, with sequential Ids",
+		Long: `Make --count blank cards in --dir, named card-<ID>.json. Ids are 8 bytes,
+counting up from --first-id. --pin sets the issuer-key fingerprint the
+cards will accept (the paper's §4.4 "PK masked into ROM"); without it they
+accept any key.`,
+		Example: `  vcard manufacture --dir cards --count 10
+  vcard manufacture --dir cards --count 10 --pin $(issuer fingerprint issuer.pub.pem)`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			first, err := hex.DecodeString(firstID)
+			if err != nil || len(first) != 8 {
+				return fmt.Errorf("--first-id must be 16 hex digits, got %q", firstID)
+			}
+			var pinned []byte
+			if pin != "" {
+				if pinned, err = hex.DecodeString(pin); err != nil || len(pinned) != 32 {
+					return fmt.Errorf("--pin must be a SHA-256 fingerprint, 64 hex digits, got %q", pin)
+				}
+			}
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				return err
+			}
+			id := new(big.Int).SetBytes(first)
+			for range count {
+				b := id.FillBytes(make([]byte, 8))
+				path := filepath.Join(dir, fmt.Sprintf("card-%X.json", b))
+				if _, err := card.Manufacture(path, card.Options{ID: b, Pinned: pinned}); err != nil {
+					return err
+				}
+				fmt.Fprintln(cmd.OutOrStdout(), path)
+				id.Add(id, big.NewInt(1))
+			}
+			return nil
+		},
+	}
+	c.Flags().StringVar(&dir, "dir", "cards", "directory for the card state files")
+	c.Flags().IntVar(&count, "count", 1, "number of cards")
+	c.Flags().StringVar(&firstID, "first-id", "B100000000000001", "Id of the first card, 16 hex digits")
+	c.Flags().StringVar(&pin, "pin", "", "SHA-256 fingerprint of the only issuer key the cards accept (hex)")
+	return c
+}
+
+func feedCmd() *cobra.Command {
+	var reader string
+	var eject, gap time.Duration
+	c := &cobra.Command{
+		Use:   "feed CARD.json...",
+		Short: "Insert cards into a vpcd reader one after another",
+		Long: `Insert each card into the vpcd slot at --reader (host:port of the vpcd
+driver inside pcscd). A card is ejected once it is locked and the station
+has released it (powered it off or reset it), or --eject-after a lock at the
+latest; the next card follows after --gap. Cards already locked are skipped.
+Ends when every card has been through, or on SIGINT/SIGTERM.`,
+		Example: `  vcard feed --reader 127.0.0.1:35963 cards/*.json`,
+		Args:    cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			f := &vcard.Feeder{Addr: reader, Cards: args, EjectAfter: eject, Gap: gap,
+				Log: slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))}
+			return f.Run(cmd.Context())
+		},
+	}
+	c.Flags().StringVar(&reader, "reader", "127.0.0.1:35963", "vpcd slot to connect to, host:port")
+	c.Flags().DurationVar(&eject, "eject-after", 2*time.Second, "eject a locked card after this long even if the station keeps it")
+	c.Flags().DurationVar(&gap, "gap", 500*time.Millisecond, "pause between one card's removal and the next one's insertion")
+	return c
+}
+
+func statusCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "status CARD.json...",
+		Short: "Print each card's Id, life cycle and issuer-key fingerprint as JSON lines (never its key)",
+		Args:  cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			enc := json.NewEncoder(cmd.OutOrStdout())
+			for _, path := range args {
+				a, err := card.Open(path)
+				if err != nil {
+					return err
+				}
+				st, err := (&card.Client{T: a.Local()}).Status()
+				if err != nil {
+					return err
+				}
+				out := map[string]any{"file": path, "id": protocol.Hex(a.ID()), "state": st.State}
+				if p, err := protocol.ProfileByID(st.ProfileID); err == nil {
+					out["profile"] = p.Name
+					out["issuer_fingerprint"] = protocol.Hex(st.Fingerprint[:])
+				}
+				if st.Pinned {
+					out["pinned_fingerprint"] = protocol.Hex(st.PinnedKey[:])
+				}
+				if err := enc.Encode(out); err != nil {
+					return err
+				}
+			}
+			return nil
+		},
+	}
+}
+
+func pcscdCmd() *cobra.Command {
+	var dir string
+	var port int
+	c := &cobra.Command{
+		Use:   "pcscd",
+		Short: "Run a private pcscd with two vpcd slots until interrupted",
+		Long: `Start pcscd in its own mount namespace (root, or a user namespace) with a
+private reader configuration: two vpcd slots on --port and --port+1
+(0: two free ports). It does not touch a system pcscd. Prints the
+environment line that points PC/SC clients at it and the slots' addresses
+and reader names, then runs until SIGINT/SIGTERM.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			d, err := pcscd.Start(cmd.Context(), dir, port)
+			if err != nil {
+				return err
+			}
+			defer d.Stop()
+			out := cmd.OutOrStdout()
+			fmt.Fprintln(out, d.Env())
+			for i := range pcscd.Slots {
+				fmt.Fprintf(out, "slot %d: %s %q\n", i, d.Addr(i), d.ReaderName(i))
+			}
+			<-cmd.Context().Done()
+			return nil
+		},
+	}
+	c.Flags().StringVar(&dir, "dir", "", "directory for the socket, config and log (required; keep the path short)")
+	c.Flags().IntVar(&port, "port", 0, "TCP port of vpcd slot 0 (0: pick free ports)")
+	c.MarkFlagRequired("dir")
+	return c
+}
