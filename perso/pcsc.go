@@ -40,7 +40,7 @@ func (r *Reader) Run(ctx context.Context, count int) (done int, err error) {
 	defer stop()
 
 	for count <= 0 || done < count {
-		if err := waitState(sc, r.Name, scard.StatePresent); err != nil {
+		if err := waitState(ctx, sc, r.Name, scard.StatePresent); err != nil {
 			if ctx.Err() != nil {
 				return done, nil
 			}
@@ -59,7 +59,7 @@ func (r *Reader) Run(ctx context.Context, count int) (done int, err error) {
 		default:
 			log.Error("card failed", "reader", r.Name, "err", err)
 		}
-		if err := waitState(sc, r.Name, scard.StateEmpty); err != nil {
+		if err := waitState(ctx, sc, r.Name, scard.StateEmpty); err != nil {
 			if ctx.Err() != nil {
 				return done, nil
 			}
@@ -78,11 +78,16 @@ func (r *Reader) one(sc *scard.Context) (Record, error) {
 	return r.Job.Personalize(&card.Client{T: h}, r.Name, r.Store)
 }
 
-// waitState blocks until the reader's state has flag set.
-func waitState(sc *scard.Context, reader string, flag scard.StateFlag) error {
+// waitState blocks until the reader's state has flag set or ctx ends.
+// SCardCancel only interrupts a call already blocked, so the wait is cut
+// into short slices with ctx checked between them.
+func waitState(ctx context.Context, sc *scard.Context, reader string, flag scard.StateFlag) error {
 	rs := []scard.ReaderState{{Reader: reader, CurrentState: scard.StateUnaware}}
 	for {
-		if err := sc.GetStatusChange(rs, time.Minute); err != nil && !errors.Is(err, scard.ErrTimeout) {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := sc.GetStatusChange(rs, 500*time.Millisecond); err != nil && !errors.Is(err, scard.ErrTimeout) {
 			return fmt.Errorf("PC/SC: watch reader %q: %w", reader, err)
 		}
 		if rs[0].EventState&scard.StateUnknown != 0 {

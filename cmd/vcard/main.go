@@ -137,7 +137,11 @@ func statusCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				st, err := (&card.Client{T: a.Local()}).Status()
+				c := &card.Client{T: a.Local()}
+				if err := c.Select(); err != nil {
+					return err
+				}
+				st, err := c.Status()
 				if err != nil {
 					return err
 				}

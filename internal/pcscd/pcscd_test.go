@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/hex"
-	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -27,41 +26,7 @@ import (
 var daemon *pcscd.Daemon
 
 func TestMain(m *testing.M) {
-	flag.Parse()
-	if testing.Short() {
-		os.Exit(m.Run())
-	}
-	dir, err := os.MkdirTemp("", "pcscd-test-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	d, err := pcscd.Start(ctx, dir, 0)
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	// Before the first scard call of this process.
-	os.Setenv("PCSCLITE_CSOCK_NAME", d.Socket)
-	daemon = d
-
-	code := m.Run()
-
-	if err := d.Stop(); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		if code == 0 {
-			code = 1
-		}
-	}
-	if code != 0 {
-		fmt.Fprintf(os.Stderr, "pcscd log kept in %s\n", d.LogFile)
-	} else {
-		os.RemoveAll(dir)
-	}
-	os.Exit(code)
+	os.Exit(pcscd.RunTests(m, &daemon))
 }
 
 func needDaemon(tb testing.TB) {

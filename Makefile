@@ -1,0 +1,50 @@
+# blindperso — see README.md. Every target works on a fresh Debian 12
+# machine: the ones that need system packages install them first (make deps).
+
+GO      ?= go
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the build, the tests and the demo need.
+DEBS    := gcc pkg-config libpcsclite-dev pcscd vsmartcard-vpcd opensc \
+           softhsm2 libnss3 libnss3-tools openssl util-linux mount
+FUZZTIME ?= 10s
+
+.PHONY: all deps build test vet fuzz demo bench clean
+
+all: build
+
+## deps: install the Debian packages that are missing (idempotent; root or sudo)
+deps:
+	@missing=$$(for p in $(DEBS); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+## build: bin/issuer, bin/perso, bin/vcard
+build:
+	$(GO) build -o bin/ ./cmd/issuer ./cmd/perso ./cmd/vcard
+
+vet:
+	$(GO) vet ./...
+
+## test: every test (real pcscd, vpcd, virtual cards), then a short fuzz run
+test: deps build vet
+	$(GO) test -count=1 ./...
+	$(MAKE) fuzz
+
+fuzz:
+	$(GO) test ./card -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME)
+
+## demo: the main job end to end on embedded defaults; artifacts in demo-out/
+demo: deps build
+	./scripts/demo.sh
+
+## bench: benchmarks with their in-run baselines; see docs/BENCHMARKS.md
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./internal/pcscd ./card
+
+clean:
+	rm -rf bin demo-out

@@ -1,0 +1,16 @@
+package main
+
+import (
+	"testing"
+
+	"github.com/rogpeppe/go-internal/testscript"
+)
+
+// The command's behaviour end to end, as a user meets it: testdata/script/*.txtar.
+func TestMain(m *testing.M) {
+	testscript.Main(m, map[string]func(){"perso": main})
+}
+
+func TestScripts(t *testing.T) {
+	testscript.Run(t, testscript.Params{Dir: "testdata/script"})
+}
