@@ -1,0 +1,47 @@
+// Package hsm is the issuer's side of the protocol inside a PKCS#11 token:
+// opening tokens, generating the issuer's keys, and the in-token chains
+// that turn a card's c into K_I, wrap K_I for storage and verify a card's
+// MAC — without K_I, r or S ever reaching the host.
+//
+// Rules every file here follows (docs/HSM.md has the why):
+//   - no code path reads CKA_VALUE of a card key or an intermediate;
+//   - C_Decrypt is never used on a card ciphertext: S is unwrapped or
+//     derived into a token object;
+//   - no key material is imported from the host (C_CreateObject with a
+//     CKA_VALUE) outside tests;
+//   - every intermediate object is destroyed, on success and on error.
+package hsm
+
+import "github.com/miekg/pkcs11"
+
+// Session is one logged-in PKCS#11 session borrowed from a Token's pool.
+// It is valid only inside the function passed to Token.With.
+type Session struct {
+	P *pkcs11.Ctx
+	H pkcs11.SessionHandle
+	// M is the token's mechanism table.
+	M *Mechanisms
+}
+
+// Mechanisms is the per-token table: the mechanism codes that differ from
+// token to token, and the token's known quirks. It is the only place such
+// facts live; chains and the probe read them from here.
+type Mechanisms struct {
+	// Name says which table this is ("SoftHSM2", "NSS softokn", "generic").
+	Name string
+	// KeyWrapRFC5649 is the code of AES key wrap with padding as in
+	// RFC 5649: CKM_AES_KEY_WRAP_PAD (0x210A) in SoftHSM2, 0x210B
+	// (CKM_AES_KEY_WRAP_KWP) in NSS, whose 0x210A is RFC 3394 + PKCS#7.
+	KeyWrapRFC5649 uint
+	// UnlistedButWorking lists mechanisms the token performs although its
+	// mechanism list omits them (NSS's "NSS Certificate DB" slot:
+	// CONCATENATE_BASE_AND_DATA, SHA1_KEY_DERIVATION). The probe confirms
+	// them by trial on throwaway session objects before relying on them.
+	UnlistedButWorking []uint
+	// RSAExponent is the public exponent the token can generate for the
+	// issuer key: 3 (the paper's choice) where allowed, else 65537.
+	RSAExponent int
+	// EnforcesWrapWithTrusted: the token refuses to wrap a key that has
+	// CKA_WRAP_WITH_TRUSTED under a key that is not CKA_TRUSTED.
+	EnforcesWrapWithTrusted bool
+}
