@@ -36,7 +36,7 @@ test: deps build vet
 	$(MAKE) fuzz
 
 fuzz:
-	$(GO) test ./card -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME)
+	$(GO) test ./card -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME) -fuzzminimizetime 1s
 
 ## demo: the main job end to end on embedded defaults; artifacts in demo-out/
 demo: deps build

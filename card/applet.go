@@ -134,7 +134,7 @@ func (a *Applet) persist(st state) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFileAtomic(a.path, append(b, '\n')); err != nil {
+	if err := writeState(a.path, append(b, '\n')); err != nil {
 		return err
 	}
 	a.st = st

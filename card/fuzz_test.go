@@ -3,7 +3,10 @@ package card
 import (
 	"bytes"
 	"encoding/hex"
+	"fmt"
+	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	"blindperso/protocol"
@@ -31,8 +34,15 @@ func FuzzTransmit(f *testing.F) {
 	f.Add(seq(apdu("80 12 00 00 05"), apdu("00 C0 00 00 00"), apdu("80 10 00 00")))
 	f.Add(seq(apdu("90 20 05 00 03 010203"), apdu("80 20 05 00 01 04")))
 	f.Add(seq(perso, apdu("80 24 00 00 20"+hex.EncodeToString(make([]byte, 32))), apdu("80 30 00 00 10"+hex.EncodeToString(make([]byte, 16))+"00")))
+	// Durability is not what this target tests: skip fsync, and reuse one
+	// directory, so each input costs microseconds.
+	writeState = func(path string, b []byte) error { return os.WriteFile(path, b, 0o600) }
+	defer func() { writeState = writeFileAtomic }()
+	dir := f.TempDir()
+	var n atomic.Int64
 	f.Fuzz(func(t *testing.T, in []byte) {
-		path := filepath.Join(t.TempDir(), "card.json")
+		path := filepath.Join(dir, fmt.Sprintf("card-%d.json", n.Add(1)))
+		defer os.Remove(path)
 		a, err := Manufacture(path, Options{ID: []byte{1, 2, 3, 4}})
 		if err != nil {
 			t.Fatal(err)

@@ -77,6 +77,10 @@ func (s *state) load(path string) error {
 	return nil
 }
 
+// writeState is how state reaches the file. Only the fuzz test replaces it
+// (with a write that skips fsync, to run thousands of cards a second).
+var writeState = writeFileAtomic
+
 // writeFileAtomic writes data so that after a crash at any instant path
 // holds either the old or the new content, never a mix: temp file in the
 // same directory, fsync, rename over, fsync the directory.
