@@ -44,7 +44,9 @@ demo: deps build
 
 ## bench: benchmarks with their in-run baselines; see docs/BENCHMARKS.md
 bench: deps
-	$(GO) test -run '^$$' -bench . -benchtime 2s ./internal/pcscd ./card
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./internal/pcscd ./card ./hsm
+	$(GO) test -run '^$$' -bench 'CardAlone|StationLocal' -benchtime 1000x ./perso
+	$(GO) test -run '^$$' -bench StationPCSC -benchtime 10x ./perso
 
 clean:
 	rm -rf bin demo-out

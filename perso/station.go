@@ -1,7 +1,7 @@
 // Package perso is the personalization station: the untrusted middle party
 // of the paper. It sends the issuer's public key to each card, collects
 // (Id, c) and locks the card once the record is durable. It holds no
-// secret: everything it sees and writes is public.
+// secret: everything it sees and writes is public (docs/STATION.md).
 package perso
 
 import (
@@ -14,8 +14,10 @@ import (
 	"blindperso/protocol"
 )
 
-// Record is what the station keeps of one card. Every field is public.
+// Record is what the station keeps of one card: one line of the batch.
+// Every field is public.
 type Record struct {
+	V           int          `json:"v"`
 	ID          protocol.Hex `json:"id"`
 	C           protocol.Hex `json:"c"`
 	Profile     string       `json:"profile"`
@@ -42,54 +44,106 @@ func NewJob(p protocol.Profile, key *protocol.IssuerKey, expect []byte) (Job, er
 	return Job{Profile: p, Key: key}, nil
 }
 
-// ErrLocked reports a card that was already locked when it arrived.
-var ErrLocked = errors.New("card is already locked")
+// Ledger is where records become durable: the Journal, or a test double.
+type Ledger interface {
+	// Commit returns nil only once rec survives a crash. The station
+	// calls it before LOCK.
+	Commit(rec Record) error
+	// Lookup returns the c on record for a card Id.
+	Lookup(id []byte) (c []byte, ok bool)
+}
 
-// Store makes a record durable. The station calls it before LOCK: when it
-// returns nil the record must survive a crash.
-type Store func(Record) error
+// Outcome says how a card that ended locked got there.
+type Outcome int
 
-// Personalize takes one card from whatever state it is in to locked:
-// a blank card is personalized; a personalized one (the station crashed
-// before LOCK) has its c read back; a locked one is reported with
-// ErrLocked and its Id. The record is stored before LOCK is sent.
-func (j Job) Personalize(c *card.Client, reader string, store Store) (Record, error) {
+const (
+	// Personalized: the card arrived blank and was personalized and locked.
+	Personalized Outcome = iota + 1
+	// Recovered: the card arrived personalized but unlocked (a crash, a
+	// pulled card, a lost reader) and its c was read back and locked.
+	Recovered
+	// AlreadyDone: the card arrived locked and its record is in the batch.
+	AlreadyDone
+)
+
+func (o Outcome) String() string {
+	switch o {
+	case Personalized:
+		return "personalized"
+	case Recovered:
+		return "recovered"
+	case AlreadyDone:
+		return "already done"
+	}
+	return "?"
+}
+
+// Errors for cards the station sets aside. None stops the station.
+var (
+	// ErrLockedUnknown: the card is locked but its Id is not in the batch
+	// (another batch, another station): its record is not ours to give.
+	ErrLockedUnknown = errors.New("card is locked but not in this batch")
+	// ErrForeign: the card was personalized under another profile or key.
+	ErrForeign = errors.New("card was personalized under another profile or issuer key")
+	// ErrBadCiphertext: the card answered a c of the wrong shape.
+	ErrBadCiphertext = errors.New("card answered a malformed c")
+)
+
+// Personalize takes one card from whatever state it is in to locked
+// (docs/PROTOCOL.md §7): a blank card is personalized; a personalized one
+// has its c read back; a locked one must already be in the ledger. The
+// record is committed before LOCK is sent, and LOCK carries SHA-256(c), so
+// a card is locked only once its exact c is durable.
+//
+// The returned record carries the card's Id as soon as it is known, also
+// with an error, so failures can name the card.
+func (j Job) Personalize(c *card.Client, reader string, l Ledger) (Record, Outcome, error) {
 	if err := c.Select(); err != nil {
-		return Record{}, err
+		return Record{}, 0, err
 	}
 	id, err := c.ID()
 	if err != nil {
-		return Record{}, err
+		return Record{}, 0, err
 	}
 	fp := j.Key.Fingerprint()
-	rec := Record{ID: id, Profile: j.Profile.Name, Fingerprint: fp[:], Reader: reader}
+	rec := Record{V: BatchVersion, ID: id, Profile: j.Profile.Name, Fingerprint: fp[:], Reader: reader}
 	st, err := c.Status()
 	if err != nil {
-		return rec, fmt.Errorf("card %X: %w", id, err)
+		return rec, 0, fmt.Errorf("card %X: %w", id, err)
 	}
+	outcome := Personalized
 	switch st.State {
 	case protocol.Locked:
-		return rec, fmt.Errorf("card %X: %w", id, ErrLocked)
+		if st.ProfileID != j.Profile.ID || st.Fingerprint != fp {
+			return rec, 0, fmt.Errorf("card %X: %w (profile id %#x, key %x)", id, ErrForeign, st.ProfileID, st.Fingerprint)
+		}
+		if _, ok := l.Lookup(id); !ok {
+			return rec, 0, fmt.Errorf("card %X: %w: set it aside", id, ErrLockedUnknown)
+		}
+		return rec, AlreadyDone, nil
 	case protocol.Personalized:
 		if st.ProfileID != j.Profile.ID || st.Fingerprint != fp {
-			return rec, fmt.Errorf("card %X was personalized under another profile or issuer key (profile id %#x, key %x): set it aside", id, st.ProfileID, st.Fingerprint)
+			return rec, 0, fmt.Errorf("card %X: %w (profile id %#x, key %x): set it aside", id, ErrForeign, st.ProfileID, st.Fingerprint)
 		}
+		outcome = Recovered
 		rec.C, err = c.ReadCiphertext()
-	default:
+	case protocol.Blank:
 		rec.C, err = c.Personalize(j.Profile, j.Key.SPKI)
+	default:
+		return rec, 0, fmt.Errorf("card %X reports life-cycle state %v", id, st.State)
 	}
 	if err != nil {
-		return rec, fmt.Errorf("card %X: %w", id, err)
+		return rec, 0, fmt.Errorf("card %X: %w", id, err)
 	}
 	if err := protocol.ValidCiphertext(j.Profile, j.Key, rec.C); err != nil {
-		return rec, fmt.Errorf("card %X answered a malformed c: %w", id, err)
+		return rec, 0, fmt.Errorf("card %X: %w (%d bytes): %v; not recorded, not locked", id, ErrBadCiphertext, len(rec.C), err)
 	}
 	rec.Time = time.Now().UTC()
-	if err := store(rec); err != nil {
-		return rec, fmt.Errorf("card %X: store record (card left unlocked, c can be read back): %w", id, err)
+	if err := l.Commit(rec); err != nil {
+		return rec, 0, fmt.Errorf("card %X: record not stored, card left unlocked (c can be read back): %w", id, err)
 	}
 	if err := c.Lock(rec.C); err != nil {
-		return rec, fmt.Errorf("card %X: %w", id, err)
+		return rec, 0, fmt.Errorf("card %X: recorded but %w", id, err)
 	}
-	return rec, nil
+	return rec, outcome, nil
 }

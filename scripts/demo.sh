@@ -57,11 +57,11 @@ echo "== perso station: profile $profile"
 start=$(date +%s.%N)
 bin/perso run --issuer-key "$out/issuer.pub.pem" --profile "$profile" \
 	--expect-fingerprint "$fp" --reader "$reader" --count "$cards" \
-	--out "$out/records.ndjson" 2>"$out/perso.log"
+	--batch "$out/batch.ndjson" --station demo --progress off 2>"$out/perso.log"
 end=$(date +%s.%N)
 
-echo "== (Id, c) per card"
-sed -E 's/.*"id":"([^"]+)","c":"([^"]+)".*/\1  \2/' "$out/records.ndjson" |
+echo "== (Id, c) per card: $out/batch.ndjson, manifest $out/batch.ndjson.manifest.json"
+sed -E 's/.*"id":"([^"]+)","c":"([^"]+)".*/\1  \2/' "$out/batch.ndjson" |
 	awk '{ printf "   %s  %s…%s (%d bytes)\n", $1, substr($2, 1, 24), substr($2, length($2)-7), length($2)/2 }'
 
 echo "== card states"

@@ -244,18 +244,20 @@ func TestFeederWithStation(t *testing.T) {
 	go func() {
 		fed <- (&vcard.Feeder{Addr: daemon.Addr(0), Cards: paths}).Run(ctx)
 	}()
-	var mu sync.Mutex
-	var recs []perso.Record
-	r := &perso.Reader{Name: daemon.ReaderName(0), Job: job, Store: func(rec perso.Record) error {
-		mu.Lock()
-		defer mu.Unlock()
-		recs = append(recs, rec)
-		return nil
-	}}
-	n, err := r.Run(ctx, 3)
+	fp := key.Fingerprint()
+	batch := filepath.Join(dir, "batch.ndjson")
+	j, err := perso.OpenJournal(batch, protocol.ECDHP256AES.Name, fp[:], nil)
+	must(t, err)
+	st := &perso.Station{Job: job, Ledger: j, Count: 3}
+	err = st.Run(ctx, perso.PCSC{Select: perso.Selector{Names: []string{daemon.ReaderName(0)}}})
 	must(t, err)
 	must(t, <-fed)
-	if n != 3 || len(recs) != 3 {
+	_, err = perso.WriteManifest(j, "test")
+	must(t, err)
+	must(t, j.Close())
+	_, recs, err := perso.VerifyBatch(batch)
+	must(t, err)
+	if n := st.Done(); n != 3 || len(recs) != 3 {
 		t.Fatalf("%d cards locked, %d records; want 3", n, len(recs))
 	}
 	for i, p := range paths {

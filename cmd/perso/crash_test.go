@@ -1,0 +1,177 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"blindperso/card"
+	"blindperso/internal/vcard"
+	"blindperso/perso"
+	"blindperso/protocol"
+)
+
+// testKey is the P-256 issuer public key of the test vectors.
+const testKey = `-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEV5igqfiNx5y67zcyoImBpfJYKadG
+ShOjsgzGRFRPuVIOxsPwPCkH/jTM6f8s0uQR7X525j0ld2LXtgcEVHciHw==
+-----END PUBLIC KEY-----
+`
+
+// The crash campaign: the station process is killed with SIGKILL 30
+// times over a run of 40 cards in two vpcd readers — half at a random
+// instant, half the moment the batch grows (a record just synced, LOCK
+// about to go) — and restarted each time with the same batch. At the end
+// no card is stranded (all locked), every card has exactly one record, the
+// manifest matches, and nothing written or logged holds a K_I.
+func TestCrashCampaign(t *testing.T) {
+	if daemon == nil {
+		t.Skip("needs a private pcscd (not with -short)")
+	}
+	const nCards, kills = 40, 30
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "issuer.pub.pem")
+	must(t, os.WriteFile(keyFile, []byte(testKey), 0o644))
+	var paths []string
+	for i := range nCards {
+		p := filepath.Join(dir, fmt.Sprintf("card-%02d.json", i))
+		_, err := card.Manufacture(p, card.Options{ID: []byte{0xC0, byte(i)}})
+		must(t, err)
+		paths = append(paths, p)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Second)
+	defer cancel()
+	for slot, cards := range [][]string{paths[:nCards/2], paths[nCards/2:]} {
+		go (&vcard.Feeder{Addr: daemon.Addr(slot), Cards: cards}).Run(ctx)
+	}
+	batch := filepath.Join(dir, "batch.ndjson")
+	logFile := filepath.Join(dir, "perso.log")
+	station := func(count int) *exec.Cmd {
+		cmd := exec.CommandContext(ctx, "perso", "run", "--issuer-key", keyFile, "--profile", "ecdh-p256-aes",
+			"--batch", batch, "--station", "crash", "--progress", "off", "--log", logFile,
+			"--count", strconv.Itoa(count))
+		cmd.Stderr = os.Stderr
+		must(t, cmd.Start())
+		return cmd
+	}
+	start := time.Now()
+	rng := rand.New(rand.NewPCG(1, 2))
+	for k := range kills {
+		cmd := station(0)
+		if k%2 == 0 {
+			time.Sleep(time.Duration(50+rng.IntN(900)) * time.Millisecond)
+		} else {
+			size := fileSize(batch)
+			for deadline := time.Now().Add(3 * time.Second); fileSize(batch) == size && time.Now().Before(deadline); {
+				time.Sleep(200 * time.Microsecond)
+			}
+		}
+		cmd.Process.Signal(syscall.SIGKILL)
+		cmd.Wait()
+	}
+	locked := countLocked(t, paths)
+	t.Logf("%v: after %d kills: %d of %d cards locked, %d records", time.Since(start), kills, locked, nCards, lines(batch))
+	// The last run is left alone until every card is locked, then stopped
+	// the way an operator does (SIGTERM), which must exit cleanly.
+	cmd := station(0)
+	for deadline := time.Now().Add(60 * time.Second); countLocked(t, paths) < nCards && time.Now().Before(deadline); {
+		time.Sleep(200 * time.Millisecond)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil || countLocked(t, paths) < nCards {
+		logs, _ := os.ReadFile(logFile)
+		if len(logs) > 6000 {
+			logs = logs[len(logs)-6000:]
+		}
+		t.Fatalf("final station run: %v, %d of %d cards locked; log tail:\n%s", err, countLocked(t, paths), nCards, logs)
+	}
+	_, recs, err := perso.VerifyBatch(batch)
+	must(t, err)
+	if len(recs) != nCards {
+		t.Errorf("%d records for %d cards", len(recs), nCards)
+	}
+	if n := countLocked(t, paths); n != nCards {
+		t.Errorf("%d of %d cards locked: stranded cards", n, nCards)
+	}
+	ids := map[string]bool{}
+	for _, r := range recs {
+		ids[hex.EncodeToString(r.ID)] = true
+	}
+	for _, p := range paths {
+		a, err := card.Open(p)
+		must(t, err)
+		if !ids[hex.EncodeToString(a.ID())] {
+			t.Errorf("card %x has no record", a.ID())
+		}
+	}
+	logs, _ := os.ReadFile(logFile)
+	t.Logf("torn lines repaired: %d; cards recovered: %d", bytes.Count(logs, []byte("torn last line")), bytes.Count(logs, []byte("outcome=recovered")))
+	files, _ := filepath.Glob(batch + "*")
+	checkNoKI(t, paths, append(files, logFile))
+}
+
+func countLocked(t *testing.T, paths []string) int {
+	n := 0
+	for _, p := range paths {
+		a, err := card.Open(p)
+		must(t, err)
+		if a.LifeCycle() == protocol.Locked {
+			n++
+		}
+	}
+	return n
+}
+
+// checkNoKI asserts that no card's K_I (hex, from its state file) appears
+// in the files, in hex or raw.
+func checkNoKI(t *testing.T, cards, files []string) {
+	var hay []byte
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		must(t, err)
+		hay = append(hay, b...)
+	}
+	for _, p := range cards {
+		b, err := os.ReadFile(p)
+		must(t, err)
+		var st struct {
+			KI string `json:"k_i"`
+		}
+		must(t, json.Unmarshal(b, &st))
+		raw, _ := hex.DecodeString(st.KI)
+		if st.KI == "" || bytes.Contains(hay, []byte(st.KI)) || bytes.Contains(hay, []byte(strings.ToUpper(st.KI))) || bytes.Contains(hay, raw) {
+			t.Errorf("K_I of %s missing from the card or found in station output", p)
+		}
+	}
+}
+
+func fileSize(p string) int64 {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return -1
+	}
+	return fi.Size()
+}
+
+func lines(p string) int {
+	b, _ := os.ReadFile(p)
+	return bytes.Count(b, []byte{'\n'})
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}

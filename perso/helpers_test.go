@@ -1,0 +1,243 @@
+package perso_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"blindperso/card"
+	"blindperso/perso"
+	"blindperso/protocol"
+)
+
+// testJob is ecdh-p256-aes under the test vectors' P-256 issuer key: the
+// cheapest profile for the card, so tests measure the station.
+func testJob(t testing.TB) perso.Job {
+	t.Helper()
+	vs, err := protocol.ReadVectors("../testdata/vectors.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range vs {
+		if v.Profile == protocol.ECDHP256AES.Name {
+			key, err := protocol.ParseIssuerKey(v.IssuerSPKI)
+			if err != nil {
+				t.Fatal(err)
+			}
+			job, err := perso.NewJob(protocol.ECDHP256AES, key, v.Fingerprint)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return job
+		}
+	}
+	t.Fatal("no ecdh-p256-aes vector")
+	return perso.Job{}
+}
+
+// manufacture makes n blank cards in dir with Ids prefix‖i and returns
+// their state files.
+func manufacture(t testing.TB, dir string, prefix byte, n int) []string {
+	t.Helper()
+	var paths []string
+	for i := range n {
+		p := filepath.Join(dir, fmt.Sprintf("card-%02x-%04d.json", prefix, i))
+		if _, err := card.Manufacture(p, card.Options{ID: []byte{0xB1, prefix, byte(i >> 8), byte(i)}}); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	return paths
+}
+
+func open(t testing.TB, path string) *card.Applet {
+	t.Helper()
+	a, err := card.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// openJournal opens a batch for testJob.
+func openJournal(t testing.TB, job perso.Job, path string, log *slog.Logger) *perso.Journal {
+	t.Helper()
+	fp := job.Key.Fingerprint()
+	j, err := perso.OpenJournal(path, job.Profile.Name, fp[:], log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return j
+}
+
+// hopper returns a closed hopper holding the cards.
+func hopper(cards ...perso.LocalCard) perso.Hopper {
+	h := make(perso.Hopper, len(cards))
+	for _, c := range cards {
+		h <- c
+	}
+	close(h)
+	return h
+}
+
+// logBuffer is a concurrency-safe log sink.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func newLog() (*slog.Logger, *logBuffer) {
+	b := &logBuffer{}
+	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug})), b
+}
+
+// checkFinal asserts the invariants of a finished run: every card locked,
+// exactly one batch record per card whose c the card locked with, and the
+// manifest matching the batch.
+func checkFinal(t testing.TB, batch string, cards []string) []perso.Record {
+	t.Helper()
+	_, recs, err := perso.VerifyBatch(batch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byID := map[string]perso.Record{}
+	for _, r := range recs {
+		byID[hex.EncodeToString(r.ID)] = r
+	}
+	for _, p := range cards {
+		a := open(t, p)
+		id := hex.EncodeToString(a.ID())
+		if a.LifeCycle() != protocol.Locked {
+			t.Errorf("card %s is %v, want locked", id, a.LifeCycle())
+		}
+		if _, ok := byID[id]; !ok {
+			t.Errorf("card %s has no record", id)
+		}
+	}
+	if len(recs) != len(cards) {
+		t.Errorf("%d records for %d cards", len(recs), len(cards))
+	}
+	return recs
+}
+
+// cardKI reads K_I from a virtual card's state file: only a test may, and
+// only to check that the station never wrote it.
+func cardKI(t testing.TB, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		KI protocol.Hex `json:"k_i"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.KI
+}
+
+// checkNoSecret asserts that no card's K_I appears, raw, in hex or in
+// base64, in any file under dirs or in the extra texts (logs).
+func checkNoSecret(t testing.TB, cards []string, files []string, texts ...string) {
+	t.Helper()
+	var hay [][]byte
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		hay = append(hay, b)
+	}
+	for _, s := range texts {
+		hay = append(hay, []byte(s))
+	}
+	checked := 0
+	for _, p := range cards {
+		ki := cardKI(t, p)
+		if len(ki) == 0 {
+			continue
+		}
+		checked++
+		forms := [][]byte{ki, []byte(hex.EncodeToString(ki)), []byte(strings.ToUpper(hex.EncodeToString(ki))),
+			[]byte(base64.StdEncoding.EncodeToString(ki)), []byte(base64.RawStdEncoding.EncodeToString(ki)),
+			[]byte(base64.URLEncoding.EncodeToString(ki)), []byte(base64.RawURLEncoding.EncodeToString(ki))}
+		for i, h := range hay {
+			for _, f := range forms {
+				if bytes.Contains(h, f) {
+					t.Errorf("K_I of card %s found in station output #%d", p, i)
+				}
+			}
+		}
+	}
+	if checked == 0 {
+		t.Fatal("no card holds a K_I: nothing was checked")
+	}
+}
+
+// stationFiles lists what the station wrote next to batch.
+func stationFiles(t testing.TB, batch string) []string {
+	t.Helper()
+	m, err := filepath.Glob(batch + "*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+func runLocal(t testing.TB, st *perso.Station, n int, h perso.Hopper) {
+	t.Helper()
+	if err := st.Run(context.Background(), perso.LocalSlots{N: n, Hopper: h}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func appendBytes(t testing.TB, path, s string) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteString(s); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func mkdir(t testing.TB, dir string) string {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+func countLines(t testing.TB, path string) int {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bytes.Count(b, []byte{'\n'})
+}

@@ -1,0 +1,351 @@
+package perso
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// BatchFormat names the batch format of docs/BATCH.md. Every record line
+// carries its version number (Record.V) and the manifest carries the name.
+const (
+	BatchFormat  = "blindperso-batch/1"
+	BatchVersion = 1
+)
+
+// ErrDuplicateID reports a second card claiming the Id of a card already in
+// the batch with another c. The first record stands; the second card is
+// left unlocked and listed in the rejects file.
+var ErrDuplicateID = errors.New("duplicate card Id")
+
+// ErrJournalFailed means a write or sync of the journal failed: from then
+// on nothing is known durable, so no card may be locked. The station stops.
+var ErrJournalFailed = errors.New("journal failed")
+
+// Journal is the batch file, written as the station's write-ahead journal:
+// one NDJSON record per card, appended and fsynced before the card is
+// locked. Because a record is durable before LOCK, and a card stays
+// readable (READ CIPHERTEXT) until LOCK, a crash at any instant leaves each
+// card blank, personalized with c recoverable, or locked with its record on
+// disk. The journal file itself is what the issuer imports, with the
+// manifest beside it (WriteManifest).
+//
+// A Journal holds an exclusive flock on the batch file, so two stations
+// cannot append to one batch; the kernel drops it when the process dies.
+type Journal struct {
+	path    string
+	profile string
+	fp      []byte
+	log     *slog.Logger
+
+	mu     sync.Mutex
+	f      *os.File
+	size   int64            // bytes written (page cache)
+	index  map[string]entry // hex Id → entry
+	order  int              // records in the batch
+	sum    hash.Hash        // SHA-256 of the first size bytes
+	failed error
+
+	syncMu sync.Mutex
+	synced int64 // bytes known durable
+
+	rejects *os.File
+}
+
+type entry struct {
+	c   []byte
+	end int64 // offset just past the record's line
+}
+
+// Paths derived from the batch path.
+func ManifestPath(batch string) string { return batch + ".manifest.json" }
+func RejectsPath(batch string) string  { return batch + ".rejects.ndjson" }
+
+// OpenJournal opens (creating if needed) the batch at path for records of
+// profile under the issuer key with fingerprint fp. It repairs a torn last
+// line (a crash in the middle of an append: that record was never synced,
+// so its card was never locked and will be read back) and refuses a batch
+// with a corrupt line elsewhere or records of another profile or key.
+// Empty profile and nil fp take them from the first record (for sealing a
+// batch without knowing its job).
+func OpenJournal(path, profile string, fp []byte, log *slog.Logger) (*Journal, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	_, statErr := os.Stat(path)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open batch: %w", err)
+	}
+	created := errors.Is(statErr, os.ErrNotExist)
+	fail := func(err error) (*Journal, error) {
+		f.Close()
+		if created {
+			os.Remove(path)
+		}
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		return fail(fmt.Errorf("batch %s is in use by another station (flock: %v)", path, err))
+	}
+	if created {
+		if err := syncDir(filepath.Dir(path)); err != nil {
+			return fail(fmt.Errorf("create batch %s: %w", path, err))
+		}
+	}
+	j := &Journal{path: path, profile: profile, fp: fp, log: log, f: f,
+		index: map[string]entry{}, sum: sha256.New()}
+	if err := j.load(); err != nil {
+		return fail(err)
+	}
+	j.synced = j.size
+	if _, err := f.Seek(j.size, io.SeekStart); err != nil {
+		return fail(err)
+	}
+	return j, nil
+}
+
+// load reads every record, checks it and indexes it.
+func (j *Journal) load() error {
+	r := bufio.NewReaderSize(j.f, 64<<10)
+	var off int64
+	for n := 1; ; n++ {
+		line, err := r.ReadBytes('\n')
+		if errors.Is(err, io.EOF) {
+			j.size = off
+			if len(line) > 0 {
+				return j.repairTail(off, line, "no newline: the station stopped in the middle of an append")
+			}
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read batch %s: %w", j.path, err)
+		}
+		rec, perr := parseRecord(line)
+		if perr != nil {
+			if _, err := r.Peek(1); errors.Is(err, io.EOF) {
+				j.size = off
+				return j.repairTail(off, line, perr.Error())
+			}
+			return fmt.Errorf("batch %s line %d is corrupt (%v): not a torn last line, so refusing to guess; move the file aside", j.path, n, perr)
+		}
+		if j.profile == "" && j.fp == nil { // OpenJournal for sealing: learn them
+			j.profile, j.fp = rec.Profile, rec.Fingerprint
+		}
+		if rec.Profile != j.profile || !bytes.Equal(rec.Fingerprint, j.fp) {
+			return fmt.Errorf("batch %s holds records for profile %s under issuer key %x (line %d); this run is %s under %x: use another --batch",
+				j.path, rec.Profile, []byte(rec.Fingerprint), n, j.profile, j.fp)
+		}
+		id := hex.EncodeToString(rec.ID)
+		if _, dup := j.index[id]; dup {
+			return fmt.Errorf("batch %s line %d repeats card %s: the file was edited; refusing it", j.path, n, id)
+		}
+		off += int64(len(line))
+		j.index[id] = entry{c: rec.C, end: off}
+		j.sum.Write(line)
+		j.order++
+	}
+}
+
+// repairTail cuts a torn last line off the batch, keeping its bytes in a
+// side file for the record. Its record was never acknowledged (the sync
+// did not return), so no card was locked on its strength.
+func (j *Journal) repairTail(off int64, torn []byte, why string) error {
+	side := fmt.Sprintf("%s.torn-%s", j.path, time.Now().UTC().Format("20060102T150405.000000000"))
+	if err := os.WriteFile(side, torn, 0o644); err != nil {
+		return fmt.Errorf("batch %s: keep torn last line: %w", j.path, err)
+	}
+	if err := j.f.Truncate(off); err != nil {
+		return fmt.Errorf("batch %s: cut torn last line: %w", j.path, err)
+	}
+	if err := j.f.Sync(); err != nil {
+		return fmt.Errorf("batch %s: %w", j.path, err)
+	}
+	j.size = off
+	j.log.Warn("batch had a torn last line; removed it (its card is unlocked and will be read back)",
+		"batch", j.path, "bytes", len(torn), "reason", why, "kept_in", side)
+	return nil
+}
+
+func parseRecord(line []byte) (Record, error) {
+	var rec Record
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&rec); err != nil {
+		return rec, err
+	}
+	if rec.V != BatchVersion {
+		return rec, fmt.Errorf("record version %d, want %d", rec.V, BatchVersion)
+	}
+	if len(rec.ID) == 0 || len(rec.C) == 0 {
+		return rec, errors.New("record without id or c")
+	}
+	return rec, nil
+}
+
+// Lookup returns the c recorded for card id, if any.
+func (j *Journal) Lookup(id []byte) ([]byte, bool) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	e, ok := j.index[hex.EncodeToString(id)]
+	return e.c, ok
+}
+
+// Len is the number of records in the batch.
+func (j *Journal) Len() int {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.order
+}
+
+// Commit appends rec and returns once it is on disk. A record whose Id is
+// already in the batch with the same c is durable already (a card read
+// back after a crash): Commit waits for it to be synced and returns nil.
+// Another c under a known Id is ErrDuplicateID: it is written to the
+// rejects file, never over the first record.
+//
+// Concurrent commits share fsyncs: a sync covers every line written
+// before it started (group commit), so many readers cost few syncs.
+func (j *Journal) Commit(rec Record) error {
+	rec.V = BatchVersion
+	id := hex.EncodeToString(rec.ID)
+	line, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	line = append(line, '\n')
+
+	j.mu.Lock()
+	if j.failed != nil {
+		j.mu.Unlock()
+		return j.failed
+	}
+	if e, ok := j.index[id]; ok {
+		j.mu.Unlock()
+		if bytes.Equal(e.c, rec.C) {
+			return j.syncTo(e.end)
+		}
+		return j.reject(rec, line)
+	}
+	n, err := j.f.Write(line)
+	if err != nil {
+		// Take a partial line back out, so the batch never holds half a
+		// record that a later append would glue garbage to.
+		if n > 0 {
+			if terr := j.f.Truncate(j.size); terr != nil {
+				err = fmt.Errorf("%w (and cutting the partial line failed: %v)", err, terr)
+				j.failed = fmt.Errorf("%w: %w", ErrJournalFailed, err)
+			} else if _, serr := j.f.Seek(j.size, io.SeekStart); serr != nil {
+				j.failed = fmt.Errorf("%w: %w", ErrJournalFailed, serr)
+			}
+		}
+		if j.failed == nil {
+			j.failed = fmt.Errorf("%w: write %s: %w", ErrJournalFailed, j.path, err)
+		}
+		j.mu.Unlock()
+		return j.failed
+	}
+	j.size += int64(n)
+	end := j.size
+	j.index[id] = entry{c: rec.C, end: end}
+	j.sum.Write(line)
+	j.order++
+	j.mu.Unlock()
+	return j.syncTo(end)
+}
+
+// syncTo returns once the first end bytes are durable.
+func (j *Journal) syncTo(end int64) error {
+	j.syncMu.Lock()
+	defer j.syncMu.Unlock()
+	if j.synced >= end {
+		return nil
+	}
+	j.mu.Lock()
+	target, failed := j.size, j.failed
+	j.mu.Unlock()
+	if failed != nil {
+		return failed
+	}
+	if err := fdatasync(j.f); err != nil {
+		// After a failed fsync the kernel may have dropped the dirty
+		// pages: nothing written since the last good sync can be trusted.
+		j.mu.Lock()
+		j.failed = fmt.Errorf("%w: sync %s: %w", ErrJournalFailed, j.path, err)
+		j.mu.Unlock()
+		return j.failed
+	}
+	j.synced = target
+	return nil
+}
+
+// reject writes a duplicate-Id record to the rejects file (synced) and
+// returns ErrDuplicateID.
+func (j *Journal) reject(rec Record, line []byte) error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	dupErr := fmt.Errorf("%w: card %X is already in the batch with another c; kept the first record, this card stays unlocked: set it aside", ErrDuplicateID, []byte(rec.ID))
+	if j.rejects == nil {
+		f, err := os.OpenFile(RejectsPath(j.path), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		if err != nil {
+			return fmt.Errorf("%w (and recording it failed: %v)", dupErr, err)
+		}
+		j.rejects = f
+	}
+	if _, err := j.rejects.Write(line); err != nil {
+		return fmt.Errorf("%w (and recording it failed: %v)", dupErr, err)
+	}
+	if err := j.rejects.Sync(); err != nil {
+		return fmt.Errorf("%w (and recording it failed: %v)", dupErr, err)
+	}
+	return dupErr
+}
+
+// Summary is the batch as the manifest describes it.
+func (j *Journal) Summary() (count int, size int64, sum []byte, err error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.failed != nil {
+		return 0, 0, nil, j.failed
+	}
+	return j.order, j.size, j.sum.Sum(nil), nil
+}
+
+// Path is the batch file.
+func (j *Journal) Path() string { return j.path }
+
+// Close syncs and closes the batch (releasing its lock).
+func (j *Journal) Close() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	var errs []error
+	if j.rejects != nil {
+		errs = append(errs, j.rejects.Close())
+	}
+	if j.failed == nil {
+		errs = append(errs, j.f.Sync())
+	}
+	errs = append(errs, j.f.Close())
+	return errors.Join(errs...)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
