@@ -4,11 +4,11 @@
 // MAC — without K_I, r or S ever reaching the host.
 //
 // Rules every file here follows (docs/HSM.md has the why):
-//   - no code path reads CKA_VALUE of a card key or an intermediate;
+//   - no code path reads the value attribute of a card key or an intermediate;
 //   - C_Decrypt is never used on a card ciphertext: S is unwrapped or
 //     derived into a token object;
 //   - no key material is imported from the host (C_CreateObject with a
-//     CKA_VALUE) outside tests;
+//     value attribute) outside tests;
 //   - every intermediate object is destroyed, on success and on error.
 package hsm
 
@@ -21,6 +21,9 @@ type Session struct {
 	H pkcs11.SessionHandle
 	// M is the token's mechanism table.
 	M *Mechanisms
+	// module is the library's path, for the few calls made past
+	// miekg/pkcs11 (wrap_cgo.go).
+	module string
 }
 
 // Mechanisms is the per-token table: the mechanism codes that differ from

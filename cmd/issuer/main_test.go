@@ -1,16 +1,59 @@
 package main
 
 import (
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/rogpeppe/go-internal/testscript"
+
+	"blindperso/hsm/hsmtest"
 )
 
 // The command's behaviour end to end, as a user meets it: testdata/script/*.txtar.
 func TestMain(m *testing.M) {
-	testscript.Main(m, map[string]func(){"issuer": main})
+	testscript.Main(cleanupM{m}, map[string]func(){"issuer": main})
 }
 
+// cleanupM removes the test tokens after the tests.
+type cleanupM struct{ m *testing.M }
+
+func (c cleanupM) Run() int {
+	defer hsmtest.Cleanup()
+	return c.m.Run()
+}
+
+// TestScripts runs the scripts with real tokens: $SOFTHSM_URI names a
+// SoftHSM2 token of the script's own (SO PIN in $SOFTHSM_SO_PIN_FILE),
+// $NSS_URI the NSS softokn database, shared (scripts use their own
+// labels). SoftHSM2 tokens are not shared because scripts run in
+// parallel, and a SoftHSM2 process that starts while another writes the
+// same token's files can miss the token (measured: "no such token").
 func TestScripts(t *testing.T) {
-	testscript.Run(t, testscript.Params{Dir: "testdata/script"})
+	scripts, err := filepath.Glob("testdata/script/*.txtar")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// All SoftHSM2 tokens exist before any script starts.
+	soft := map[string]hsmtest.Token{}
+	for _, s := range scripts {
+		soft[strings.TrimSuffix(filepath.Base(s), ".txtar")] = hsmtest.SoftHSM(t)
+	}
+	nss := hsmtest.NSS(t)
+	testscript.Run(t, testscript.Params{
+		Dir: "testdata/script",
+		Setup: func(env *testscript.Env) error {
+			tok := soft[strings.TrimPrefix(filepath.Base(env.WorkDir), "script-")]
+			soPIN := tok.PINFile + ".so"
+			if err := os.WriteFile(soPIN, []byte(tok.SOPIN+"\n"), 0o600); err != nil {
+				return err
+			}
+			env.Setenv("SOFTHSM2_CONF", os.Getenv("SOFTHSM2_CONF"))
+			env.Setenv("SOFTHSM_URI", tok.URI)
+			env.Setenv("SOFTHSM_SO_PIN_FILE", soPIN)
+			env.Setenv("NSS_URI", nss.URI)
+			return nil
+		},
+	})
 }

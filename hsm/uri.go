@@ -1,0 +1,154 @@
+package hsm
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	pkcs11uri "github.com/stefanberger/go-pkcs11uri"
+)
+
+// Config says which token to open and how.
+type Config struct {
+	// Module is the absolute path of the PKCS#11 module (shared library).
+	Module string
+	// InitArgs is passed to C_Initialize as pReserved; NSS softokn needs
+	// its database parameters there. Empty for every other module.
+	InitArgs string
+	// TokenLabel and Serial select the token; at least one is set. When
+	// both are, both must match.
+	TokenLabel string
+	Serial     string
+	// PIN is the user PIN (empty for an NSS database without password).
+	// It comes from a file or the environment, never from argv, and is
+	// never logged or put in an error.
+	PIN string
+	// Sessions is the size of the session pool; 0 means GOMAXPROCS.
+	Sessions int
+}
+
+// NSSInitArgs is the C_Initialize pReserved string that opens the NSS
+// softokn database in dir (made by `certutil -N -d sql:DIR`).
+func NSSInitArgs(dir string) string {
+	return fmt.Sprintf("configdir='sql:%s' certPrefix='' keyPrefix='' secmod='secmod.db' flags= ", dir)
+}
+
+// Path and query attributes ParseURI understands. Anything else is
+// refused, so that a typo ("tokn=") is an error, not a silently ignored
+// filter that opens the wrong token.
+var (
+	uriPath  = map[string]bool{"token": true, "serial": true}
+	uriQuery = map[string]bool{"module-path": true, "pin-source": true, "x-nss-configdir": true}
+)
+
+// ParseURI reads an RFC 7512 PKCS#11 URI naming a token, and the PIN from
+// its pin-source:
+//
+//	pkcs11:token=LABEL;serial=SERIAL?module-path=/abs/lib.so&pin-source=file:/abs/pin
+//
+// pin-source is file:PATH (RFC 7512; a trailing newline in the file is
+// dropped) or env:VAR (an extension of this project). pin-value is
+// refused: a PIN in a URI ends up in argv, shell history and logs. The
+// vendor extension x-nss-configdir=DIR opens NSS softokn's database in
+// DIR (see NSSInitArgs).
+func ParseURI(uri string) (Config, error) {
+	var cfg Config
+	u := pkcs11uri.New()
+	if err := u.Parse(uri); err != nil {
+		return cfg, fmt.Errorf("token URI: %w", err)
+	}
+	if _, ok := u.GetQueryAttribute("pin-value", false); ok {
+		return cfg, errors.New("token URI: pin-value is refused: PINs never go in argv or URIs; use pin-source=file:/path (or pin-source=env:VAR)")
+	}
+	if err := unknownAttrs(uri); err != nil {
+		return cfg, err
+	}
+	cfg.TokenLabel, _ = u.GetPathAttribute("token", false)
+	cfg.Serial, _ = u.GetPathAttribute("serial", false)
+	if cfg.TokenLabel == "" && cfg.Serial == "" {
+		return cfg, errors.New("token URI: name the token with token=LABEL or serial=SERIAL")
+	}
+	cfg.Module, _ = u.GetQueryAttribute("module-path", false)
+	if cfg.Module == "" {
+		return cfg, errors.New("token URI: module-path=/abs/path/of/module.so is required")
+	}
+	if dir, ok := u.GetQueryAttribute("x-nss-configdir", false); ok {
+		if !filepath.IsAbs(dir) {
+			return cfg, fmt.Errorf("token URI: x-nss-configdir %q must be an absolute path", dir)
+		}
+		if strings.ContainsAny(dir, "'\"") {
+			return cfg, fmt.Errorf("token URI: x-nss-configdir %q must not contain quotes", dir)
+		}
+		cfg.InitArgs = NSSInitArgs(dir)
+	}
+	if src, ok := u.GetQueryAttribute("pin-source", false); ok {
+		pin, err := readPIN(src)
+		if err != nil {
+			return cfg, fmt.Errorf("token URI: %w", err)
+		}
+		cfg.PIN = pin
+	}
+	return cfg, nil
+}
+
+// unknownAttrs refuses attributes ParseURI does not act on. (The library
+// keeps its maps private, so the names are read from the URI itself.)
+func unknownAttrs(uri string) error {
+	rest := strings.TrimPrefix(uri, "pkcs11:")
+	path, query, _ := strings.Cut(rest, "?")
+	var bad []string
+	check := func(part, sep string, known map[string]bool) {
+		if part == "" {
+			return
+		}
+		for _, kv := range strings.Split(part, sep) {
+			k, _, _ := strings.Cut(kv, "=")
+			if !known[k] {
+				bad = append(bad, k)
+			}
+		}
+	}
+	check(path, ";", uriPath)
+	check(query, "&", uriQuery)
+	if len(bad) > 0 {
+		sort.Strings(bad)
+		return fmt.Errorf("token URI: unsupported attribute(s) %s (known: token, serial; module-path, pin-source, x-nss-configdir)", strings.Join(bad, ", "))
+	}
+	return nil
+}
+
+// readPIN reads a PIN from a pin-source value: file:/abs/path, /abs/path,
+// or env:VAR. The error never contains the PIN.
+func readPIN(src string) (string, error) {
+	if name, ok := strings.CutPrefix(src, "env:"); ok {
+		pin, set := os.LookupEnv(name)
+		if !set {
+			return "", fmt.Errorf("pin-source env:%s: variable not set", name)
+		}
+		return pin, nil
+	}
+	path := src
+	if strings.HasPrefix(src, "file:") {
+		u, err := url.Parse(src)
+		if err != nil {
+			return "", fmt.Errorf("pin-source %q: %w", src, err)
+		}
+		path = u.Path
+		if path == "" {
+			path = u.Opaque
+		}
+	}
+	if !filepath.IsAbs(path) {
+		return "", fmt.Errorf("pin-source %q: want file:/absolute/path or env:VAR", src)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("pin-source: %w", err)
+	}
+	pin := strings.TrimSuffix(string(b), "\n")
+	return strings.TrimSuffix(pin, "\r"), nil
+}
