@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # make demo: the main job end to end on embedded defaults.
 #
-# A private pcscd with vsmartcard's vpcd driver; DEMO_CARDS blank virtual
-# cards fed one after another into its reader; the perso station
-# personalizes each under the demo issuer public key and prints (Id, c).
-# Nothing decrypts c here: that happens only in the issuer's PKCS#11 token.
+# 1. Issuer: a fresh SoftHSM2 token in demo-out/token; the issuer key and
+#    the KEK are generated in it (the KEK marked trusted by the security
+#    officer); the public key is exported with its fingerprint.
+# 2. Card bureau: a private pcscd with vsmartcard's vpcd driver; blank
+#    virtual cards fed one after another into its reader; the perso
+#    station personalizes each under the issuer public key and writes the
+#    batch (Id, c) before locking the card.
+# 3. Issuer: the token derives every card's K_I from its c and wraps it
+#    under the KEK; each card then answers a fresh challenge and its MAC is
+#    verified in the token.
+# K_I exists only in the cards (their state files) and inside the token.
 #
 # Settings (environment): DEMO_CARDS (5), DEMO_PROFILE (rsa-oaep-aes),
 # DEMO_OUT (demo-out). Everything the run makes is left in DEMO_OUT.
@@ -15,8 +22,8 @@ cards=${DEMO_CARDS:-5}
 profile=${DEMO_PROFILE:-rsa-oaep-aes}
 out=${DEMO_OUT:-demo-out}
 case $profile in
-	ecdh-*) demokey=testdata/keys/p256.pem ;;
-	*) demokey=testdata/keys/rsa2048.pem ;;
+	ecdh-*) kind=p256 ;;
+	*) kind=rsa2048 ;;
 esac
 
 rm -rf "$out"
@@ -33,10 +40,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== issuer public key (demo key: the issuer's token replaces it)"
-openssl pkey -in "$demokey" -pubout -out "$out/issuer.pub.pem" 2>/dev/null
-fp=$(bin/issuer fingerprint "$out/issuer.pub.pem")
-echo "   $out/issuer.pub.pem  sha256 $fp"
+echo "== issuer: SoftHSM2 token, keys generated in it"
+mkdir -p "$out/token/objects"
+sed "s|@TOKENDIR@|$out/token/objects|" softhsm-config/softhsm2.conf.in >"$out/token/softhsm2.conf"
+export SOFTHSM2_CONF="$out/token/softhsm2.conf"
+# Demo PINs; a real ceremony reads them from the operators.
+printf 'demo-user-pin' >"$out/token/user.pin"
+printf 'demo-so-pin' >"$out/token/so.pin"
+softhsm2-util --init-token --free --label blindperso-demo \
+	--pin "$(cat "$out/token/user.pin")" --so-pin "$(cat "$out/token/so.pin")" >/dev/null
+export BLINDPERSO_TOKEN="pkcs11:token=blindperso-demo?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$out/token/user.pin"
+bin/issuer probe >"$out/probe.txt"
+if ! grep -q "^$profile.*runnable" "$out/probe.txt" || grep -q "^$profile.*not runnable" "$out/probe.txt"; then
+	cat "$out/probe.txt"
+	echo "profile $profile cannot run in-token on SoftHSM2" >&2
+	exit 1
+fi
+fp=$(bin/issuer keygen --kind "$kind" --label issuer-demo --out "$out/issuer.pub.pem")
+bin/issuer kek --label kek-demo --so-pin-file "$out/token/so.pin" >/dev/null
+echo "   issuer key ($kind) sha256 $fp; KEK kek-demo (trusted)"
 
 echo "== private pcscd with a vpcd reader"
 bin/vcard pcscd --dir "$pcdir" >"$out/pcscd.out" 2>&1 &
@@ -58,15 +80,30 @@ start=$(date +%s.%N)
 bin/perso run --issuer-key "$out/issuer.pub.pem" --profile "$profile" \
 	--expect-fingerprint "$fp" --reader "$reader" --count "$cards" \
 	--batch "$out/batch.ndjson" --station demo --progress off 2>"$out/perso.log"
-end=$(date +%s.%N)
 
 echo "== (Id, c) per card: $out/batch.ndjson, manifest $out/batch.ndjson.manifest.json"
 sed -E 's/.*"id":"([^"]+)","c":"([^"]+)".*/\1  \2/' "$out/batch.ndjson" |
 	awk '{ printf "   %s  %s…%s (%d bytes)\n", $1, substr($2, 1, 24), substr($2, length($2)-7), length($2)/2 }'
 
-echo "== card states"
-bin/vcard status "$out"/cards/*.json | sed -E 's/.*"id":"([^"]+)".*"state":"([^"]+)".*/   \1  \2/'
-locked=$(bin/vcard status "$out"/cards/*.json | grep -c '"state":"locked"' || true)
-printf '== %d of %d cards personalized and locked in %.1f s; artifacts in %s\n' \
-	"$locked" "$cards" "$(awk -v a="$start" -v b="$end" 'BEGIN { print b - a }')" "$out"
-[ "$locked" = "$cards" ]
+echo "== issuer: derive and wrap every K_I in the token"
+bin/issuer import --key issuer-demo --kek kek-demo --batch "$out/batch.ndjson" \
+	--out "$out/cardkeys.ndjson" | sed 's/^/   /'
+
+echo "== issuer: challenge every card, verify its MAC in the token"
+ok=0
+for c in "$out"/cards/*.json; do
+	id=$(bin/vcard status "$c" | sed -E 's/.*"id":"([^"]+)".*/\1/')
+	ch=$(openssl rand -hex 16)
+	mac=$(bin/vcard authenticate --challenge "$ch" "$c")
+	if res=$(bin/issuer verify --key issuer-demo --kek kek-demo --keys "$out/cardkeys.ndjson" \
+		--id "$id" --challenge "$ch" --mac "$mac" 2>>"$out/verify.log"); then
+		ok=$((ok + 1))
+	fi
+	echo "   $id  challenge $ch  MAC $mac  $res"
+done
+end=$(date +%s.%N)
+
+printf '== %d cards personalized, %d K_I derived and wrapped in-token, %d of %d authenticated in-token, %.1f s; artifacts in %s\n' \
+	"$(grep -c . "$out/batch.ndjson")" "$(grep -c . "$out/cardkeys.ndjson")" "$ok" "$cards" \
+	"$(awk -v a="$start" -v b="$end" 'BEGIN { print b - a }')" "$out"
+[ "$ok" = "$cards" ]

@@ -49,7 +49,7 @@ A typical session:
   vcard feed --reader 127.0.0.1:PORT cards/*.json`,
 		SilenceUsage: true,
 	}
-	c.AddCommand(manufactureCmd(), feedCmd(), statusCmd(), pcscdCmd())
+	c.AddCommand(manufactureCmd(), feedCmd(), statusCmd(), authenticateCmd(), pcscdCmd())
 	return c
 }
 
@@ -192,5 +192,41 @@ and reader names, then runs until SIGINT/SIGTERM.`,
 	c.Flags().StringVar(&dir, "dir", "", "directory for the socket, config and log (required; keep the path short)")
 	c.Flags().IntVar(&port, "port", 0, "TCP port of vpcd slot 0 (0: pick free ports)")
 	c.MarkFlagRequired("dir")
+	return c
+}
+
+func authenticateCmd() *cobra.Command {
+	var challenge string
+	c := &cobra.Command{
+		Use:   "authenticate --challenge HEX CARD.json",
+		Short: "Send AUTHENTICATE to a locked card, in process, and print its MAC in hex",
+		Long: `Act as a terminal for the card whose state is in CARD.json: SELECT, then
+AUTHENTICATE with the 16-byte --challenge; print the card's AES-CMAC
+answer (docs/PROTOCOL.md §4). The issuer checks it with issuer verify.`,
+		Example: `  vcard authenticate --challenge $(openssl rand -hex 16) cards/card-B100000000000001.json`,
+		Args:    cobra.ExactArgs(1),
+	}
+	c.Flags().StringVar(&challenge, "challenge", "", "the issuer's challenge, 32 hex digits (required)")
+	c.MarkFlagRequired("challenge")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		ch, err := hex.DecodeString(challenge)
+		if err != nil || len(ch) != protocol.ChallengeLen {
+			return fmt.Errorf("--challenge must be %d bytes of hex, got %q", protocol.ChallengeLen, challenge)
+		}
+		a, err := card.Open(args[0])
+		if err != nil {
+			return err
+		}
+		c := &card.Client{T: a.Local()}
+		if err := c.Select(); err != nil {
+			return err
+		}
+		mac, err := c.Authenticate(ch)
+		if err != nil {
+			return fmt.Errorf("%s: %w", args[0], err)
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "%x\n", mac)
+		return nil
+	}
 	return c
 }
