@@ -213,11 +213,17 @@ func (c *pcscConn) Abandon() {
 
 // Close releases the card powered off: the feeder (or a real machine)
 // takes that as the station being done with it.
-func (c *pcscConn) Close() error {
+func (c *pcscConn) Close() error { return c.disconnect(scard.UnpowerCard) }
+
+// Leave releases the card as it is, powered, for another try: the station
+// is not done with it.
+func (c *pcscConn) Leave() error { return c.disconnect(scard.LeaveCard) }
+
+func (c *pcscConn) disconnect(d scard.Disposition) error {
 	if c.abandoned {
 		return nil
 	}
-	err := c.h.Disconnect(scard.UnpowerCard)
+	err := c.h.Disconnect(d)
 	if err != nil && (errors.Is(err, scard.ErrInvalidHandle) || errors.Is(err, scard.ErrNoService) ||
 		errors.Is(err, scard.ErrServiceStopped) || errors.Is(err, scard.ErrReaderUnavailable)) {
 		c.slot.Close()

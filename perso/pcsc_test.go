@@ -182,7 +182,7 @@ func TestPcscdRestart(t *testing.T) {
 	}
 	daemon = d // TestMain stops the new one
 	if err := <-done; err != nil {
-		t.Fatal(err)
+		t.Fatalf("station: %v (%d cards locked); log:\n%s", err, st.Done(), logs)
 	}
 	for err := range fed {
 		if err != nil {

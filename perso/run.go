@@ -44,7 +44,15 @@ type Station struct {
 	stop     context.CancelFunc
 	fatal    error
 	wg       sync.WaitGroup
-	pending  map[string]string // cards left unlocked mid-way: hex Id → reader
+	pending  map[string]pendingCard // cards left mid-way, by hex Id
+}
+
+// pendingCard is a card this run left before it was seen locked.
+type pendingCard struct {
+	reader string
+	// lockSent: the record was committed and LOCK sent, but its answer
+	// was lost. If the card comes back locked, this run locked it.
+	lockSent bool
 }
 
 // Run drives the slots src supplies until ctx ends (SIGINT/SIGTERM: each
@@ -58,7 +66,7 @@ func (s *Station) Run(ctx context.Context, src Source) error {
 		s.Stats = NewStats()
 	}
 	s.running = map[string]bool{}
-	s.pending = map[string]string{}
+	s.pending = map[string]pendingCard{}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	s.stop = cancel
@@ -73,8 +81,8 @@ func (s *Station) Run(ctx context.Context, src Source) error {
 		return werr
 	}
 	if len(s.pending) > 0 {
-		for id, r := range s.pending {
-			s.Log.Warn("card left personalized but unlocked; present it again to finish it", "card", id, "reader", r)
+		for id, p := range s.pending {
+			s.Log.Warn("card left personalized but unlocked; present it again to finish it", "card", id, "reader", p.reader)
 		}
 	}
 	return nil
@@ -200,12 +208,27 @@ func (s *Station) card(sl Slot, conn Conn, log *slog.Logger) (locked bool, fatal
 				st.Abandon() // its Transmit may still be blocked in the driver
 			}
 		}
-		conn.Close()
+		retry := err != nil && !errors.Is(err, ErrCardRemoved) && !errors.Is(err, ErrJournalFailed) &&
+			transient(err) && attempt < retries
+		if l, ok := conn.(interface{ Leave() error }); ok && retry {
+			// Not powered off: that tells the machine (and the feeder) the
+			// station is done with the card, and it would eject it.
+			l.Leave()
+		} else {
+			conn.Close()
+		}
 		id := hex.EncodeToString(rec.ID)
 		if err == nil {
-			s.clearPending(id, log)
-			switch outcome {
-			case AlreadyDone:
+			p, wasPending := s.clearPending(id, log)
+			switch {
+			case outcome == AlreadyDone && wasPending && p.lockSent:
+				// This run sent LOCK and lost its answer; the card was
+				// unlocked when this run first saw it, so the LOCK was ours.
+				log.Info("card locked", "card", id, "outcome", Recovered.String(), "lock_confirmed", true,
+					"ms", time.Since(start).Milliseconds())
+				s.Stats.Card(sl.Name(), id, Recovered.String())
+				return true, nil
+			case outcome == AlreadyDone:
 				log.Info("card already locked and recorded; skipped", "card", id)
 				s.Stats.Card(sl.Name(), id, "skipped")
 				return false, nil
@@ -222,13 +245,13 @@ func (s *Station) card(sl Slot, conn Conn, log *slog.Logger) (locked bool, fatal
 		}
 		s.Stats.Error(sl.Name(), err)
 		if len(rec.ID) > 0 && !errors.Is(err, ErrForeign) && !errors.Is(err, ErrLockedUnknown) {
-			s.setPending(id, sl.Name())
+			s.setPending(id, sl.Name(), errors.Is(err, ErrLockUnconfirmed))
 		}
 		switch {
 		case errors.Is(err, ErrCardRemoved):
 			log.Warn("card pulled before it was locked; it is finished when it comes back", "card", id, "err", err)
 			return false, nil
-		case transient(err) && attempt < retries:
+		case retry:
 			log.Warn("transient error; trying the card again", "card", id, "attempt", attempt+1, "err", err)
 			time.Sleep(time.Duration(50*(attempt+1)) * time.Millisecond)
 			rctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -247,19 +270,26 @@ func (s *Station) card(sl Slot, conn Conn, log *slog.Logger) (locked bool, fatal
 	}
 }
 
-func (s *Station) setPending(id, reader string) {
+func (s *Station) setPending(id, reader string, lockSent bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.pending[id] = reader
+	p, ok := s.pending[id]
+	if !ok {
+		p.reader = reader
+	}
+	p.lockSent = p.lockSent || lockSent // a LOCK once sent may have landed
+	s.pending[id] = p
 }
 
-func (s *Station) clearPending(id string, log *slog.Logger) {
+func (s *Station) clearPending(id string, log *slog.Logger) (pendingCard, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if r, ok := s.pending[id]; ok {
+	p, ok := s.pending[id]
+	if ok {
 		delete(s.pending, id)
-		log.Info("card resumed", "card", id, "first_reader", r)
+		log.Info("card resumed", "card", id, "first_reader", p.reader)
 	}
+	return p, ok
 }
 
 // transient reports errors that another try may cure: timeouts, lost

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"blindperso/card"
+	"blindperso/internal/iso7816"
 	"blindperso/protocol"
 )
 
@@ -87,6 +88,11 @@ var (
 	ErrForeign = errors.New("card was personalized under another profile or issuer key")
 	// ErrBadCiphertext: the card answered a c of the wrong shape.
 	ErrBadCiphertext = errors.New("card answered a malformed c")
+	// ErrLockUnconfirmed: the record is durable and LOCK was sent, but its
+	// answer was lost (pcscd or the reader went away, the card was pulled
+	// or timed out under it): the card may be locked. If it shows up
+	// locked later, this run locked it.
+	ErrLockUnconfirmed = errors.New("LOCK sent but not confirmed")
 )
 
 // Personalize takes one card from whatever state it is in to locked
@@ -143,7 +149,10 @@ func (j Job) Personalize(c *card.Client, reader string, l Ledger) (Record, Outco
 		return rec, 0, fmt.Errorf("card %X: record not stored, card left unlocked (c can be read back): %w", id, err)
 	}
 	if err := c.Lock(rec.C); err != nil {
-		return rec, 0, fmt.Errorf("card %X: recorded but %w", id, err)
+		if sw := iso7816.SW(0); errors.As(err, &sw) {
+			return rec, 0, fmt.Errorf("card %X: recorded but %w", id, err) // refused: not locked
+		}
+		return rec, 0, fmt.Errorf("card %X: recorded but %w: %w", id, ErrLockUnconfirmed, err)
 	}
 	return rec, outcome, nil
 }

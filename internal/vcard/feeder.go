@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"blindperso/card"
@@ -17,8 +18,16 @@ import (
 
 // Feeder inserts cards into one reader slot in turn. A card is ejected
 // (its connection closed: removal, for pcscd) once it is locked and the
-// station has released it — pcscd powered it off or reset it — or once it
-// has been locked for EjectAfter, whichever comes first.
+// station has released it — pcscd powered it off or reset it after the
+// station sent it an APDU — or once it has been locked for EjectAfter,
+// whichever comes first.
+//
+// A card inserted already locked (put back after the driver dropped it, say
+// after a pcscd restart) is not ejected on a power-off or reset the station
+// did not cause (pcscd powers an idle card off on its own) nor after
+// EjectAfter: the station must see it to learn that its LOCK went through.
+// It is ejected once the station released it, or after 5×EjectAfter
+// if the station never speaks to it.
 type Feeder struct {
 	Addr  string   // the vpcd slot, host:port
 	Cards []string // state files, in feeding order
@@ -85,6 +94,7 @@ func (f *Feeder) serve(ctx context.Context, a *card.Applet) error {
 	ctx, eject := context.WithCancel(ctx)
 	defer eject()
 	w := &watched{Applet: a, released: make(chan struct{}, 1)}
+	lockedAtInsert := a.LifeCycle() == protocol.Locked
 	done := make(chan error, 1)
 	go func() { done <- conn.Serve(ctx, w) }()
 
@@ -102,12 +112,16 @@ func (f *Feeder) serve(ctx context.Context, a *card.Applet) error {
 			}
 			return err
 		case <-w.released:
-			if a.LifeCycle() == protocol.Locked {
+			if a.LifeCycle() == protocol.Locked && w.talked.Load() {
 				eject()
 			}
 		case <-tick.C:
 			if lockedTimer == nil && a.LifeCycle() == protocol.Locked {
-				lockedTimer = time.After(or(f.EjectAfter, 2*time.Second))
+				d := or(f.EjectAfter, 2*time.Second)
+				if lockedAtInsert && !w.talked.Load() {
+					d *= 5
+				}
+				lockedTimer = time.After(d)
 			}
 		case <-lockedTimer:
 			eject()
@@ -115,10 +129,17 @@ func (f *Feeder) serve(ctx context.Context, a *card.Applet) error {
 	}
 }
 
-// watched reports power-off and reset: the station letting the card go.
+// watched reports power-off and reset: the station letting the card go,
+// if it talked to the card (talked) during this insertion.
 type watched struct {
 	*card.Applet
 	released chan struct{}
+	talked   atomic.Bool
+}
+
+func (w *watched) Transmit(capdu []byte) []byte {
+	w.talked.Store(true)
+	return w.Applet.Transmit(capdu)
 }
 
 func (w *watched) PowerOff() { w.Applet.PowerOff(); w.signal() }
