@@ -326,3 +326,46 @@ func TestAPDUTimeoutRetried(t *testing.T) {
 		t.Errorf("timeout not reported and retried:\n%s", logs)
 	}
 }
+
+// lostLockAnswer delivers LOCK to the card, then loses the answer, as
+// when pcscd or the reader goes away under the command.
+type lostLockAnswer struct {
+	perso.LocalCard
+	lost bool
+}
+
+func (c *lostLockAnswer) Transmit(b []byte) ([]byte, error) {
+	r, err := c.LocalCard.Transmit(b)
+	if err == nil && !c.lost && len(b) > 1 && b[1] == protocol.INSLock {
+		c.lost = true
+		return nil, errors.New("simulated: answer lost")
+	}
+	return r, err
+}
+
+// A card whose LOCK answer was lost after its record was committed is
+// found locked with its record when it is seen again, and counts toward
+// Count: the run that sent the LOCK is the run that locked it.
+func TestLostLockAnswerCounts(t *testing.T) {
+	job := testJob(t)
+	dir := t.TempDir()
+	paths := manufacture(t, dir, 3, 1)
+	batch := filepath.Join(dir, "batch.ndjson")
+	log, logs := newLog()
+	j := openJournal(t, job, batch, log)
+	st := &perso.Station{Job: job, Ledger: j, Log: log, Count: 1}
+	// The card is set aside, then comes back (the operator re-feeds it).
+	a := perso.AppletCard(open(t, paths[0]))
+	runLocal(t, st, 1, hopper(&lostLockAnswer{LocalCard: a}, a))
+	if _, err := perso.WriteManifest(j, "test"); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	if st.Done() != 1 {
+		t.Fatalf("Done = %d, want 1:\n%s", st.Done(), logs)
+	}
+	checkFinal(t, batch, paths)
+	if !strings.Contains(logs.String(), "lock_confirmed=true") {
+		t.Errorf("the lost LOCK was not confirmed on the card's return:\n%s", logs)
+	}
+}
