@@ -1,0 +1,360 @@
+package ceremony
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"blindperso/hsm"
+)
+
+// Options of Run.
+type Options struct {
+	// DryRun checks everything (script, token, probe, labels, output
+	// files, SO PIN source) and prints every step it would take; it
+	// creates no token object and writes no file.
+	DryRun bool
+	// Log receives one line per step (nil: discarded).
+	Log io.Writer
+	// Now is the clock (nil: time.Now).
+	Now func() time.Time
+}
+
+// Result is what a completed ceremony made.
+type Result struct {
+	Dir        string
+	Transcript string
+	Body       Body
+}
+
+type runner struct {
+	s    *Script
+	opt  Options
+	tok  *hsm.Token
+	body Body
+	dir  string
+	// files reserved (created empty, O_EXCL) and whether written.
+	files   map[string]*os.File
+	written map[string]bool
+	signer  *hsm.SigningKey
+}
+
+func (r *runner) now() string { return r.opt.Now().UTC().Format(time.RFC3339Nano) }
+
+func (r *runner) logf(f string, a ...any) { fmt.Fprintf(r.opt.Log, f+"\n", a...) }
+
+func (r *runner) step(name string, inputs, result map[string]any) {
+	if inputs == nil {
+		inputs = map[string]any{}
+	}
+	if result == nil {
+		result = map[string]any{}
+	}
+	r.body.Steps = append(r.body.Steps, Step{N: len(r.body.Steps) + 1, Step: name, Time: r.now(), Inputs: inputs, Result: result})
+}
+
+// Run runs the ceremony of s against its token.
+func Run(ctx context.Context, s *Script, opt Options) (*Result, error) {
+	if opt.Log == nil {
+		opt.Log = io.Discard
+	}
+	if opt.Now == nil {
+		opt.Now = time.Now
+	}
+	r := &runner{s: s, opt: opt, dir: s.Output, files: map[string]*os.File{}, written: map[string]bool{}}
+	scriptHash := sha256.Sum256(s.raw)
+	r.body = Body{
+		Format: Format, Ceremony: s.Ceremony, Started: r.now(),
+		Script: FileHash{Path: s.path, SHA256: hex.EncodeToString(scriptHash[:])},
+		Roles:  RolesRec{Operator: s.Roles.Operator, SecurityOfficer: s.Roles.SecurityOfficer, Witnesses: s.Roles.Witnesses},
+		Steps:  []Step{}, Outputs: []Output{},
+	}
+	soPIN, err := r.preflight(ctx)
+	if r.tok != nil {
+		defer r.tok.Close()
+	}
+	if err != nil {
+		return nil, err
+	}
+	if opt.DryRun {
+		r.plan()
+		return nil, nil
+	}
+	if err := r.reserve(); err != nil {
+		return nil, err
+	}
+	err = r.execute(ctx, soPIN)
+	if err != nil {
+		r.body.Status, r.body.Error = "failed", err.Error()
+	} else {
+		r.body.Status = "completed"
+	}
+	ferr := r.finish()
+	if err == nil {
+		err = ferr
+	} else if ferr != nil {
+		err = fmt.Errorf("%w (and the transcript could not be written: %v)", err, ferr)
+	} else if r.signer != nil {
+		err = fmt.Errorf("%w (the failed ceremony is recorded, signed, in %s)", err, filepath.Join(r.dir, TranscriptFile))
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &Result{Dir: r.dir, Transcript: filepath.Join(r.dir, TranscriptFile), Body: r.body}, nil
+}
+
+// preflight checks everything that can be checked before anything is
+// created; it opens the token and probes it.
+func (r *runner) preflight(ctx context.Context) (soPIN string, err error) {
+	s := r.s
+	for _, f := range s.Outputs() {
+		p := filepath.Join(r.dir, f)
+		if _, err := os.Lstat(p); err == nil {
+			return "", fmt.Errorf("output file %s already exists: a ceremony never overwrites a file (choose another output directory)", p)
+		} else if !errors.Is(err, os.ErrNotExist) {
+			return "", err
+		}
+	}
+	r.tok, err = hsm.OpenURI(s.Token.URI, 1)
+	if err != nil {
+		return "", err
+	}
+	info := r.tok.Info()
+	mech := r.tok.Mechanisms()
+	r.body.Token = TokenRec{URI: s.Token.URI, Label: info.Label, Manufacturer: info.Manufacturer, Model: info.Model,
+		Serial: info.Serial, Module: info.Module, Table: mech.Name, SOPINSource: s.Token.SOPIN.describe()}
+	r.logf("token %q (%s %s, serial %s), table %s", info.Label, info.Manufacturer, info.Model, info.Serial, mech.Name)
+
+	rep, err := r.tok.Probe(ctx)
+	if err != nil {
+		return "", err
+	}
+	verdicts := map[string]any{}
+	byName := map[string]hsm.ProfileResult{}
+	for _, p := range rep.Profiles {
+		verdicts[p.Profile] = p.Verdict()
+		byName[p.Profile] = p
+	}
+	r.step("probe", nil, map[string]any{"profiles": verdicts, "wrap_with_trusted": rep.WrapWithTrustedDetail, "rsa_exponent": rep.RSAExponent})
+	r.logf("probe: token mechanisms checked by trial")
+	for _, k := range s.IssuerKeys {
+		for _, name := range k.Profiles {
+			p := byName[name]
+			if !p.Runnable {
+				return "", fmt.Errorf("issuer key %q: token %q cannot run profile %s in-token: missing %s (run issuer probe; choose a profile it can run)",
+					k.Label, info.Label, name, strings.Join(p.Missing, ", "))
+			}
+			r.logf("probe: profile %s %s", name, p.Verdict())
+		}
+	}
+	if s.KEK != nil && mech.EnforcesWrapWithTrusted {
+		if s.Token.SOPIN == nil {
+			return "", fmt.Errorf("token %q enforces CKA_WRAP_WITH_TRUSTED: the security officer must mark the KEK trusted; add token.so-pin (file or env) to the script", info.Label)
+		}
+		if soPIN, err = s.Token.SOPIN.read(); err != nil {
+			return "", err
+		}
+	}
+	for _, l := range r.labels() {
+		used, err := r.tok.LabelInUse(ctx, l)
+		if err != nil {
+			return "", err
+		}
+		if used {
+			return "", fmt.Errorf("label %q already exists in token %q: a ceremony never reuses a label (choose new labels; nothing was created)", l, info.Label)
+		}
+	}
+	r.step("preflight", map[string]any{"labels": r.labels(), "output": r.dir, "files": s.Outputs()},
+		map[string]any{"labels_free": true, "files_absent": true})
+	return soPIN, nil
+}
+
+func (r *runner) labels() []string {
+	l := []string{r.s.TranscriptKey.Label}
+	for _, k := range r.s.IssuerKeys {
+		l = append(l, k.Label)
+	}
+	if r.s.KEK != nil {
+		l = append(l, r.s.KEK.Label)
+	}
+	return l
+}
+
+// plan prints what a run would do.
+func (r *runner) plan() {
+	s := r.s
+	r.logf("dry run: nothing is created in the token and no file is written")
+	n := 0
+	say := func(f string, a ...any) { n++; r.logf("would %d. "+f, append([]any{n}, a...)...) }
+	say("create directory %s if missing", r.dir)
+	say("generate the transcript signing key %q (EC P-256, sign only, non-extractable) and write %s", s.TranscriptKey.Label, filepath.Join(r.dir, s.TranscriptKey.Label+".pub.pem"))
+	for _, k := range s.IssuerKeys {
+		say("generate issuer key %q (%s) for %s and write %s", k.Label, k.Kind, strings.Join(k.Profiles, ", "), filepath.Join(r.dir, k.Label+".pub.pem"))
+	}
+	if s.KEK != nil {
+		if r.tok.Mechanisms().EnforcesWrapWithTrusted {
+			say("generate KEK %q (AES-256); the security officer (%s) marks it CKA_TRUSTED", s.KEK.Label, s.Token.SOPIN.describe())
+		} else {
+			say("generate KEK %q (AES-256); not marked trusted (the token does not enforce CKA_WRAP_WITH_TRUSTED)", s.KEK.Label)
+		}
+	}
+	say("write the pinned fingerprints to %s", filepath.Join(r.dir, s.FingerprintFile))
+	say("sign the transcript in the token and write %s", filepath.Join(r.dir, TranscriptFile))
+}
+
+// reserve creates every output file, empty, with O_EXCL.
+func (r *runner) reserve() error {
+	if err := os.MkdirAll(r.dir, 0o755); err != nil {
+		return err
+	}
+	for _, f := range r.s.Outputs() {
+		fh, err := os.OpenFile(filepath.Join(r.dir, f), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		if err != nil {
+			r.release()
+			return fmt.Errorf("output file: %w (a ceremony never overwrites a file)", err)
+		}
+		r.files[f] = fh
+	}
+	return nil
+}
+
+// release closes the reserved files and removes those not written.
+func (r *runner) release() {
+	for f, fh := range r.files {
+		fh.Close()
+		if !r.written[f] {
+			os.Remove(filepath.Join(r.dir, f))
+		}
+	}
+	r.files = map[string]*os.File{}
+}
+
+// write fills a reserved file and records its hash.
+func (r *runner) write(f string, b []byte) (string, error) {
+	fh := r.files[f]
+	if _, err := fh.Write(b); err != nil {
+		return "", err
+	}
+	if err := fh.Sync(); err != nil {
+		return "", err
+	}
+	if err := fh.Close(); err != nil {
+		return "", err
+	}
+	r.written[f] = true
+	h := sha256.Sum256(b)
+	hx := hex.EncodeToString(h[:])
+	r.body.Outputs = append(r.body.Outputs, Output{File: f, SHA256: hx, Bytes: len(b)})
+	return hx, nil
+}
+
+func (r *runner) execute(ctx context.Context, soPIN string) error {
+	s := r.s
+	tk, err := r.tok.GenerateSigningKey(ctx, s.TranscriptKey.Label)
+	if err != nil {
+		return err
+	}
+	r.signer = tk
+	fp := tk.Fingerprint()
+	r.body.TranscriptKey = KeyRec{Label: tk.Label, Fingerprint: hex.EncodeToString(fp[:]), File: s.TranscriptKey.Label + ".pub.pem"}
+	fh, err := r.write(r.body.TranscriptKey.File, tk.PublicKeyPEM())
+	if err != nil {
+		return err
+	}
+	r.step("generate-transcript-key", map[string]any{"label": tk.Label, "kind": "p256", "usage": "sign"},
+		map[string]any{"cka_id": hex.EncodeToString(tk.ID), "fingerprint": r.body.TranscriptKey.Fingerprint, "file": r.body.TranscriptKey.File, "file_sha256": fh})
+	r.logf("transcript key %q: sha256 %s", tk.Label, r.body.TranscriptKey.Fingerprint)
+
+	var pins bytes.Buffer
+	fmt.Fprintf(&pins, "# blindperso pinned issuer-key fingerprints: SHA-256 of the DER SubjectPublicKeyInfo, hex\n")
+	fmt.Fprintf(&pins, "# ceremony %s, token %q serial %s; one line per key: fingerprint label kind profiles\n", s.Ceremony, r.body.Token.Label, r.body.Token.Serial)
+	for _, k := range s.IssuerKeys {
+		key, err := r.tok.GenerateIssuerKey(ctx, k.Kind, k.Label)
+		if err != nil {
+			return err
+		}
+		fp := key.Fingerprint()
+		file := k.Label + ".pub.pem"
+		fh, err := r.write(file, key.PublicKeyPEM())
+		if err != nil {
+			return err
+		}
+		r.step("generate-issuer-key", map[string]any{"label": k.Label, "kind": k.Kind, "profiles": k.Profiles},
+			map[string]any{"cka_id": hex.EncodeToString(key.ID), "fingerprint": hex.EncodeToString(fp[:]), "file": file, "file_sha256": fh})
+		fmt.Fprintf(&pins, "%x %s %s %s\n", fp, k.Label, k.Kind, strings.Join(k.Profiles, ","))
+		r.logf("issuer key %q (%s): sha256 %x -> %s", k.Label, k.Kind, fp, file)
+	}
+	if s.KEK != nil {
+		kek, err := r.tok.GenerateKEK(ctx, s.KEK.Label, soPIN)
+		if err != nil {
+			return err
+		}
+		by := "not marked (the token does not enforce CKA_WRAP_WITH_TRUSTED)"
+		if kek.Trusted {
+			by = "CKA_TRUSTED, set by the security officer"
+		}
+		r.step("generate-kek", map[string]any{"label": kek.Label, "kind": "aes256", "so_pin_source": s.Token.SOPIN.describe()},
+			map[string]any{"cka_id": hex.EncodeToString(kek.ID), "trusted": kek.Trusted, "trust": by})
+		r.logf("KEK %q: AES-256, %s", kek.Label, by)
+	}
+	fh, err = r.write(s.FingerprintFile, pins.Bytes())
+	if err != nil {
+		return err
+	}
+	r.step("write-fingerprint-file", map[string]any{"keys": len(s.IssuerKeys)}, map[string]any{"file": s.FingerprintFile, "file_sha256": fh})
+	r.logf("pinned fingerprints -> %s", s.FingerprintFile)
+	return nil
+}
+
+// finish signs and writes the transcript (if the signing key exists) and
+// releases the reserved files.
+func (r *runner) finish() error {
+	defer r.release()
+	if r.signer == nil {
+		return nil
+	}
+	r.body.Finished = r.now()
+	bodyJSON, err := json.Marshal(r.body)
+	if err != nil {
+		return err
+	}
+	canon, err := Canonical(bodyJSON)
+	if err != nil {
+		return err
+	}
+	digest := sha256.Sum256(canon)
+	sig, err := r.signer.Sign(rand.Reader, digest[:], crypto.SHA256)
+	if err != nil {
+		return err
+	}
+	tr := Transcript{Format: Format, Body: canon, Signature: Signature{
+		Algorithm: SignatureAlgorithm, KeyFingerprint: r.body.TranscriptKey.Fingerprint,
+		Value: base64.StdEncoding.EncodeToString(sig)}}
+	out, err := json.MarshalIndent(tr, "", "  ")
+	if err != nil {
+		return err
+	}
+	out = append(out, '\n')
+	fh := r.files[TranscriptFile]
+	if _, err := fh.Write(out); err != nil {
+		return err
+	}
+	if err := fh.Sync(); err != nil {
+		return err
+	}
+	r.written[TranscriptFile] = true
+	r.logf("transcript signed by %q -> %s", r.signer.Label, TranscriptFile)
+	return nil
+}

@@ -1,0 +1,262 @@
+// Package ceremony runs the issuer's key ceremony from a declarative YAML
+// script and writes a transcript signed by a key held in the token; it
+// also verifies such transcripts without the token. docs/OPERATIONS.md
+// describes the workflow; this file the script.
+package ceremony
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+
+	"blindperso/hsm"
+	"blindperso/protocol"
+)
+
+// Script is a ceremony script. Unknown keys are an error.
+type Script struct {
+	// Ceremony names the ceremony (recorded in the transcript).
+	Ceremony string `yaml:"ceremony"`
+	Token    struct {
+		// URI is the RFC 7512 URI of the token; the user PIN comes from
+		// its pin-source (file: or env:), never from the script.
+		URI string `yaml:"uri"`
+		// SOPIN says where the security officer's PIN is: exactly one of
+		// file or env. Needed only where the token enforces
+		// CKA_WRAP_WITH_TRUSTED (the SO marks the KEK trusted).
+		SOPIN *PINSource `yaml:"so-pin"`
+	} `yaml:"token"`
+	Roles struct {
+		Operator        string   `yaml:"operator"`
+		SecurityOfficer string   `yaml:"security-officer"`
+		Witnesses       []string `yaml:"witnesses"`
+	} `yaml:"roles"`
+	// Output is the directory the ceremony writes to. It may exist; no
+	// file in it is ever overwritten.
+	Output string `yaml:"output"`
+	// IssuerKeys are the issuer key pairs to create, each for the
+	// profiles it will serve.
+	IssuerKeys []IssuerKey `yaml:"issuer-keys"`
+	KEK        *struct {
+		Label string `yaml:"label"`
+	} `yaml:"kek"`
+	// FingerprintFile is the file (in Output) of pinned fingerprints a
+	// card manufacturer masks into ROM (§4.4).
+	FingerprintFile string `yaml:"fingerprint-file"`
+	TranscriptKey   struct {
+		Label string `yaml:"label"`
+	} `yaml:"transcript-key"`
+
+	path string // the script file, for the transcript
+	raw  []byte
+}
+
+// PINSource is where a PIN is read from: a file (trailing newline
+// ignored) or an environment variable.
+type PINSource struct {
+	File string `yaml:"file"`
+	Env  string `yaml:"env"`
+}
+
+// IssuerKey is one issuer key pair to generate.
+type IssuerKey struct {
+	Label    string   `yaml:"label"`
+	Kind     string   `yaml:"kind"`
+	Profiles []string `yaml:"profiles"`
+}
+
+// Load reads and checks a script. Strings in token.uri, token.so-pin.file
+// and output may use ${VAR}; an unset VAR is an error.
+func Load(path string) (*Script, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	s, err := Parse(raw)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	s.path = path
+	return s, nil
+}
+
+// Parse decodes a script strictly and checks it.
+func Parse(raw []byte) (*Script, error) {
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	s := &Script{raw: raw}
+	if err := dec.Decode(s); err != nil {
+		msg := strings.TrimPrefix(err.Error(), "yaml: ")
+		msg = unknownField.ReplaceAllString(msg, `unknown key "$1" (not part of the ceremony script format)`)
+		return nil, fmt.Errorf("ceremony script: %s", msg)
+	}
+	var extra any
+	if err := dec.Decode(&extra); err == nil {
+		return nil, errors.New("ceremony script: more than one YAML document")
+	}
+	if err := s.expand(); err != nil {
+		return nil, err
+	}
+	return s, s.check()
+}
+
+// unknownField rewrites yaml.v3's "field X not found in type T".
+var unknownField = regexp.MustCompile(`field (\S+) not found in type [^\n]*`)
+
+var envRef = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
+
+func expandEnv(field, v string) (string, error) {
+	var missing []string
+	out := envRef.ReplaceAllStringFunc(v, func(m string) string {
+		name := envRef.FindStringSubmatch(m)[1]
+		val, ok := os.LookupEnv(name)
+		if !ok {
+			missing = append(missing, name)
+		}
+		return val
+	})
+	if len(missing) > 0 {
+		return "", fmt.Errorf("ceremony script: %s uses ${%s}, which is not set", field, strings.Join(missing, "}, ${"))
+	}
+	return out, nil
+}
+
+func (s *Script) expand() error {
+	var err error
+	if s.Token.URI, err = expandEnv("token.uri", s.Token.URI); err != nil {
+		return err
+	}
+	if s.Output, err = expandEnv("output", s.Output); err != nil {
+		return err
+	}
+	if s.Token.SOPIN != nil {
+		if s.Token.SOPIN.File, err = expandEnv("token.so-pin.file", s.Token.SOPIN.File); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+var labelRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+
+func (s *Script) check() error {
+	var errs []string
+	bad := func(f string, a ...any) { errs = append(errs, fmt.Sprintf(f, a...)) }
+	if s.Ceremony == "" {
+		bad("ceremony: a name is required")
+	}
+	if s.Token.URI == "" {
+		bad("token.uri is required")
+	} else if strings.Contains(s.Token.URI, "pin-value") {
+		bad("token.uri: pin-value is refused: give the user PIN by pin-source=file:PATH or env:VAR")
+	}
+	if p := s.Token.SOPIN; p != nil && (p.File == "") == (p.Env == "") {
+		bad("token.so-pin: give exactly one of file or env (never the PIN itself)")
+	}
+	if s.Roles.Operator == "" {
+		bad("roles.operator is required")
+	}
+	if len(s.Roles.Witnesses) == 0 {
+		bad("roles.witnesses: at least one witness is required")
+	}
+	if s.Output == "" {
+		bad("output (a directory) is required")
+	}
+	if len(s.IssuerKeys) == 0 {
+		bad("issuer-keys: at least one issuer key is required")
+	}
+	labels := map[string]string{}
+	label := func(where, l string) {
+		switch {
+		case l == "":
+			bad("%s.label is required", where)
+		case !labelRE.MatchString(l):
+			bad("%s.label %q: use letters, digits, '.', '_' and '-' (it names files too)", where, l)
+		case labels[l] != "":
+			bad("%s.label %q is also used by %s: labels must be unique", where, l, labels[l])
+		default:
+			labels[l] = where
+		}
+	}
+	label("transcript-key", s.TranscriptKey.Label)
+	for i, k := range s.IssuerKeys {
+		where := fmt.Sprintf("issuer-keys[%d]", i)
+		label(where, k.Label)
+		switch k.Kind {
+		case hsm.KindRSA2048, hsm.KindRSA3072, hsm.KindP256:
+		default:
+			bad("%s.kind %q: want %s, %s or %s", where, k.Kind, hsm.KindRSA2048, hsm.KindRSA3072, hsm.KindP256)
+		}
+		if len(k.Profiles) == 0 {
+			bad("%s.profiles: name the profiles this key serves", where)
+		}
+		for _, name := range k.Profiles {
+			p, err := protocol.ProfileByName(name)
+			if err != nil {
+				bad("%s.profiles: %v", where, err)
+				continue
+			}
+			if ec := p.Transport == protocol.ECDHP256; ec != (k.Kind == hsm.KindP256) {
+				bad("%s: profile %s needs a %s key, not %s", where, name, map[bool]string{true: "p256", false: "rsa2048/rsa3072"}[ec], k.Kind)
+			}
+		}
+	}
+	if s.KEK != nil {
+		label("kek", s.KEK.Label)
+	}
+	if s.FingerprintFile == "" {
+		s.FingerprintFile = "pinned-fingerprints.txt"
+	}
+	if filepath.Base(s.FingerprintFile) != s.FingerprintFile {
+		bad("fingerprint-file %q: a file name inside output, not a path", s.FingerprintFile)
+	}
+	if len(errs) > 0 {
+		return errors.New("ceremony script: " + strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+// Outputs are the files the ceremony writes in Output, in order; the
+// transcript is last.
+func (s *Script) Outputs() []string {
+	out := []string{s.TranscriptKey.Label + ".pub.pem"}
+	for _, k := range s.IssuerKeys {
+		out = append(out, k.Label+".pub.pem")
+	}
+	return append(out, s.FingerprintFile, TranscriptFile)
+}
+
+// TranscriptFile is the transcript's name in the output directory.
+const TranscriptFile = "transcript.json"
+
+func (p *PINSource) read() (string, error) {
+	if p.Env != "" {
+		v, ok := os.LookupEnv(p.Env)
+		if !ok {
+			return "", fmt.Errorf("SO PIN: environment variable %s is not set", p.Env)
+		}
+		return v, nil
+	}
+	b, err := os.ReadFile(p.File)
+	if err != nil {
+		return "", fmt.Errorf("SO PIN: %w", err)
+	}
+	return strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r"), nil
+}
+
+// describe is how the transcript records a PIN source (never the PIN).
+func (p *PINSource) describe() string {
+	if p == nil {
+		return "none"
+	}
+	if p.Env != "" {
+		return "env:" + p.Env
+	}
+	return "file:" + p.File
+}
