@@ -5,7 +5,7 @@ GO      ?= go
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the build, the tests and the demo need.
 DEBS    := gcc pkg-config libpcsclite-dev pcscd vsmartcard-vpcd opensc \
-           softhsm2 libnss3 libnss3-tools openssl util-linux mount
+           softhsm2 libnss3 libnss3-tools openssl util-linux mount postgresql-15
 FUZZTIME ?= 10s
 
 .PHONY: all deps build test vet fuzz demo bench clean

@@ -19,7 +19,11 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) != "" {
+		os.Exit(importChild())
+	}
 	code := m.Run()
+	stopPG()
 	hsmtest.Cleanup()
 	os.Exit(code)
 }
@@ -27,6 +31,13 @@ func TestMain(m *testing.M) {
 // newIssuer makes a SoftHSM2 token with an issuer key of kind and a
 // trusted KEK, as the key ceremony does.
 func newIssuer(t *testing.T, kind string) *Issuer {
+	t.Helper()
+	is, _ := newIssuerToken(t, kind)
+	return is
+}
+
+// newIssuerToken is newIssuer that also returns the token's URI.
+func newIssuerToken(t *testing.T, kind string) (*Issuer, string) {
 	t.Helper()
 	tt := hsmtest.SoftHSM(t)
 	tok, err := hsm.OpenURI(tt.URI, 2)
@@ -43,7 +54,7 @@ func newIssuer(t *testing.T, kind string) *Issuer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Issuer{Token: tok, Key: key, KEK: kek}
+	return &Issuer{Token: tok, Key: key, KEK: kek}, tt.URI
 }
 
 // personalize runs a virtual card through the station's one-card flow

@@ -56,9 +56,19 @@ if ! grep -q "^$profile.*runnable" "$out/probe.txt" || grep -q "^$profile.*not r
 	echo "profile $profile cannot run in-token on SoftHSM2" >&2
 	exit 1
 fi
-fp=$(bin/issuer keygen --kind "$kind" --label issuer-demo --out "$out/issuer.pub.pem")
-bin/issuer kek --label kek-demo --so-pin-file "$out/token/so.pin" >/dev/null
-echo "   issuer key ($kind) sha256 $fp; KEK kek-demo (trusted)"
+echo "== key ceremony: examples/ceremony-softhsm2.yaml"
+export BLINDPERSO_SO_PIN_FILE="$out/token/so.pin" CEREMONY_OUT="$out/ceremony"
+bin/issuer ceremony run examples/ceremony-softhsm2.yaml >"$out/ceremony.log" 2>&1 ||
+	{ cat "$out/ceremony.log"; exit 1; }
+bin/issuer ceremony verify "$out/ceremony/transcript.json" | sed 's/^/   /'
+case $kind in
+	p256) key=issuer-2026-ec ;;
+	*) key=issuer-2026-rsa ;;
+esac
+kek=kek-2026
+cp "$out/ceremony/$key.pub.pem" "$out/issuer.pub.pem"
+fp=$(bin/issuer fingerprint "$out/issuer.pub.pem")
+echo "   issuer key $key ($kind) sha256 $fp; KEK $kek (trusted); transcript $out/ceremony/transcript.json"
 
 echo "== private pcscd with a vpcd reader"
 bin/vcard pcscd --dir "$pcdir" >"$out/pcscd.out" 2>&1 &
@@ -86,8 +96,10 @@ sed -E 's/.*"id":"([^"]+)","c":"([^"]+)".*/\1  \2/' "$out/batch.ndjson" |
 	awk '{ printf "   %s  %s…%s (%d bytes)\n", $1, substr($2, 1, 24), substr($2, length($2)-7), length($2)/2 }'
 
 echo "== issuer: derive and wrap every K_I in the token"
-bin/issuer import --key issuer-demo --kek kek-demo --batch "$out/batch.ndjson" \
-	--out "$out/cardkeys.ndjson" | sed 's/^/   /'
+bin/issuer import --key "$key" --kek "$kek" --batch "$out/batch.ndjson" \
+	--db "$out/issuer-data" --json >"$out/import.json"
+imported=$(sed -n -E 's/^  "imported": ([0-9]+),$/\1/p' "$out/import.json")
+echo "   $imported cards imported into the store $out/issuer-data/issuer.db (report: $out/import.json)"
 
 echo "== issuer: challenge every card, verify its MAC in the token"
 ok=0
@@ -95,7 +107,7 @@ for c in "$out"/cards/*.json; do
 	id=$(bin/vcard status "$c" | sed -E 's/.*"id":"([^"]+)".*/\1/')
 	ch=$(openssl rand -hex 16)
 	mac=$(bin/vcard authenticate --challenge "$ch" "$c")
-	if res=$(bin/issuer verify --key issuer-demo --kek kek-demo --keys "$out/cardkeys.ndjson" \
+	if res=$(bin/issuer verify --key "$key" --kek "$kek" --db "$out/issuer-data" \
 		--id "$id" --challenge "$ch" --mac "$mac" 2>>"$out/verify.log"); then
 		ok=$((ok + 1))
 	fi
@@ -104,6 +116,6 @@ done
 end=$(date +%s.%N)
 
 printf '== %d cards personalized, %d K_I derived and wrapped in-token, %d of %d authenticated in-token, %.1f s; artifacts in %s\n' \
-	"$(grep -c . "$out/batch.ndjson")" "$(grep -c . "$out/cardkeys.ndjson")" "$ok" "$cards" \
+	"$(grep -c . "$out/batch.ndjson")" "$imported" "$ok" "$cards" \
 	"$(awk -v a="$start" -v b="$end" 'BEGIN { print b - a }')" "$out"
 [ "$ok" = "$cards" ]

@@ -1,20 +1,15 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
-	"sync"
 
 	"github.com/spf13/cobra"
 
 	"blindperso/issuer"
-	"blindperso/perso"
 )
 
 // issuerFlags adds --key and --kek and returns a function that opens the
@@ -44,82 +39,105 @@ func issuerFlags(c *cobra.Command) func(ctx context.Context, sessions int) (*iss
 	}
 }
 
-func importCmd() *cobra.Command {
-	var batch, out string
-	var workers int
-	c := &cobra.Command{
-		Use:   "import --token URI --key L --kek L --batch FILE --out KEYS.ndjson",
-		Short: "Derive and wrap every card's K_I in the token from a station batch",
-		Long: `Check the batch against its manifest (perso's FILE.manifest.json), then for
-every record have the token derive the card's K_I from its c and wrap it
-under the KEK (RFC 5649). Only the wrapped keys come out: one JSON line per
-card in --out. K_I never exists outside the card and the token.
+// dbFlag adds --db and returns a function that opens the store it names.
+func dbFlag(c *cobra.Command) func(ctx context.Context) (issuer.Store, error) {
+	db := c.Flags().String("db", "", "the issuer's store: a data directory for the embedded SQLite store, or a PostgreSQL URL (postgres://…) or key=value DSN (default $"+envDB+", else ./issuer-data)")
+	return func(ctx context.Context) (issuer.Store, error) {
+		d := *db
+		if d == "" {
+			d = os.Getenv(envDB)
+		}
+		if d == "" {
+			d = "issuer-data"
+		}
+		return issuer.Open(ctx, d)
+	}
+}
 
-Records that fail (another issuer key, a c the token refuses) are reported
-on stderr with the card's Id; the others still land, and the command exits
-non-zero at the end.
+const envDB = "BLINDPERSO_ISSUER_DB"
+
+func importCmd() *cobra.Command {
+	var batch string
+	var workers int
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "import --token URI --key L --kek L --batch FILE [--db DIR|DSN]",
+		Short: "Derive and wrap every card's K_I in the token from a station batch, into the store",
+		Long: `Check the batch against its manifest (perso's FILE.manifest.json: size,
+SHA-256, line count, issuer key), then stream it: for every record have the
+token derive the card's K_I from its c and wrap it under the KEK (RFC 5649),
+and store the wrapped key with the card's Id, profile and issuer key. K_I
+never exists outside the card and the token; the store holds only public
+data and wrapped keys.
+
+Each bad record (unparsable line, unknown profile, another issuer key, a c
+of the wrong shape, a c the token refuses) is rejected with its line number
+and reason, and the others still land. The same (Id, c) again is a no-op;
+the same Id with another c is a conflict, kept aside (the first key stays).
+Importing a batch again, after a crash or not, changes nothing that is
+already stored. The command exits non-zero if any record was rejected or
+conflicted. See docs/ISSUER.md.
 
 ` + uriHelp,
 		Example: `  issuer import --token "$BLINDPERSO_TOKEN" --key issuer-2026 --kek kek-1 \
-      --batch batch.ndjson --out cardkeys.ndjson`,
+      --batch batch.ndjson --db /var/lib/blindperso-issuer
+  issuer import --key issuer-2026 --kek kek-1 --batch batch.ndjson \
+      --db postgres://issuer@db.internal/issuer --workers 4 --json`,
 		Args: cobra.NoArgs,
 	}
 	openIssuer := issuerFlags(c)
+	openStore := dbFlag(c)
 	c.Flags().StringVar(&batch, "batch", "", "station batch (NDJSON with its .manifest.json beside it)")
-	c.Flags().StringVar(&out, "out", "", "file for the wrapped card keys, NDJSON (must not exist)")
 	c.Flags().IntVar(&workers, "workers", 2, "token sessions working in parallel")
+	c.Flags().BoolVar(&asJSON, "json", false, "print the batch report as JSON")
 	c.MarkFlagRequired("batch")
-	c.MarkFlagRequired("out")
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
-		_, recs, err := perso.VerifyBatch(batch)
+		ctx := cmd.Context()
+		st, err := openStore(ctx)
 		if err != nil {
 			return err
 		}
-		is, err := openIssuer(cmd.Context(), workers)
+		defer st.Close()
+		is, err := openIssuer(ctx, workers)
 		if err != nil {
 			return err
 		}
 		defer is.Token.Close()
-		f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		im := &issuer.Importer{Issuer: is, Store: st, Workers: workers}
+		rep, err := im.ImportFile(ctx, batch)
 		if err != nil {
 			return err
 		}
-		defer f.Close()
-		w := bufio.NewWriter(f)
-		enc := json.NewEncoder(w)
-		var mu sync.Mutex
-		var failed int
-		jobs := make(chan perso.Record)
-		var wg sync.WaitGroup
-		for range max(workers, 1) {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for rec := range jobs {
-					ck, err := is.Import(cmd.Context(), rec)
-					mu.Lock()
-					if err != nil {
-						failed++
-						fmt.Fprintln(cmd.ErrOrStderr(), err)
-					} else if err := enc.Encode(ck); err != nil {
-						failed++
-						fmt.Fprintln(cmd.ErrOrStderr(), err)
-					}
-					mu.Unlock()
-				}
-			}()
-		}
-		for _, r := range recs {
-			jobs <- r
-		}
-		close(jobs)
-		wg.Wait()
-		if err := errors.Join(w.Flush(), f.Sync()); err != nil {
+		rejects, err := st.Rejects(ctx, rep.ID)
+		if err != nil {
 			return err
 		}
-		fmt.Fprintf(cmd.OutOrStdout(), "%d cards imported, %d failed\n", len(recs)-failed, failed)
-		if failed > 0 {
-			return fmt.Errorf("%d of %d records failed", failed, len(recs))
+		conflicts, err := st.Conflicts(ctx, rep.ID)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			enc := json.NewEncoder(cmd.OutOrStdout())
+			enc.SetIndent("", "  ")
+			if err := enc.Encode(struct {
+				issuer.BatchReport
+				RejectList   []issuer.Reject         `json:"reject_list"`
+				ConflictList []issuer.ConflictRecord `json:"conflict_list"`
+			}{rep, rejects, conflicts}); err != nil {
+				return err
+			}
+		} else {
+			for _, r := range rejects {
+				fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: rejected: %s\n", batch, r.Line, r.Reason)
+			}
+			for _, k := range conflicts {
+				fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: CONFLICT: card %X is stored with another c (possible active attack or double personalization); the stored key is kept\n", batch, k.Line, []byte(k.CardID))
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "batch %s: %d records: %d cards imported, %d duplicates, %d conflicts, %d rejected\n",
+				rep.ID, rep.Records, rep.Imported, rep.Duplicates, rep.Conflicts, rep.Rejects)
+		}
+		if rep.Rejects+rep.Conflicts > 0 {
+			return fmt.Errorf("%d rejected and %d conflicting of %d records", rep.Rejects, rep.Conflicts, rep.Records)
 		}
 		return nil
 	}
@@ -127,28 +145,29 @@ non-zero at the end.
 }
 
 func verifyCmd() *cobra.Command {
-	var keys, id, challenge, mac string
+	var id, challenge, mac string
 	c := &cobra.Command{
-		Use:   "verify --token URI --key L --kek L --keys KEYS.ndjson --id HEX --challenge HEX --mac HEX",
+		Use:   "verify --token URI --key L --kek L [--db DIR|DSN] --id HEX --challenge HEX --mac HEX",
 		Short: "Verify a card's answer to a challenge in the token",
-		Long: `Unwrap the card's K_I from --keys into the token, verify the card's
-AES-CMAC over the challenge there (docs/PROTOCOL.md §4), destroy the key.
-Prints "ok" and exits 0, or prints "FAILED" and exits 1: a card that fails
-was personalized under another key (the paper's active insider) or is
-broken.
+		Long: `Take the card's wrapped K_I from the store, unwrap it into the token,
+verify the card's AES-CMAC over the challenge there (docs/PROTOCOL.md §4),
+destroy the key. Prints "ok" and exits 0, or prints "FAILED" and exits 1:
+a card that fails was personalized under another key (the paper's active
+insider) or is broken. A card whose state is not active (conflict,
+blocked) is still verified, with a warning on stderr.
 
 ` + uriHelp,
 		Example: `  ch=$(openssl rand -hex 16)
   mac=$(vcard authenticate --challenge $ch card.json)
-  issuer verify --key issuer-2026 --kek kek-1 --keys cardkeys.ndjson --id B100000000000001 --challenge $ch --mac $mac`,
+  issuer verify --key issuer-2026 --kek kek-1 --db /var/lib/blindperso-issuer --id B100000000000001 --challenge $ch --mac $mac`,
 		Args: cobra.NoArgs,
 	}
 	openIssuer := issuerFlags(c)
-	c.Flags().StringVar(&keys, "keys", "", "wrapped card keys from issuer import")
+	openStore := dbFlag(c)
 	c.Flags().StringVar(&id, "id", "", "card Id, hex")
 	c.Flags().StringVar(&challenge, "challenge", "", "the 16-byte challenge, hex")
 	c.Flags().StringVar(&mac, "mac", "", "the card's 16-byte answer, hex")
-	for _, f := range []string{"keys", "id", "challenge", "mac"} {
+	for _, f := range []string{"id", "challenge", "mac"} {
 		c.MarkFlagRequired(f)
 	}
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
@@ -160,16 +179,24 @@ broken.
 			}
 			raw[i] = b
 		}
-		ck, err := findCardKey(keys, raw[0])
+		st, err := openStore(cmd.Context())
 		if err != nil {
 			return err
+		}
+		defer st.Close()
+		sc, err := st.Card(cmd.Context(), raw[0])
+		if err != nil {
+			return err
+		}
+		if sc.State != issuer.StateActive {
+			fmt.Fprintf(cmd.ErrOrStderr(), "warning: card %X is %s in the store\n", raw[0], sc.State)
 		}
 		is, err := openIssuer(cmd.Context(), 1)
 		if err != nil {
 			return err
 		}
 		defer is.Token.Close()
-		ok, err := is.Verify(cmd.Context(), ck, raw[1], raw[2])
+		ok, err := is.Verify(cmd.Context(), sc.CardKey, raw[1], raw[2])
 		if err != nil {
 			return err
 		}
@@ -181,23 +208,4 @@ broken.
 		return nil
 	}
 	return c
-}
-
-func findCardKey(path string, id []byte) (issuer.CardKey, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return issuer.CardKey{}, err
-	}
-	defer f.Close()
-	dec := json.NewDecoder(f)
-	for dec.More() {
-		var ck issuer.CardKey
-		if err := dec.Decode(&ck); err != nil {
-			return issuer.CardKey{}, fmt.Errorf("%s: %w", path, err)
-		}
-		if bytes.Equal(ck.ID, id) {
-			return ck, nil
-		}
-	}
-	return issuer.CardKey{}, fmt.Errorf("card %X is not in %s", id, path)
 }

@@ -1,0 +1,354 @@
+package issuer
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash"
+	"hash/fnv"
+	"io"
+	"os"
+	"sync"
+
+	"blindperso/perso"
+	"blindperso/protocol"
+)
+
+// DefaultMaxLine is the longest batch line the importer reads; a longer
+// line is rejected (and skipped) without being held in memory. A record
+// of the largest profile (RSA-2048, c of 256 bytes) is about 750 bytes.
+const DefaultMaxLine = 64 << 10
+
+// Importer streams station batches (docs/BATCH.md) into a Store through
+// the Issuer's token, in constant memory:
+//
+//  1. The manifest is read and the whole batch file is hashed in one
+//     streaming pass; a file whose size, SHA-256 or line count differs
+//     from the manifest, or a manifest for another issuer key, is refused
+//     before any record is imported (the batch row says why).
+//  2. A second streaming pass reads the records line by line and hands
+//     each to one of Workers goroutines, chosen by a hash of the card Id,
+//     so that records for one Id are handled in file order (the first c
+//     in the file is the one kept, on every run). Each worker validates
+//     the record, skips the token when the store already has the Id, has
+//     the token derive and wrap K_I (Issuer.Import, one token session per
+//     worker), and stores the card in one transaction.
+//  3. The batch's counts are recomputed from the store's tables.
+//
+// A bad record becomes a reject row (line number and reason) and the
+// import goes on. A store or token-session failure that is not about the
+// record (the context is cancelled, the database is gone) stops the
+// import; a rerun finishes it and gives the same store as a run that
+// was never interrupted.
+type Importer struct {
+	Issuer  *Issuer
+	Store   Store
+	Workers int // token sessions used in parallel; at least 1
+	MaxLine int // 0 means DefaultMaxLine
+
+	// afterRecord, if set, runs after each record's store write (tests).
+	afterRecord func(line int)
+}
+
+// ImportFile imports the batch at path (with path.manifest.json beside
+// it) and returns the batch's report.
+func (im *Importer) ImportFile(ctx context.Context, path string) (BatchReport, error) {
+	mraw, err := os.ReadFile(perso.ManifestPath(path))
+	if err != nil {
+		return BatchReport{}, fmt.Errorf("read manifest: %w", err)
+	}
+	var m perso.Manifest
+	if err := json.Unmarshal(mraw, &m); err != nil {
+		return BatchReport{}, fmt.Errorf("manifest %s: %w", perso.ManifestPath(path), err)
+	}
+	if len(m.SHA256) != sha256.Size {
+		return BatchReport{}, fmt.Errorf("manifest %s: sha256 is %d bytes, want 32", perso.ManifestPath(path), len(m.SHA256))
+	}
+	id := hex.EncodeToString(m.SHA256)
+	refuse := func(reason string) (BatchReport, error) {
+		if err := im.Store.RefuseBatch(ctx, id, mraw, reason); err != nil {
+			return BatchReport{}, err
+		}
+		return BatchReport{}, fmt.Errorf("batch %s refused: %s", path, reason)
+	}
+	if m.Format != perso.BatchFormat {
+		return refuse(fmt.Sprintf("manifest format %q, want %q", m.Format, perso.BatchFormat))
+	}
+	fp := im.Issuer.Key.Fingerprint()
+	if !bytes.Equal(m.IssuerFingerprint, fp[:]) {
+		return refuse(fmt.Sprintf("batch is for issuer key %x, not this issuer's %x", []byte(m.IssuerFingerprint), fp))
+	}
+	// Pass 1: the file is the one the manifest describes.
+	sum, size, lines, err := summarize(path)
+	if err != nil {
+		return BatchReport{}, err
+	}
+	if reason := mismatch(m, sum, size, lines); reason != "" {
+		return refuse(reason)
+	}
+	if err := im.Store.BeginBatch(ctx, id, mraw, lines); err != nil {
+		return BatchReport{}, err
+	}
+	// Pass 2: the records.
+	sum2, err := im.stream(ctx, path, id, m)
+	if err != nil {
+		return BatchReport{}, err
+	}
+	if !bytes.Equal(sum2, sum) {
+		return refuse("the batch file changed during the import (its SHA-256 differs between the check and the import)")
+	}
+	return im.Store.FinishBatch(ctx, id)
+}
+
+func mismatch(m perso.Manifest, sum []byte, size int64, lines int) string {
+	switch {
+	case size != m.Bytes:
+		return fmt.Sprintf("batch is %d bytes, manifest says %d", size, m.Bytes)
+	case !bytes.Equal(sum, m.SHA256):
+		return "batch SHA-256 differs from the manifest's"
+	case lines != m.Count:
+		return fmt.Sprintf("batch has %d lines, manifest says %d records", lines, m.Count)
+	}
+	return ""
+}
+
+// summarize hashes the file and counts its lines (a last line without
+// '\n' counts) in one pass of constant memory.
+func summarize(path string) (sum []byte, size int64, lines int, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	buf := make([]byte, 64<<10)
+	last := byte('\n')
+	for {
+		n, err := f.Read(buf)
+		if n > 0 {
+			h.Write(buf[:n])
+			size += int64(n)
+			lines += bytes.Count(buf[:n], []byte{'\n'})
+			last = buf[n-1]
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, 0, 0, err
+		}
+	}
+	if last != '\n' {
+		lines++
+	}
+	return h.Sum(nil), size, lines, nil
+}
+
+type job struct {
+	line int
+	rec  perso.Record
+}
+
+// stream reads the records and runs them through the workers; it returns
+// the SHA-256 of what it read.
+func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Manifest) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	n := max(im.Workers, 1)
+	queues := make([]chan job, n)
+	var wg sync.WaitGroup
+	for i := range queues {
+		queues[i] = make(chan job, 8)
+		wg.Add(1)
+		go func(q chan job) {
+			defer wg.Done()
+			for j := range q {
+				if ctx.Err() != nil {
+					continue // drain
+				}
+				if err := im.one(ctx, batch, m, j); err != nil {
+					cancel(err)
+				}
+			}
+		}(queues[i])
+	}
+	h := sha256.New()
+	rerr := im.read(ctx, f, h, func(line int, raw []byte, reason string) error {
+		if reason == "" {
+			rec, err := parseRecord(raw)
+			if err == nil {
+				hh := fnv.New32a()
+				hh.Write(rec.ID)
+				select {
+				case queues[int(hh.Sum32()%uint32(n))] <- job{line, rec}:
+				case <-ctx.Done():
+				}
+				return nil
+			}
+			reason = "unparsable record: " + err.Error()
+		}
+		if err := im.Store.PutReject(ctx, batch, line, reason); err != nil {
+			return err
+		}
+		if im.afterRecord != nil {
+			im.afterRecord(line)
+		}
+		return nil
+	})
+	for _, q := range queues {
+		close(q)
+	}
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return nil, err
+	}
+	if rerr != nil {
+		return nil, rerr
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return h.Sum(nil), nil
+}
+
+// read calls fn for every line of r (numbered from 1, without its '\n'),
+// with a reason when the line is refused before parsing: too long (it is
+// skipped without being held in memory), empty, or a torn last line.
+func (im *Importer) read(ctx context.Context, r io.Reader, h hash.Hash, fn func(line int, raw []byte, reason string) error) error {
+	maxLine := im.MaxLine
+	if maxLine <= 0 {
+		maxLine = DefaultMaxLine
+	}
+	br := bufio.NewReaderSize(io.TeeReader(r, h), maxLine)
+	for line := 1; ; line++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		b, err := br.ReadSlice('\n')
+		switch {
+		case errors.Is(err, bufio.ErrBufferFull):
+			for errors.Is(err, bufio.ErrBufferFull) {
+				_, err = br.ReadSlice('\n')
+			}
+			if err != nil && err != io.EOF {
+				return err
+			}
+			if ferr := fn(line, nil, fmt.Sprintf("line longer than %d bytes", maxLine)); ferr != nil {
+				return ferr
+			}
+			if err == io.EOF {
+				return nil
+			}
+			continue
+		case err == io.EOF:
+			if len(b) > 0 {
+				return fn(line, nil, "torn last line (no newline at its end)")
+			}
+			return nil
+		case err != nil:
+			return err
+		}
+		b = bytes.TrimSuffix(b, []byte{'\n'})
+		if len(bytes.TrimSpace(b)) == 0 {
+			if err := fn(line, nil, "empty line"); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := fn(line, bytes.Clone(b), ""); err != nil {
+			return err
+		}
+	}
+}
+
+// parseRecord parses one batch line strictly (docs/BATCH.md): known
+// fields only, version 1, an Id of 1 to 16 bytes and a c.
+func parseRecord(line []byte) (perso.Record, error) {
+	var rec perso.Record
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&rec); err != nil {
+		return rec, err
+	}
+	if dec.More() {
+		return rec, errors.New("more than one JSON value on the line")
+	}
+	if rec.V != perso.BatchVersion {
+		return rec, fmt.Errorf("record version %d, want %d", rec.V, perso.BatchVersion)
+	}
+	if len(rec.ID) == 0 || len(rec.ID) > protocol.MaxIDLen {
+		return rec, fmt.Errorf("id of %d bytes, want 1 to %d", len(rec.ID), protocol.MaxIDLen)
+	}
+	if len(rec.C) == 0 {
+		return rec, errors.New("record without c")
+	}
+	return rec, nil
+}
+
+// one handles one parsed record: a reject row, or a card stored (or found
+// already stored). Its error is not about the record: it stops the import.
+func (im *Importer) one(ctx context.Context, batch string, m perso.Manifest, j job) error {
+	reason, err := im.card(ctx, batch, m, j)
+	if err != nil {
+		return err
+	}
+	if reason != "" {
+		if err := im.Store.PutReject(ctx, batch, j.line, reason); err != nil {
+			return err
+		}
+	}
+	if im.afterRecord != nil {
+		im.afterRecord(j.line)
+	}
+	return nil
+}
+
+func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j job) (reason string, err error) {
+	rec := j.rec
+	fp := im.Issuer.Key.Fingerprint()
+	p, perr := protocol.ProfileByName(rec.Profile)
+	switch {
+	case perr != nil:
+		return fmt.Sprintf("unknown profile %q", rec.Profile), nil
+	case rec.Profile != m.Profile:
+		return fmt.Sprintf("profile %q differs from the manifest's %q", rec.Profile, m.Profile), nil
+	case !bytes.Equal(rec.Fingerprint, fp[:]):
+		return fmt.Sprintf("issuer key fingerprint %x is not this issuer's", []byte(rec.Fingerprint)), nil
+	}
+	if err := protocol.ValidCiphertext(p, im.Issuer.Key.Public, rec.C); err != nil {
+		return "bad c: " + err.Error(), nil
+	}
+	ch := sha256.Sum256(rec.C)
+	// A card already stored needs no token work: the same c is a
+	// duplicate, another c a conflict; PutCard decides which.
+	_, found, err := im.Store.CardCHash(ctx, rec.ID)
+	if err != nil {
+		return "", err
+	}
+	var ck CardKey
+	if found {
+		ck = CardKey{ID: rec.ID, Profile: p.Name, IssuerFingerprint: fp[:]}
+	} else {
+		ck, err = im.Issuer.Import(ctx, rec)
+		if err != nil {
+			if ctx.Err() != nil {
+				return "", ctx.Err()
+			}
+			return "token refused c: " + err.Error(), nil
+		}
+	}
+	_, err = im.Store.PutCard(ctx, StoredCard{
+		CardKey: ck, IssuerKeyLabel: im.Issuer.Key.Label, CSHA256: ch[:], Batch: batch, Line: j.line,
+	})
+	return "", err
+}

@@ -1,0 +1,517 @@
+package issuer
+
+import (
+	"context"
+	"database/sql"
+	"embed"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"blindperso/hsm"
+	"blindperso/protocol"
+)
+
+// Store is where the issuer keeps its cards: per card the public data and
+// K_I wrapped under the KEK, per batch its manifest, counts, rejects and
+// conflicts. It never holds K_I in the clear, nor r, nor S.
+//
+// Every write is one transaction and every insert is "insert, or do
+// nothing if the row is there", then a read of what is there: a rerun of
+// a batch, a second process, or a second issuer instance on the same
+// PostgreSQL finds the rows and changes nothing (no read-modify-write).
+type Store interface {
+	// BeginBatch records that the batch id (the SHA-256 of its file) is
+	// being imported: inserted, or set back to importing if known.
+	BeginBatch(ctx context.Context, id string, manifest []byte, records int) error
+	// RefuseBatch records a batch refused as a whole (its file does not
+	// match its manifest, or it is for another issuer key). A batch that
+	// was already imported is left as it is.
+	RefuseBatch(ctx context.Context, id string, manifest []byte, reason string) error
+	// FinishBatch recomputes the batch's counts from the cards, conflicts
+	// and rejects tables (never by incrementing: reruns stay exact) and
+	// marks it done.
+	FinishBatch(ctx context.Context, id string) (BatchReport, error)
+
+	// CardCHash returns the SHA-256 of the c stored for card id.
+	CardCHash(ctx context.Context, id []byte) (sum []byte, found bool, err error)
+	// PutCard stores a card unless its Id is known: then it is a
+	// Duplicate (same c) or a Conflict (another c, recorded in the
+	// conflicts table; the stored card is kept and its state set to
+	// conflict unless it is blocked).
+	PutCard(ctx context.Context, c StoredCard) (Outcome, error)
+	// PutReject records a refused record of a batch (once per line).
+	PutReject(ctx context.Context, batch string, line int, reason string) error
+
+	Card(ctx context.Context, id []byte) (StoredCard, error)
+	Batch(ctx context.Context, id string) (BatchReport, error)
+	Conflicts(ctx context.Context, batch string) ([]ConflictRecord, error)
+	Rejects(ctx context.Context, batch string) ([]Reject, error)
+	Close() error
+}
+
+// Outcome is what PutCard did with a card.
+type Outcome int
+
+const (
+	Imported Outcome = iota + 1
+	Duplicate
+	Conflict
+)
+
+func (o Outcome) String() string {
+	switch o {
+	case Imported:
+		return "imported"
+	case Duplicate:
+		return "duplicate"
+	case Conflict:
+		return "conflict"
+	}
+	return "outcome(" + strconv.Itoa(int(o)) + ")"
+}
+
+// Card states.
+const (
+	StateActive   = "active"
+	StateBlocked  = "blocked"
+	StateConflict = "conflict"
+)
+
+// ErrNotFound is returned for a card or batch the store does not hold.
+var ErrNotFound = errors.New("not found")
+
+// StoredCard is a card's row: its CardKey and where it came from.
+type StoredCard struct {
+	CardKey
+	IssuerKeyLabel string       `json:"issuer_key_label"`
+	CSHA256        protocol.Hex `json:"c_sha256"`
+	Batch          string       `json:"batch"`
+	Line           int          `json:"line"`
+	State          string       `json:"state"`
+	FailedAuth     int          `json:"failed_auth"`
+	Created        time.Time    `json:"created"`
+	Updated        time.Time    `json:"updated"`
+}
+
+// BatchReport is a batch's row.
+type BatchReport struct {
+	ID         string          `json:"id"`
+	Manifest   json.RawMessage `json:"manifest"`
+	Records    int             `json:"records"`
+	Imported   int             `json:"imported"`
+	Duplicates int             `json:"duplicates"`
+	Conflicts  int             `json:"conflicts"`
+	Rejects    int             `json:"rejects"`
+	Status     string          `json:"status"`
+	Reason     string          `json:"reason,omitempty"`
+	Created    time.Time       `json:"created"`
+	Updated    time.Time       `json:"updated"`
+}
+
+// ConflictRecord is a second c for a known card Id.
+type ConflictRecord struct {
+	CardID  protocol.Hex `json:"card_id"`
+	CSHA256 protocol.Hex `json:"c_sha256"`
+	Batch   string       `json:"batch"`
+	Line    int          `json:"line"`
+	Time    time.Time    `json:"time"`
+}
+
+// Reject is a refused record.
+type Reject struct {
+	Batch  string    `json:"batch"`
+	Line   int       `json:"line"`
+	Reason string    `json:"reason"`
+	Time   time.Time `json:"time"`
+}
+
+//go:embed migrations/*.sql
+var migrationFS embed.FS
+
+// dialect is everything that differs between SQLite and PostgreSQL.
+type dialect struct {
+	name string
+	// dollar: placeholders are $1, $2… (PostgreSQL) rather than ?.
+	dollar bool
+	// lock is run first in the migration transaction to serialize
+	// migrators ("" where BEGIN already takes the write lock).
+	lock string
+}
+
+var (
+	sqliteDialect   = dialect{name: "sqlite"}
+	postgresDialect = dialect{name: "postgres", dollar: true, lock: "SELECT pg_advisory_xact_lock(4930427163)"}
+)
+
+// q rewrites a query written with ? placeholders for the dialect: the one
+// place where placeholder syntax differs.
+func (d dialect) q(query string) string {
+	if !d.dollar {
+		return query
+	}
+	var b strings.Builder
+	n := 0
+	for _, r := range query {
+		if r == '?' {
+			n++
+			b.WriteString("$" + strconv.Itoa(n))
+			continue
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
+
+// sqlStore is the Store over database/sql, for both dialects.
+type sqlStore struct {
+	db *sql.DB
+	d  dialect
+}
+
+func (s *sqlStore) Close() error { return s.db.Close() }
+
+func (s *sqlStore) exec(ctx context.Context, x execer, query string, args ...any) (sql.Result, error) {
+	return x.ExecContext(ctx, s.d.q(query), args...)
+}
+
+type execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+// migrate applies the embedded migrations not yet in schema_version, all
+// in one transaction, serialized between processes.
+func (s *sqlStore) migrate(ctx context.Context) error {
+	names, err := fs.Glob(migrationFS, "migrations/*.sql")
+	if err != nil {
+		return err
+	}
+	sort.Strings(names)
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	defer tx.Rollback()
+	if s.d.lock != "" {
+		if _, err := tx.ExecContext(ctx, s.d.lock); err != nil {
+			return fmt.Errorf("migrate: lock: %w", err)
+		}
+	}
+	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)`); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	var cur int
+	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&cur); err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	latest := 0
+	for _, name := range names {
+		base := strings.TrimPrefix(name, "migrations/")
+		v, err := strconv.Atoi(strings.SplitN(base, "_", 2)[0])
+		if err != nil {
+			return fmt.Errorf("migration %s: name must start with its version number", base)
+		}
+		latest = max(latest, v)
+		if v <= cur {
+			continue
+		}
+		body, err := migrationFS.ReadFile(name)
+		if err != nil {
+			return err
+		}
+		for _, stmt := range splitSQL(string(body)) {
+			if _, err := tx.ExecContext(ctx, stmt); err != nil {
+				return fmt.Errorf("migration %s: %w\n%s", base, err, stmt)
+			}
+		}
+		if _, err := s.exec(ctx, tx, `INSERT INTO schema_version (version, applied_at) VALUES (?, ?)`, v, now()); err != nil {
+			return fmt.Errorf("migration %s: %w", base, err)
+		}
+	}
+	if cur > latest {
+		return fmt.Errorf("the store is at schema version %d, newer than this program's %d: upgrade the program", cur, latest)
+	}
+	return tx.Commit()
+}
+
+// splitSQL drops -- comments and splits a migration into statements at
+// semicolons that end a line.
+func splitSQL(body string) []string {
+	var lines []string
+	for _, l := range strings.Split(body, "\n") {
+		if i := strings.Index(l, "--"); i >= 0 {
+			l = l[:i]
+		}
+		lines = append(lines, l)
+	}
+	var out []string
+	for _, st := range strings.Split(strings.Join(lines, "\n"), ";\n") {
+		if st = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(st), ";")); st != "" {
+			out = append(out, st)
+		}
+	}
+	return out
+}
+
+func now() string { return time.Now().UTC().Format(time.RFC3339Nano) }
+
+func parseTime(s string) time.Time {
+	t, _ := time.Parse(time.RFC3339Nano, s)
+	return t
+}
+
+func hexID(id []byte) string { return hex.EncodeToString(id) }
+
+func (s *sqlStore) BeginBatch(ctx context.Context, id string, manifest []byte, records int) error {
+	t := now()
+	_, err := s.exec(ctx, s.db, `INSERT INTO batches (id, manifest, records, status, created_at, updated_at)
+		VALUES (?, ?, ?, 'importing', ?, ?)
+		ON CONFLICT (id) DO UPDATE SET manifest = excluded.manifest, records = excluded.records,
+			status = 'importing', reason = '', updated_at = excluded.updated_at`,
+		id, string(manifest), records, t, t)
+	if err != nil {
+		return fmt.Errorf("store: begin batch %s: %w", id, err)
+	}
+	return nil
+}
+
+func (s *sqlStore) RefuseBatch(ctx context.Context, id string, manifest []byte, reason string) error {
+	t := now()
+	_, err := s.exec(ctx, s.db, `INSERT INTO batches (id, manifest, status, reason, created_at, updated_at)
+		VALUES (?, ?, 'refused', ?, ?, ?)
+		ON CONFLICT (id) DO UPDATE SET status = 'refused', reason = excluded.reason, updated_at = excluded.updated_at
+		WHERE batches.status <> 'done'`,
+		id, string(manifest), reason, t, t)
+	if err != nil {
+		return fmt.Errorf("store: refuse batch %s: %w", id, err)
+	}
+	return nil
+}
+
+func (s *sqlStore) FinishBatch(ctx context.Context, id string) (BatchReport, error) {
+	_, err := s.exec(ctx, s.db, `UPDATE batches SET
+			imported = (SELECT COUNT(*) FROM cards WHERE batch_id = ?),
+			conflicts = (SELECT COUNT(*) FROM conflicts WHERE batch_id = ?),
+			rejects = (SELECT COUNT(*) FROM rejects WHERE batch_id = ?),
+			status = 'done', updated_at = ?
+		WHERE id = ?`, id, id, id, now(), id)
+	if err == nil {
+		_, err = s.exec(ctx, s.db, `UPDATE batches SET duplicates = records - imported - conflicts - rejects WHERE id = ?`, id)
+	}
+	if err != nil {
+		return BatchReport{}, fmt.Errorf("store: finish batch %s: %w", id, err)
+	}
+	return s.Batch(ctx, id)
+}
+
+func (s *sqlStore) CardCHash(ctx context.Context, id []byte) ([]byte, bool, error) {
+	var h string
+	err := s.db.QueryRowContext(ctx, s.d.q(`SELECT c_sha256 FROM cards WHERE id = ?`), hexID(id)).Scan(&h)
+	if errors.Is(err, sql.ErrNoRows) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("store: card %X: %w", id, err)
+	}
+	b, err := hex.DecodeString(h)
+	return b, err == nil, err
+}
+
+func (s *sqlStore) PutCard(ctx context.Context, c StoredCard) (Outcome, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return 0, fmt.Errorf("store: card %X: %w", []byte(c.ID), err)
+	}
+	defer tx.Rollback()
+	out, err := s.putCard(ctx, tx, c)
+	if err == nil {
+		err = tx.Commit()
+	}
+	if err != nil {
+		return 0, fmt.Errorf("store: card %X: %w", []byte(c.ID), err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) putCard(ctx context.Context, tx *sql.Tx, c StoredCard) (Outcome, error) {
+	t := now()
+	id, ch := hexID(c.ID), hex.EncodeToString(c.CSHA256)
+	// A record that lands replaces a reject of the same line left by an
+	// earlier, interrupted run (a token that was unreachable then).
+	if _, err := s.exec(ctx, tx, `DELETE FROM rejects WHERE batch_id = ? AND line = ?`, c.Batch, c.Line); err != nil {
+		return 0, err
+	}
+	if len(c.Blob.Wrapped) == 0 {
+		// Only the c hash: the caller knows the Id is stored.
+		var have string
+		err := tx.QueryRowContext(ctx, s.d.q(`SELECT c_sha256 FROM cards WHERE id = ?`), id).Scan(&have)
+		if errors.Is(err, sql.ErrNoRows) {
+			return 0, errors.New("card not stored and no wrapped key given")
+		}
+		if err != nil {
+			return 0, err
+		}
+		return s.known(ctx, tx, c, id, ch, have, t)
+	}
+	res, err := s.exec(ctx, tx, `INSERT INTO cards (id, profile, issuer_key_label, issuer_fingerprint,
+			blob_scheme, blob_mechanism, blob_kek, blob_wrapped, c_sha256, batch_id, line, state, failed_auth, created_at, updated_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', 0, ?, ?)
+		ON CONFLICT (id) DO NOTHING`,
+		id, c.Profile, c.IssuerKeyLabel, hex.EncodeToString(c.IssuerFingerprint),
+		c.Blob.Scheme, int64(c.Blob.Mechanism), c.Blob.KEK, hex.EncodeToString(c.Blob.Wrapped),
+		ch, c.Batch, c.Line, t, t)
+	if err != nil {
+		return 0, err
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return 0, err
+	} else if n == 1 {
+		return Imported, nil
+	}
+	var have string
+	if err := tx.QueryRowContext(ctx, s.d.q(`SELECT c_sha256 FROM cards WHERE id = ?`), id).Scan(&have); err != nil {
+		return 0, err
+	}
+	return s.known(ctx, tx, c, id, ch, have, t)
+}
+
+// known handles a card whose Id is stored with c hash have.
+func (s *sqlStore) known(ctx context.Context, tx *sql.Tx, c StoredCard, id, ch, have, t string) (Outcome, error) {
+	if have == ch {
+		return Duplicate, nil
+	}
+	if _, err := s.exec(ctx, tx, `INSERT INTO conflicts (card_id, c_sha256, batch_id, line, created_at)
+		VALUES (?, ?, ?, ?, ?) ON CONFLICT (batch_id, line) DO NOTHING`, id, ch, c.Batch, c.Line, t); err != nil {
+		return 0, err
+	}
+	if _, err := s.exec(ctx, tx, `UPDATE cards SET state = 'conflict', updated_at = ? WHERE id = ? AND state = 'active'`, t, id); err != nil {
+		return 0, err
+	}
+	return Conflict, nil
+}
+
+func (s *sqlStore) PutReject(ctx context.Context, batch string, line int, reason string) error {
+	_, err := s.exec(ctx, s.db, `INSERT INTO rejects (batch_id, line, reason, created_at) VALUES (?, ?, ?, ?)
+		ON CONFLICT (batch_id, line) DO NOTHING`, batch, line, reason, now())
+	if err != nil {
+		return fmt.Errorf("store: reject batch %s line %d: %w", batch, line, err)
+	}
+	return nil
+}
+
+const cardColumns = `id, profile, issuer_key_label, issuer_fingerprint, blob_scheme, blob_mechanism, blob_kek, blob_wrapped,
+	c_sha256, batch_id, line, state, failed_auth, created_at, updated_at`
+
+type scanner interface{ Scan(dest ...any) error }
+
+func scanCard(r scanner) (StoredCard, error) {
+	var c StoredCard
+	var id, fp, wrapped, ch, created, updated string
+	var mech int64
+	if err := r.Scan(&id, &c.Profile, &c.IssuerKeyLabel, &fp, &c.Blob.Scheme, &mech, &c.Blob.KEK, &wrapped,
+		&ch, &c.Batch, &c.Line, &c.State, &c.FailedAuth, &created, &updated); err != nil {
+		return c, err
+	}
+	var errs [4]error
+	c.ID, errs[0] = hex.DecodeString(id)
+	c.IssuerFingerprint, errs[1] = hex.DecodeString(fp)
+	c.Blob.Wrapped, errs[2] = hex.DecodeString(wrapped)
+	c.CSHA256, errs[3] = hex.DecodeString(ch)
+	c.Blob.Mechanism = uint(mech)
+	c.Created, c.Updated = parseTime(created), parseTime(updated)
+	return c, errors.Join(errs[:]...)
+}
+
+var _ = hsm.WrapRFC5649 // the blob columns hold an hsm.Blob
+
+func (s *sqlStore) Card(ctx context.Context, id []byte) (StoredCard, error) {
+	c, err := scanCard(s.db.QueryRowContext(ctx, s.d.q(`SELECT `+cardColumns+` FROM cards WHERE id = ?`), hexID(id)))
+	if errors.Is(err, sql.ErrNoRows) {
+		return c, fmt.Errorf("card %X: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return c, fmt.Errorf("store: card %X: %w", id, err)
+	}
+	return c, nil
+}
+
+// cards lists every card, ordered by Id (for tests and admin listings).
+func (s *sqlStore) cards(ctx context.Context) ([]StoredCard, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+cardColumns+` FROM cards ORDER BY id`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []StoredCard
+	for rows.Next() {
+		c, err := scanCard(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+func (s *sqlStore) Batch(ctx context.Context, id string) (BatchReport, error) {
+	var b BatchReport
+	var m, created, updated string
+	err := s.db.QueryRowContext(ctx, s.d.q(`SELECT id, manifest, records, imported, duplicates, conflicts, rejects, status, reason, created_at, updated_at
+		FROM batches WHERE id = ?`), id).Scan(&b.ID, &m, &b.Records, &b.Imported, &b.Duplicates, &b.Conflicts, &b.Rejects, &b.Status, &b.Reason, &created, &updated)
+	if errors.Is(err, sql.ErrNoRows) {
+		return b, fmt.Errorf("batch %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return b, fmt.Errorf("store: batch %s: %w", id, err)
+	}
+	b.Manifest = json.RawMessage(m)
+	b.Created, b.Updated = parseTime(created), parseTime(updated)
+	return b, nil
+}
+
+func (s *sqlStore) Conflicts(ctx context.Context, batch string) ([]ConflictRecord, error) {
+	rows, err := s.db.QueryContext(ctx, s.d.q(`SELECT card_id, c_sha256, batch_id, line, created_at FROM conflicts WHERE batch_id = ? ORDER BY line`), batch)
+	if err != nil {
+		return nil, fmt.Errorf("store: conflicts: %w", err)
+	}
+	defer rows.Close()
+	var out []ConflictRecord
+	for rows.Next() {
+		var c ConflictRecord
+		var id, ch, t string
+		if err := rows.Scan(&id, &ch, &c.Batch, &c.Line, &t); err != nil {
+			return nil, err
+		}
+		c.CardID, _ = hex.DecodeString(id)
+		c.CSHA256, _ = hex.DecodeString(ch)
+		c.Time = parseTime(t)
+		out = append(out, c)
+	}
+	return out, rows.Err()
+}
+
+func (s *sqlStore) Rejects(ctx context.Context, batch string) ([]Reject, error) {
+	rows, err := s.db.QueryContext(ctx, s.d.q(`SELECT batch_id, line, reason, created_at FROM rejects WHERE batch_id = ? ORDER BY line`), batch)
+	if err != nil {
+		return nil, fmt.Errorf("store: rejects: %w", err)
+	}
+	defer rows.Close()
+	var out []Reject
+	for rows.Next() {
+		var r Reject
+		var t string
+		if err := rows.Scan(&r.Batch, &r.Line, &r.Reason, &t); err != nil {
+			return nil, err
+		}
+		r.Time = parseTime(t)
+		out = append(out, r)
+	}
+	return out, rows.Err()
+}
