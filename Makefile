@@ -37,6 +37,7 @@ test: deps build vet
 
 fuzz:
 	$(GO) test ./card -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME) -fuzzminimizetime 1s
+	$(GO) test ./issuer -run '^$$' -fuzz FuzzParseRecord -fuzztime $(FUZZTIME) -fuzzminimizetime 1s
 
 ## demo: the main job end to end on embedded defaults; artifacts in demo-out/
 demo: deps build

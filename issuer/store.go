@@ -53,6 +53,14 @@ type Store interface {
 	Batch(ctx context.Context, id string) (BatchReport, error)
 	Conflicts(ctx context.Context, batch string) ([]ConflictRecord, error)
 	Rejects(ctx context.Context, batch string) ([]Reject, error)
+	// Cards lists the cards, ordered by Id; state "" means all.
+	Cards(ctx context.Context, state string) ([]StoredCard, error)
+	// Batches lists the batches, oldest first.
+	Batches(ctx context.Context) ([]BatchReport, error)
+
+	// Card authentication (auth.go).
+	AuthStore
+
 	Close() error
 }
 
@@ -96,6 +104,7 @@ type StoredCard struct {
 	Line           int          `json:"line"`
 	State          string       `json:"state"`
 	FailedAuth     int          `json:"failed_auth"`
+	StateReason    string       `json:"state_reason,omitempty"`
 	Created        time.Time    `json:"created"`
 	Updated        time.Time    `json:"updated"`
 }
@@ -407,7 +416,7 @@ func (s *sqlStore) PutReject(ctx context.Context, batch string, line int, reason
 }
 
 const cardColumns = `id, profile, issuer_key_label, issuer_fingerprint, blob_scheme, blob_mechanism, blob_kek, blob_wrapped,
-	c_sha256, batch_id, line, state, failed_auth, created_at, updated_at`
+	c_sha256, batch_id, line, state, failed_auth, created_at, updated_at, state_reason`
 
 type scanner interface{ Scan(dest ...any) error }
 
@@ -416,7 +425,7 @@ func scanCard(r scanner) (StoredCard, error) {
 	var id, fp, wrapped, ch, created, updated string
 	var mech int64
 	if err := r.Scan(&id, &c.Profile, &c.IssuerKeyLabel, &fp, &c.Blob.Scheme, &mech, &c.Blob.KEK, &wrapped,
-		&ch, &c.Batch, &c.Line, &c.State, &c.FailedAuth, &created, &updated); err != nil {
+		&ch, &c.Batch, &c.Line, &c.State, &c.FailedAuth, &created, &updated, &c.StateReason); err != nil {
 		return c, err
 	}
 	var errs [4]error
@@ -442,11 +451,14 @@ func (s *sqlStore) Card(ctx context.Context, id []byte) (StoredCard, error) {
 	return c, nil
 }
 
-// cards lists every card, ordered by Id (for tests and admin listings).
-func (s *sqlStore) cards(ctx context.Context) ([]StoredCard, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+cardColumns+` FROM cards ORDER BY id`)
+func (s *sqlStore) Cards(ctx context.Context, state string) ([]StoredCard, error) {
+	query, args := `SELECT `+cardColumns+` FROM cards ORDER BY id`, []any(nil)
+	if state != "" {
+		query, args = `SELECT `+cardColumns+` FROM cards WHERE state = ? ORDER BY id`, []any{state}
+	}
+	rows, err := s.db.QueryContext(ctx, s.d.q(query), args...)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("store: cards: %w", err)
 	}
 	defer rows.Close()
 	var out []StoredCard
@@ -460,19 +472,42 @@ func (s *sqlStore) cards(ctx context.Context) ([]StoredCard, error) {
 	return out, rows.Err()
 }
 
-func (s *sqlStore) Batch(ctx context.Context, id string) (BatchReport, error) {
+const batchColumns = `id, manifest, records, imported, duplicates, conflicts, rejects, status, reason, created_at, updated_at`
+
+func scanBatch(r scanner) (BatchReport, error) {
 	var b BatchReport
 	var m, created, updated string
-	err := s.db.QueryRowContext(ctx, s.d.q(`SELECT id, manifest, records, imported, duplicates, conflicts, rejects, status, reason, created_at, updated_at
-		FROM batches WHERE id = ?`), id).Scan(&b.ID, &m, &b.Records, &b.Imported, &b.Duplicates, &b.Conflicts, &b.Rejects, &b.Status, &b.Reason, &created, &updated)
+	err := r.Scan(&b.ID, &m, &b.Records, &b.Imported, &b.Duplicates, &b.Conflicts, &b.Rejects, &b.Status, &b.Reason, &created, &updated)
+	b.Manifest = json.RawMessage(m)
+	b.Created, b.Updated = parseTime(created), parseTime(updated)
+	return b, err
+}
+
+func (s *sqlStore) Batches(ctx context.Context) ([]BatchReport, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT `+batchColumns+` FROM batches ORDER BY created_at, id`)
+	if err != nil {
+		return nil, fmt.Errorf("store: batches: %w", err)
+	}
+	defer rows.Close()
+	var out []BatchReport
+	for rows.Next() {
+		b, err := scanBatch(rows)
+		if err != nil {
+			return nil, fmt.Errorf("store: batches: %w", err)
+		}
+		out = append(out, b)
+	}
+	return out, rows.Err()
+}
+
+func (s *sqlStore) Batch(ctx context.Context, id string) (BatchReport, error) {
+	b, err := scanBatch(s.db.QueryRowContext(ctx, s.d.q(`SELECT `+batchColumns+` FROM batches WHERE id = ?`), id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return b, fmt.Errorf("batch %s: %w", id, ErrNotFound)
 	}
 	if err != nil {
 		return b, fmt.Errorf("store: batch %s: %w", id, err)
 	}
-	b.Manifest = json.RawMessage(m)
-	b.Created, b.Updated = parseTime(created), parseTime(updated)
 	return b, nil
 }
 

@@ -105,10 +105,10 @@ echo "== issuer: challenge every card, verify its MAC in the token"
 ok=0
 for c in "$out"/cards/*.json; do
 	id=$(bin/vcard status "$c" | sed -E 's/.*"id":"([^"]+)".*/\1/')
-	ch=$(openssl rand -hex 16)
+	ch=$(bin/issuer cards challenge "$id" --db "$out/issuer-data")
 	mac=$(bin/vcard authenticate --challenge "$ch" "$c")
-	if res=$(bin/issuer verify --key "$key" --kek "$kek" --db "$out/issuer-data" \
-		--id "$id" --challenge "$ch" --mac "$mac" 2>>"$out/verify.log"); then
+	if res=$(bin/issuer cards verify "$id" --challenge "$ch" --mac "$mac" \
+		--key "$key" --kek "$kek" --db "$out/issuer-data" 2>>"$out/verify.log"); then
 		ok=$((ok + 1))
 	fi
 	echo "   $id  challenge $ch  MAC $mac  $res"

@@ -4,8 +4,11 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -144,67 +147,380 @@ conflicted. See docs/ISSUER.md.
 	return c
 }
 
-func verifyCmd() *cobra.Command {
-	var id, challenge, mac string
-	c := &cobra.Command{
-		Use:   "verify --token URI --key L --kek L [--db DIR|DSN] --id HEX --challenge HEX --mac HEX",
-		Short: "Verify a card's answer to a challenge in the token",
-		Long: `Take the card's wrapped K_I from the store, unwrap it into the token,
-verify the card's AES-CMAC over the challenge there (docs/PROTOCOL.md §4),
-destroy the key. Prints "ok" and exits 0, or prints "FAILED" and exits 1:
-a card that fails was personalized under another key (the paper's active
-insider) or is broken. A card whose state is not active (conflict,
-blocked) is still verified, with a warning on stderr.
+// hexArg decodes a card Id or another hex argument.
+func hexArg(name, v string) ([]byte, error) {
+	b, err := hex.DecodeString(v)
+	if err != nil || len(b) == 0 {
+		return nil, fmt.Errorf("%s %q is not hex (e.g. B100000000000001)", name, v)
+	}
+	return b, nil
+}
 
-` + uriHelp,
-		Example: `  ch=$(openssl rand -hex 16)
-  mac=$(vcard authenticate --challenge $ch card.json)
-  issuer verify --key issuer-2026 --kek kek-1 --db /var/lib/blindperso-issuer --id B100000000000001 --challenge $ch --mac $mac`,
-		Args: cobra.NoArgs,
+func printJSON(cmd *cobra.Command, v any) error {
+	enc := json.NewEncoder(cmd.OutOrStdout())
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func cardsCmd() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "cards",
+		Short: "Read cards, authenticate them (challenge, verify), block and unblock them",
+		Long: `Work on the cards in the store (--db).
+
+Authentication is the paper's key-integrity check (docs/PROTOCOL.md §4):
+
+  1. issuer cards challenge ID        a fresh random 16-byte challenge for
+                                      the card, single-use, valid --ttl
+  2. the card answers it              (vcard authenticate, or any terminal)
+  3. issuer cards verify ID --challenge HEX --mac HEX
+                                      the token checks the card's AES-CMAC
+                                      under the K_I it derived at import
+
+A card that fails --max-failures times in a row is blocked (the paper's
+blacklist): it was personalized under another key (an active insider
+substituted the issuer key) or it is broken. A blocked card, or one in
+state conflict (two different c were imported for its Id), is refused
+without asking the token. An admin blocks and unblocks cards by hand.
+Every verification and admin action is in the card's log (cards show).
+See docs/ISSUER.md.`,
 	}
-	openIssuer := issuerFlags(c)
+	c.AddCommand(cardsShowCmd(), cardsListCmd(), cardsChallengeCmd(), cardsVerifyCmd(), cardsBlockCmd(), cardsUnblockCmd())
+	return c
+}
+
+func cardsShowCmd() *cobra.Command {
+	var asJSON bool
+	var logN int
+	c := &cobra.Command{
+		Use:   "show ID [--db DIR|DSN] [--json]",
+		Short: "Show one card: profile, issuer key, batch, state, failed authentications, recent log",
+		Long: `Show a card's row (never K_I: only its wrapped blob's scheme and KEK) and
+its last --log entries of the auth log: verifications (ok, failed,
+blocked, refused, challenge-refused) and admin block/unblock.`,
+		Example: `  issuer cards show B100000000000001 --db /var/lib/blindperso-issuer
+  issuer cards show B100000000000001 --json | jq .card.state`,
+		Args: cobra.ExactArgs(1),
+	}
 	openStore := dbFlag(c)
-	c.Flags().StringVar(&id, "id", "", "card Id, hex")
-	c.Flags().StringVar(&challenge, "challenge", "", "the 16-byte challenge, hex")
-	c.Flags().StringVar(&mac, "mac", "", "the card's 16-byte answer, hex")
-	for _, f := range []string{"id", "challenge", "mac"} {
-		c.MarkFlagRequired(f)
-	}
-	c.RunE = func(cmd *cobra.Command, _ []string) error {
-		var raw [3][]byte
-		for i, v := range []struct{ name, val string }{{"--id", id}, {"--challenge", challenge}, {"--mac", mac}} {
-			b, err := hex.DecodeString(v.val)
-			if err != nil {
-				return fmt.Errorf("%s is not hex: %w", v.name, err)
-			}
-			raw[i] = b
+	c.Flags().BoolVar(&asJSON, "json", false, "print the card and its log as JSON")
+	c.Flags().IntVar(&logN, "log", 10, "how many auth log entries to show, newest first")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		id, err := hexArg("card Id", args[0])
+		if err != nil {
+			return err
 		}
 		st, err := openStore(cmd.Context())
 		if err != nil {
 			return err
 		}
 		defer st.Close()
-		sc, err := st.Card(cmd.Context(), raw[0])
+		card, err := st.Card(cmd.Context(), id)
 		if err != nil {
 			return err
 		}
-		if sc.State != issuer.StateActive {
-			fmt.Fprintf(cmd.ErrOrStderr(), "warning: card %X is %s in the store\n", raw[0], sc.State)
+		log, err := st.AuthLog(cmd.Context(), id, logN)
+		if err != nil {
+			return err
 		}
-		is, err := openIssuer(cmd.Context(), 1)
+		if asJSON {
+			card.Blob.Wrapped = nil // public anyway, but of no use to a reader
+			return printJSON(cmd, struct {
+				Card issuer.StoredCard  `json:"card"`
+				Log  []issuer.AuthEntry `json:"log"`
+			}{card, log})
+		}
+		w := cmd.OutOrStdout()
+		fmt.Fprintf(w, "card         %X\n", []byte(card.ID))
+		fmt.Fprintf(w, "state        %s%s\n", card.State, paren(card.StateReason))
+		fmt.Fprintf(w, "failed auth  %d\n", card.FailedAuth)
+		fmt.Fprintf(w, "profile      %s\n", card.Profile)
+		fmt.Fprintf(w, "issuer key   %s sha256 %x\n", card.IssuerKeyLabel, []byte(card.IssuerFingerprint))
+		fmt.Fprintf(w, "K_I          wrapped (%s) under KEK %s\n", card.Blob.Scheme, card.Blob.KEK)
+		fmt.Fprintf(w, "batch        %s line %d\n", card.Batch, card.Line)
+		fmt.Fprintf(w, "created      %s\nupdated      %s\n", card.Created.Format(time.RFC3339), card.Updated.Format(time.RFC3339))
+		for _, e := range log {
+			fmt.Fprintf(w, "log          %s  %-17s %s\n", e.Time.Format(time.RFC3339), e.Result, e.Detail)
+		}
+		return nil
+	}
+	return c
+}
+
+func paren(s string) string {
+	if s == "" {
+		return ""
+	}
+	return " (" + s + ")"
+}
+
+func cardsListCmd() *cobra.Command {
+	var asJSON bool
+	var state string
+	c := &cobra.Command{
+		Use:   "list [--state active|blocked|conflict] [--db DIR|DSN] [--json]",
+		Short: "List the cards, ordered by Id, optionally only those in one state",
+		Example: `  issuer cards list --state blocked
+  issuer cards list --json | jq -r '.[] | select(.failed_auth > 0) | .id'`,
+		Args: cobra.NoArgs,
+	}
+	openStore := dbFlag(c)
+	c.Flags().BoolVar(&asJSON, "json", false, "print a JSON array of cards")
+	c.Flags().StringVar(&state, "state", "", "only cards in this state: active, blocked or conflict")
+	c.RunE = func(cmd *cobra.Command, _ []string) error {
+		switch state {
+		case "", issuer.StateActive, issuer.StateBlocked, issuer.StateConflict:
+		default:
+			return fmt.Errorf("--state %q: want active, blocked or conflict", state)
+		}
+		st, err := openStore(cmd.Context())
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		cards, err := st.Cards(cmd.Context(), state)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			if cards == nil {
+				cards = []issuer.StoredCard{}
+			}
+			for i := range cards {
+				cards[i].Blob.Wrapped = nil
+			}
+			return printJSON(cmd, cards)
+		}
+		for _, c := range cards {
+			fmt.Fprintf(cmd.OutOrStdout(), "%-32X %-8s failed %d  %s  batch %.12s… line %d%s\n",
+				[]byte(c.ID), c.State, c.FailedAuth, c.Profile, c.Batch, c.Line, paren(c.StateReason))
+		}
+		return nil
+	}
+	return c
+}
+
+func cardsChallengeCmd() *cobra.Command {
+	var ttl time.Duration
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "challenge ID [--ttl 5m] [--db DIR|DSN] [--json]",
+		Short: "Issue a fresh 16-byte challenge for a card and print it in hex",
+		Long: `Draw 16 random bytes (crypto/rand), store them as a challenge for the card,
+valid for --ttl and for one verification only, and print them in hex. Give
+them to the card (vcard authenticate --challenge HEX, or any terminal:
+AUTHENTICATE, docs/PROTOCOL.md §6.3), then pass its answer to
+issuer cards verify. A blocked card or a card in conflict gets no
+challenge. No token is needed for this step.`,
+		Example: `  ch=$(issuer cards challenge B100000000000001)
+  mac=$(vcard authenticate --challenge "$ch" card.json)
+  issuer cards verify B100000000000001 --challenge "$ch" --mac "$mac" --key issuer-2026 --kek kek-1`,
+		Args: cobra.ExactArgs(1),
+	}
+	openStore := dbFlag(c)
+	c.Flags().DurationVar(&ttl, "ttl", issuer.DefaultChallengeTTL, "how long the challenge can be answered")
+	c.Flags().BoolVar(&asJSON, "json", false, "print the challenge, card and expiry as JSON")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		id, err := hexArg("card Id", args[0])
+		if err != nil {
+			return err
+		}
+		if ttl <= 0 {
+			return fmt.Errorf("--ttl %s: must be positive", ttl)
+		}
+		st, err := openStore(cmd.Context())
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		a := &issuer.Authenticator{Store: st, TTL: ttl}
+		ch, err := a.Challenge(cmd.Context(), id)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			return printJSON(cmd, ch)
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "%x\n", []byte(ch.Challenge))
+		return nil
+	}
+	return c
+}
+
+func cardsVerifyCmd() *cobra.Command {
+	var challenge, mac string
+	var maxFailures int
+	var asJSON bool
+	c := &cobra.Command{
+		Use:   "verify ID --challenge HEX --mac HEX --token URI --key L --kek L [--db DIR|DSN] [--max-failures 3] [--json]",
+		Short: "Verify a card's answer to its challenge in the token, and record the result",
+		Long: `In one store transaction: consume the challenge (it must have been issued
+for this card by issuer cards challenge, be unused and unexpired: exactly
+one of several concurrent verifiers, even on several issuer instances
+sharing one PostgreSQL, gets it), unwrap the card's K_I into the token,
+verify the card's AES-CMAC over the challenge there (docs/PROTOCOL.md §4),
+and record the result in the card's log.
+
+Prints "ok" and exits 0: the card holds the K_I the issuer derived, its
+failed-authentication count is reset to 0.
+Prints "FAILED (n of max)" and exits 1: the MAC does not verify; n
+failures in a row so far. At the limit the card is blocked and this
+prints "BLOCKED". A card personalized under a substituted issuer key
+(paper Fig. 2) fails every time: investigate the station that made it.
+Prints "BLOCKED" or "REFUSED: card in conflict" and exits 1 without
+asking the token for a card already blocked or in conflict.
+A challenge that is unknown, used, expired or for another card is an
+error (exit 1) that does not count against the card: get a new one.
+
+` + uriHelp,
+		Example: `  ch=$(issuer cards challenge B100000000000001)
+  mac=$(vcard authenticate --challenge "$ch" card.json)
+  issuer cards verify B100000000000001 --challenge "$ch" --mac "$mac" \
+      --key issuer-2026 --kek kek-1 --db /var/lib/blindperso-issuer`,
+		Args: cobra.ExactArgs(1),
+	}
+	openIssuer := issuerFlags(c)
+	openStore := dbFlag(c)
+	c.Flags().StringVar(&challenge, "challenge", "", "the challenge from issuer cards challenge, hex")
+	c.Flags().StringVar(&mac, "mac", "", "the card's 16-byte answer, hex")
+	c.Flags().IntVar(&maxFailures, "max-failures", issuer.DefaultMaxFailures, "failed verifications in a row that block the card")
+	c.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
+	c.MarkFlagRequired("challenge")
+	c.MarkFlagRequired("mac")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		id, err := hexArg("card Id", args[0])
+		if err != nil {
+			return err
+		}
+		ch, err := hexArg("--challenge", challenge)
+		if err != nil {
+			return err
+		}
+		m, err := hexArg("--mac", mac)
+		if err != nil {
+			return err
+		}
+		if maxFailures < 1 {
+			return fmt.Errorf("--max-failures %d: must be at least 1", maxFailures)
+		}
+		ctx := cmd.Context()
+		st, err := openStore(ctx)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		is, err := openIssuer(ctx, 1)
 		if err != nil {
 			return err
 		}
 		defer is.Token.Close()
-		ok, err := is.Verify(cmd.Context(), sc.CardKey, raw[1], raw[2])
+		a := &issuer.Authenticator{Verifier: is, Store: st, MaxFailures: maxFailures}
+		res, err := a.Verify(ctx, id, ch, m)
+		if err != nil {
+			if errors.Is(err, issuer.ErrChallengeUsed) || errors.Is(err, issuer.ErrChallengeExpired) ||
+				errors.Is(err, issuer.ErrChallengeUnknown) || errors.Is(err, issuer.ErrChallengeOtherCard) {
+				return fmt.Errorf("%w; the card's count is unchanged: get a new challenge with issuer cards challenge", err)
+			}
+			return err
+		}
+		if asJSON {
+			if err := printJSON(cmd, res); err != nil {
+				return err
+			}
+		} else {
+			w := cmd.OutOrStdout()
+			switch {
+			case res.OK:
+				fmt.Fprintln(w, "ok")
+			case res.State == issuer.StateBlocked:
+				fmt.Fprintln(w, "BLOCKED")
+			case res.State == issuer.StateConflict:
+				fmt.Fprintln(w, "REFUSED: card in conflict")
+			default:
+				fmt.Fprintf(w, "FAILED (%d of %d)\n", res.FailedAuth, res.MaxFailures)
+			}
+		}
+		switch res.Result {
+		case issuer.AuthOK:
+			return nil
+		case issuer.AuthFailed:
+			return fmt.Errorf("card %X: MAC does not verify (%d of %d failures before it is blocked)", id, res.FailedAuth, res.MaxFailures)
+		case issuer.AuthBlocked:
+			return fmt.Errorf("card %X: MAC does not verify; %d failures in a row: the card is now blocked", id, res.FailedAuth)
+		default:
+			return fmt.Errorf("card %X is %s: refused without asking the token (see issuer cards show)", id, res.State)
+		}
+	}
+	return c
+}
+
+func cardsBlockCmd() *cobra.Command {
+	var reason string
+	c := &cobra.Command{
+		Use:   "block ID --reason TEXT [--db DIR|DSN]",
+		Short: "Block a card by hand: it gets no challenge and every verification is refused",
+		Long: `Block a card (from any state) with a reason kept on the card and in its
+log: for a card reported stolen, a card from a suspect station, a card in
+conflict that should stay out of service. Undo with issuer cards unblock.`,
+		Example: `  issuer cards block B100000000000001 --reason "reported lost, ticket 4711"`,
+		Args:    cobra.ExactArgs(1),
+	}
+	openStore := dbFlag(c)
+	c.Flags().StringVar(&reason, "reason", "", "why (kept on the card and in its log)")
+	c.MarkFlagRequired("reason")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		id, err := hexArg("card Id", args[0])
 		if err != nil {
 			return err
 		}
-		if !ok {
-			fmt.Fprintln(cmd.OutOrStdout(), "FAILED")
-			return fmt.Errorf("card %s: MAC does not verify", id)
+		if strings.TrimSpace(reason) == "" {
+			return errors.New("--reason must say why")
 		}
-		fmt.Fprintln(cmd.OutOrStdout(), "ok")
+		st, err := openStore(cmd.Context())
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		card, err := st.BlockCard(cmd.Context(), id, reason, time.Now())
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "card %X %s%s\n", []byte(card.ID), card.State, paren(card.StateReason))
+		return nil
+	}
+	return c
+}
+
+func cardsUnblockCmd() *cobra.Command {
+	var reason string
+	c := &cobra.Command{
+		Use:   "unblock ID [--reason TEXT] [--db DIR|DSN]",
+		Short: "Unblock a blocked card and reset its failed-authentication count",
+		Long: `Put a blocked card back in service with its failed-authentication count at
+0. A card for which a conflicting c was ever imported goes back to state
+conflict, not active: unblocking does not resolve a conflict. Before
+unblocking a card blocked by failed verifications, find out why it failed
+(a substituted issuer key fails for ever; see docs/ISSUER.md).`,
+		Example: `  issuer cards unblock B100000000000001 --reason "card replaced in reader, MAC ok now"`,
+		Args:    cobra.ExactArgs(1),
+	}
+	openStore := dbFlag(c)
+	c.Flags().StringVar(&reason, "reason", "", "why (kept in the card's log)")
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		id, err := hexArg("card Id", args[0])
+		if err != nil {
+			return err
+		}
+		st, err := openStore(cmd.Context())
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		card, err := st.UnblockCard(cmd.Context(), id, reason, time.Now())
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "card %X %s, failed auth %d\n", []byte(card.ID), card.State, card.FailedAuth)
 		return nil
 	}
 	return c

@@ -202,7 +202,7 @@ func authenticateCmd() *cobra.Command {
 		Short: "Send AUTHENTICATE to a locked card, in process, and print its MAC in hex",
 		Long: `Act as a terminal for the card whose state is in CARD.json: SELECT, then
 AUTHENTICATE with the 16-byte --challenge; print the card's AES-CMAC
-answer (docs/PROTOCOL.md §4). The issuer checks it with issuer verify.`,
+answer (docs/PROTOCOL.md §4). The issuer checks it with issuer cards verify.`,
 		Example: `  vcard authenticate --challenge $(openssl rand -hex 16) cards/card-B100000000000001.json`,
 		Args:    cobra.ExactArgs(1),
 	}

@@ -1,0 +1,392 @@
+package issuer
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"time"
+
+	"blindperso/protocol"
+)
+
+// Card authentication: the paper's key-integrity check (docs/PROTOCOL.md
+// §4, docs/ISSUER.md "Card authentication"). The issuer hands out a fresh
+// random challenge for one card; the card answers AES-CMAC under its K_I;
+// the token verifies it under the K_I the issuer derived. A card
+// personalized under a substituted key never verifies and is blocked after
+// MaxFailures failures in a row (the paper's blacklist).
+
+const (
+	// ChallengeLen is the length of a challenge (docs/PROTOCOL.md §4).
+	ChallengeLen = 16
+	// MACLen is the length of a card's answer.
+	MACLen = 16
+	// DefaultChallengeTTL is how long a challenge can be answered.
+	DefaultChallengeTTL = 5 * time.Minute
+	// DefaultMaxFailures is the number of failed verifications in a row
+	// that blocks a card.
+	DefaultMaxFailures = 3
+)
+
+// Errors about a challenge. A verification refused for one of them
+// changes nothing on the card (it says nothing about the card's key) and
+// is logged as challenge-refused.
+var (
+	ErrChallengeUnknown   = errors.New("no such challenge: it was never issued by this store")
+	ErrChallengeOtherCard = errors.New("the challenge was issued for another card")
+	ErrChallengeUsed      = errors.New("the challenge was already used (challenges are single-use)")
+	ErrChallengeExpired   = errors.New("the challenge has expired")
+	// ErrCardNotActive is returned when a challenge is asked for a card
+	// that is blocked or in conflict.
+	ErrCardNotActive = errors.New("card is not active")
+)
+
+// Results of a verification (AuthResult.Result, auth_log.result).
+const (
+	AuthOK      = "ok"      // the MAC verified; failed_auth is reset to 0
+	AuthFailed  = "failed"  // the MAC did not verify; failed_auth + 1, still below the limit
+	AuthBlocked = "blocked" // the MAC did not verify and this failure reached the limit: the card is now blocked
+	AuthRefused = "refused" // the card was blocked or in conflict: refused without a token call
+)
+
+// Auth log results besides the above.
+const (
+	LogChallengeRefused = "challenge-refused"
+	LogAdminBlock       = "admin-block"
+	LogAdminUnblock     = "admin-unblock"
+)
+
+// AuthStore is the store's part of card authentication.
+type AuthStore interface {
+	// PutChallenge stores a freshly issued challenge.
+	PutChallenge(ctx context.Context, c Challenge) error
+	// Authenticate runs one verification as one transaction: it consumes
+	// the challenge (UPDATE … SET used = 1 WHERE … used = 0 AND expires >
+	// now, which exactly one of several concurrent verifiers wins),
+	// refuses a card that is not active without calling verify, else
+	// calls verify with the card's stored key and records the result:
+	// failed_auth reset or incremented, the card blocked when it reaches
+	// maxFailures, a row in auth_log. A challenge that is unknown, for
+	// another card, used or expired is an error wrapping ErrChallenge…;
+	// an error from verify rolls everything back (the challenge stays
+	// usable).
+	Authenticate(ctx context.Context, cardID, challenge []byte, now time.Time, maxFailures int,
+		verify func(CardKey) (bool, error)) (AuthResult, error)
+	// BlockCard blocks a card (from any state) with the admin's reason.
+	BlockCard(ctx context.Context, id []byte, reason string, now time.Time) (StoredCard, error)
+	// UnblockCard unblocks a blocked card and resets failed_auth: it goes
+	// back to active, or to conflict if a conflicting c was ever recorded
+	// for it (a conflict is not resolved by unblocking).
+	UnblockCard(ctx context.Context, id []byte, reason string, now time.Time) (StoredCard, error)
+	// AuthLog returns the card's last limit log entries, newest first.
+	AuthLog(ctx context.Context, id []byte, limit int) ([]AuthEntry, error)
+}
+
+// Challenge is a challenge issued for a card.
+type Challenge struct {
+	Challenge protocol.Hex `json:"challenge"`
+	CardID    protocol.Hex `json:"card_id"`
+	Created   time.Time    `json:"created"`
+	Expires   time.Time    `json:"expires"`
+	Used      bool         `json:"used,omitempty"`
+}
+
+// AuthResult is the outcome of one verification.
+type AuthResult struct {
+	CardID      protocol.Hex `json:"card_id"`
+	OK          bool         `json:"ok"`
+	Result      string       `json:"result"`
+	State       string       `json:"state"`
+	FailedAuth  int          `json:"failed_auth"`
+	MaxFailures int          `json:"max_failures"`
+}
+
+// AuthEntry is a row of the auth log.
+type AuthEntry struct {
+	CardID protocol.Hex `json:"card_id"`
+	Time   time.Time    `json:"time"`
+	Result string       `json:"result"`
+	Detail string       `json:"detail,omitempty"`
+}
+
+// MACVerifier checks a card's MAC under its stored key; *Issuer is one
+// (in-token).
+type MACVerifier interface {
+	Verify(ctx context.Context, ck CardKey, challenge, mac []byte) (bool, error)
+}
+
+// Authenticator issues challenges and verifies cards' answers.
+type Authenticator struct {
+	Verifier    MACVerifier
+	Store       Store
+	TTL         time.Duration    // 0 means DefaultChallengeTTL
+	MaxFailures int              // 0 means DefaultMaxFailures
+	Now         func() time.Time // nil means time.Now
+}
+
+func (a *Authenticator) now() time.Time {
+	if a.Now != nil {
+		return a.Now()
+	}
+	return time.Now()
+}
+
+func (a *Authenticator) maxFailures() int {
+	if a.MaxFailures > 0 {
+		return a.MaxFailures
+	}
+	return DefaultMaxFailures
+}
+
+// Challenge issues a fresh random challenge for an active card.
+func (a *Authenticator) Challenge(ctx context.Context, id []byte) (Challenge, error) {
+	c, err := a.Store.Card(ctx, id)
+	if err != nil {
+		return Challenge{}, err
+	}
+	if c.State != StateActive {
+		return Challenge{}, fmt.Errorf("card %X is %s%s: %w", id, c.State, reasonSuffix(c.StateReason), ErrCardNotActive)
+	}
+	ch := make([]byte, ChallengeLen)
+	if _, err := rand.Read(ch); err != nil {
+		return Challenge{}, err
+	}
+	ttl := a.TTL
+	if ttl <= 0 {
+		ttl = DefaultChallengeTTL
+	}
+	t := a.now()
+	out := Challenge{Challenge: ch, CardID: id, Created: t.UTC(), Expires: t.Add(ttl).UTC()}
+	if err := a.Store.PutChallenge(ctx, out); err != nil {
+		return Challenge{}, err
+	}
+	return out, nil
+}
+
+func reasonSuffix(r string) string {
+	if r == "" {
+		return ""
+	}
+	return " (" + r + ")"
+}
+
+// Verify checks the card's answer mac to challenge and records the
+// result (see AuthStore.Authenticate). A MAC that does not verify is a
+// result (OK false), not an error.
+func (a *Authenticator) Verify(ctx context.Context, id, challenge, mac []byte) (AuthResult, error) {
+	if len(challenge) != ChallengeLen {
+		return AuthResult{}, fmt.Errorf("challenge is %d bytes, want %d", len(challenge), ChallengeLen)
+	}
+	if len(mac) != MACLen {
+		return AuthResult{}, fmt.Errorf("MAC is %d bytes, want %d", len(mac), MACLen)
+	}
+	return a.Store.Authenticate(ctx, id, challenge, a.now(), a.maxFailures(), func(ck CardKey) (bool, error) {
+		return a.Verifier.Verify(ctx, ck, challenge, mac)
+	})
+}
+
+// Store side (sqlStore).
+
+func (s *sqlStore) PutChallenge(ctx context.Context, c Challenge) error {
+	_, err := s.exec(ctx, s.db, `INSERT INTO challenges (id, card_id, created_at, expires, used) VALUES (?, ?, ?, ?, 0)`,
+		hex.EncodeToString(c.Challenge), hexID(c.CardID), c.Created.UTC().Format(time.RFC3339Nano), c.Expires.UnixNano())
+	if err != nil {
+		return fmt.Errorf("store: challenge for card %X: %w", []byte(c.CardID), err)
+	}
+	return nil
+}
+
+func (s *sqlStore) logAuth(ctx context.Context, x execer, id []byte, now time.Time, result, detail string) error {
+	_, err := s.exec(ctx, x, `INSERT INTO auth_log (card_id, created_at, at_ns, result, detail) VALUES (?, ?, ?, ?, ?)`,
+		hexID(id), now.UTC().Format(time.RFC3339Nano), now.UnixNano(), result, detail)
+	return err
+}
+
+// challengeError says why challenge could not be consumed for card id.
+func (s *sqlStore) challengeError(ctx context.Context, x execer, id, challenge []byte, now time.Time) error {
+	var card string
+	var expires, used int64
+	err := x.QueryRowContext(ctx, s.d.q(`SELECT card_id, expires, used FROM challenges WHERE id = ?`),
+		hex.EncodeToString(challenge)).Scan(&card, &expires, &used)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		err = ErrChallengeUnknown
+	case err != nil:
+		return err
+	case card != hexID(id):
+		err = ErrChallengeOtherCard
+	case used != 0:
+		err = ErrChallengeUsed
+	case expires <= now.UnixNano():
+		err = fmt.Errorf("%w (at %s)", ErrChallengeExpired, time.Unix(0, expires).UTC().Format(time.RFC3339))
+	default:
+		return errors.New("challenge could not be consumed") // not reached
+	}
+	return fmt.Errorf("card %X: challenge %x: %w", id, challenge, err)
+}
+
+func (s *sqlStore) Authenticate(ctx context.Context, id, challenge []byte, now time.Time, maxFailures int,
+	verify func(CardKey) (bool, error)) (AuthResult, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return AuthResult{}, fmt.Errorf("store: authenticate card %X: %w", id, err)
+	}
+	defer tx.Rollback()
+	res, cerr, err := s.authenticate(ctx, tx, id, challenge, now, maxFailures, verify)
+	if err == nil {
+		err = tx.Commit()
+	}
+	if err != nil {
+		return AuthResult{}, fmt.Errorf("authenticate card %X: %w", id, err)
+	}
+	return res, cerr
+}
+
+// authenticate returns cerr for a refused challenge (the transaction is
+// committed: it logs the refusal) and err for anything that must roll
+// back.
+func (s *sqlStore) authenticate(ctx context.Context, tx *sql.Tx, id, challenge []byte, now time.Time, maxFailures int,
+	verify func(CardKey) (bool, error)) (res AuthResult, cerr, err error) {
+	r, err := s.exec(ctx, tx, `UPDATE challenges SET used = 1 WHERE id = ? AND card_id = ? AND used = 0 AND expires > ?`,
+		hex.EncodeToString(challenge), hexID(id), now.UnixNano())
+	if err != nil {
+		return res, nil, err
+	}
+	n, err := r.RowsAffected()
+	if err != nil {
+		return res, nil, err
+	}
+	if n != 1 {
+		cerr := s.challengeError(ctx, tx, id, challenge, now)
+		if errors.Is(cerr, ErrChallengeUnknown) {
+			// Nothing to log against: the card may not exist either.
+			return res, cerr, nil
+		}
+		return res, cerr, s.logAuth(ctx, tx, id, now, LogChallengeRefused, errors.Unwrap(cerr).Error())
+	}
+	card, err := scanCard(tx.QueryRowContext(ctx, s.d.q(`SELECT `+cardColumns+` FROM cards WHERE id = ?`), hexID(id)))
+	if err != nil {
+		return res, nil, err
+	}
+	res = AuthResult{CardID: id, State: card.State, FailedAuth: card.FailedAuth, MaxFailures: maxFailures}
+	if card.State != StateActive {
+		res.Result = AuthRefused
+		return res, nil, s.logAuth(ctx, tx, id, now, AuthRefused, "card is "+card.State)
+	}
+	ok, err := verify(card.CardKey)
+	if err != nil {
+		return res, nil, err
+	}
+	t := now.UTC().Format(time.RFC3339Nano)
+	if ok {
+		_, err = s.exec(ctx, tx, `UPDATE cards SET failed_auth = 0, updated_at = ? WHERE id = ? AND state = 'active'`, t, hexID(id))
+	} else {
+		_, err = s.exec(ctx, tx, `UPDATE cards SET failed_auth = failed_auth + 1, updated_at = ? WHERE id = ? AND state = 'active'`, t, hexID(id))
+		if err == nil {
+			_, err = s.exec(ctx, tx, `UPDATE cards SET state = 'blocked', state_reason = ?
+				WHERE id = ? AND state = 'active' AND failed_auth >= ?`,
+				fmt.Sprintf("%d failed authentications in a row", maxFailures), hexID(id), maxFailures)
+		}
+	}
+	if err != nil {
+		return res, nil, err
+	}
+	if err := tx.QueryRowContext(ctx, s.d.q(`SELECT state, failed_auth FROM cards WHERE id = ?`), hexID(id)).Scan(&res.State, &res.FailedAuth); err != nil {
+		return res, nil, err
+	}
+	switch {
+	case ok && res.State == StateActive:
+		res.OK, res.Result = true, AuthOK
+	case ok:
+		res.Result = AuthRefused // blocked by an admin meanwhile
+	case res.State == StateBlocked:
+		res.Result = AuthBlocked
+	default:
+		res.Result = AuthFailed
+	}
+	detail := fmt.Sprintf("failed_auth %d of %d", res.FailedAuth, maxFailures)
+	return res, nil, s.logAuth(ctx, tx, id, now, res.Result, detail)
+}
+
+func (s *sqlStore) BlockCard(ctx context.Context, id []byte, reason string, now time.Time) (StoredCard, error) {
+	return s.setState(ctx, id, now, LogAdminBlock, reason, func(tx *sql.Tx, t string) (int64, error) {
+		r, err := s.exec(ctx, tx, `UPDATE cards SET state = 'blocked', state_reason = ?, updated_at = ? WHERE id = ?`,
+			"admin: "+reason, t, hexID(id))
+		if err != nil {
+			return 0, err
+		}
+		return r.RowsAffected()
+	})
+}
+
+func (s *sqlStore) UnblockCard(ctx context.Context, id []byte, reason string, now time.Time) (StoredCard, error) {
+	return s.setState(ctx, id, now, LogAdminUnblock, reason, func(tx *sql.Tx, t string) (int64, error) {
+		var conflicts int
+		if err := tx.QueryRowContext(ctx, s.d.q(`SELECT COUNT(*) FROM conflicts WHERE card_id = ?`), hexID(id)).Scan(&conflicts); err != nil {
+			return 0, err
+		}
+		state := StateActive
+		if conflicts > 0 {
+			state = StateConflict
+		}
+		r, err := s.exec(ctx, tx, `UPDATE cards SET state = ?, state_reason = '', failed_auth = 0, updated_at = ? WHERE id = ? AND state = 'blocked'`,
+			state, t, hexID(id))
+		if err != nil {
+			return 0, err
+		}
+		return r.RowsAffected()
+	})
+}
+
+// setState runs update (which returns the rows it changed) and logs the
+// admin action, in one transaction.
+func (s *sqlStore) setState(ctx context.Context, id []byte, now time.Time, action, reason string,
+	update func(tx *sql.Tx, t string) (int64, error)) (StoredCard, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return StoredCard{}, fmt.Errorf("store: card %X: %w", id, err)
+	}
+	defer tx.Rollback()
+	n, err := update(tx, now.UTC().Format(time.RFC3339Nano))
+	if err == nil && n == 1 {
+		err = s.logAuth(ctx, tx, id, now, action, reason)
+	}
+	if err == nil && n == 1 {
+		err = tx.Commit()
+	}
+	if err != nil {
+		return StoredCard{}, fmt.Errorf("store: card %X: %w", id, err)
+	}
+	c, err := s.Card(ctx, id)
+	if err != nil {
+		return c, err
+	}
+	if n != 1 {
+		return c, fmt.Errorf("card %X is %s, not blocked: nothing to unblock", id, c.State)
+	}
+	return c, nil
+}
+
+func (s *sqlStore) AuthLog(ctx context.Context, id []byte, limit int) ([]AuthEntry, error) {
+	rows, err := s.db.QueryContext(ctx, s.d.q(`SELECT card_id, created_at, result, detail FROM auth_log WHERE card_id = ? ORDER BY at_ns DESC LIMIT ?`),
+		hexID(id), limit)
+	if err != nil {
+		return nil, fmt.Errorf("store: auth log of card %X: %w", id, err)
+	}
+	defer rows.Close()
+	var out []AuthEntry
+	for rows.Next() {
+		var e AuthEntry
+		var cid, t string
+		if err := rows.Scan(&cid, &t, &e.Result, &e.Detail); err != nil {
+			return nil, err
+		}
+		e.CardID, _ = hex.DecodeString(cid)
+		e.Time = parseTime(t)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
