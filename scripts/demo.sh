@@ -8,8 +8,9 @@
 #    virtual cards fed one after another into its reader; the perso
 #    station personalizes each under the issuer public key and writes the
 #    batch (Id, c) before locking the card.
-# 3. Issuer: the token derives every card's K_I from its c and wraps it
-#    under the KEK; each card then answers a fresh challenge and its MAC is
+# 3. Issuer: the station uploads the batch to the issuer service (TLS,
+#    bearer token); the token derives every card's K_I from its c and
+#    wraps it under the KEK; each card then answers a fresh challenge and its MAC is
 #    verified in the token.
 # K_I exists only in the cards (their state files) and inside the token.
 #
@@ -96,10 +97,29 @@ sed -E 's/.*"id":"([^"]+)","c":"([^"]+)".*/\1  \2/' "$out/batch.ndjson" |
 	awk '{ printf "   %s  %s…%s (%d bytes)\n", $1, substr($2, 1, 24), substr($2, length($2)-7), length($2)/2 }'
 
 echo "== issuer: derive and wrap every K_I in the token"
-bin/issuer import --key "$key" --kek "$kek" --batch "$out/batch.ndjson" \
-	--db "$out/issuer-data" --json >"$out/import.json"
-imported=$(sed -n -E 's/^  "imported": ([0-9]+),$/\1/p' "$out/import.json")
+# The issuer service: TLS with a throwaway certificate, a bearer token of
+# the perso role (stored only hashed), the SQLite store under demo-out.
+mkdir -p "$out/api"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+	-keyout "$out/api/server.key" -out "$out/api/server.pem" -subj /CN=localhost \
+	-addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
+head -c 32 /dev/urandom | base64 >"$out/api/perso.token"
+echo "perso $(bin/issuer serve token-hash <"$out/api/perso.token")" >"$out/api/tokens"
+port=$((20000 + RANDOM % 20000))
+bin/issuer serve --addr "127.0.0.1:$port" --tls-cert "$out/api/server.pem" --tls-key "$out/api/server.key" \
+	--tokens "$out/api/tokens" --key "$key" --kek "$kek" --db "$out/issuer-data" 2>"$out/issuer-serve.log" &
+serve=$!
+pids+=($serve)
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+echo "   issuer service at https://127.0.0.1:$port; the station uploads its batch"
+bin/perso upload --url "https://127.0.0.1:$port" --batch "$out/batch.ndjson" \
+	--ca "$out/api/server.pem" --token-file "$out/api/perso.token" >"$out/import.json"
+imported=$(grep -o '"imported": *[0-9]*' "$out/import.json" | head -1 | grep -o '[0-9]*$')
 echo "   $imported cards imported into the store $out/issuer-data/issuer.db (report: $out/import.json)"
+# One process per SoftHSM2 token: the service stops before the CLI below
+# opens the token.
+kill "$serve"
+wait "$serve" 2>/dev/null || true
 
 echo "== issuer: challenge every card, verify its MAC in the token"
 ok=0

@@ -30,6 +30,6 @@ the card. It holds no secret: the issuer key is public, c can be opened only
 by the issuer's token, and the card keeps K_I. See docs/STATION.md.`,
 		SilenceUsage: true,
 	}
-	c.AddCommand(runCmd(), sealCmd(), readersCmd())
+	c.AddCommand(runCmd(), sealCmd(), readersCmd(), uploadCmd())
 	return c
 }

@@ -1,0 +1,172 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"blindperso/issuer"
+)
+
+func serveCmd() *cobra.Command {
+	var addr, certFile, keyFile, clientCA, tokensFile, uploadDir string
+	var workers, maxFailures int
+	var maxBatch int64
+	var ttl, timeout time.Duration
+	c := &cobra.Command{
+		Use:   "serve --tls-cert F --tls-key F [--client-ca F] [--tokens F] --token URI --key L --kek L [--db DIR|DSN]",
+		Short: "Serve the issuer's HTTP API over TLS: batch upload, card authentication, card management",
+		Long: `Serve the API described in docs/openapi.yaml, always over TLS.
+
+Clients authenticate with a bearer token (--tokens: lines "ROLE SHA256HEX";
+make the hash with "issuer serve token-hash") or, with --client-ca, with a
+client certificate signed by that CA whose subject OU is the role. Roles:
+
+  perso     POST /v1/batches, GET /v1/batches/{id}
+  verifier  POST /v1/cards/{id}/challenge, POST /v1/cards/{id}/verify
+  admin     GET /v1/cards, GET /v1/cards/{id}, POST /v1/cards/{id}/block|unblock,
+            GET /v1/batches, GET /v1/batches/{id}, GET /metrics
+  metrics   GET /metrics (a Prometheus scraper)
+
+admin does not upload batches nor verify cards (separation of duties).
+/healthz needs no credentials. See docs/ISSUER.md "HTTP API".
+
+` + uriHelp,
+		Example: `  issuer serve --addr :8443 --tls-cert server.pem --tls-key server.key \
+      --tokens /etc/blindperso/tokens --client-ca clients-ca.pem \
+      --key issuer-2026 --kek kek-1 --db /var/lib/blindperso-issuer
+  head -c 32 /dev/urandom | base64 > perso.token
+  echo "perso $(issuer serve token-hash < perso.token)" >> /etc/blindperso/tokens`,
+		Args: cobra.NoArgs,
+	}
+	openIssuer := issuerFlags(c)
+	openStore := dbFlag(c)
+	f := c.Flags()
+	f.StringVar(&addr, "addr", ":8443", "address to listen on")
+	f.StringVar(&certFile, "tls-cert", "", "server certificate (PEM; required)")
+	f.StringVar(&keyFile, "tls-key", "", "server private key (PEM; required)")
+	f.StringVar(&clientCA, "client-ca", "", "CA certificates (PEM) for client certificates: enables mTLS, role = subject OU")
+	f.StringVar(&tokensFile, "tokens", "", `bearer tokens file: lines "ROLE SHA256HEX"`)
+	f.StringVar(&uploadDir, "upload-dir", "", "where uploaded batches are spooled during their import (default DB/uploads for a SQLite store, else a directory under $TMPDIR)")
+	f.IntVar(&workers, "workers", 2, "token sessions per import")
+	f.Int64Var(&maxBatch, "max-batch", issuer.DefaultMaxBatchBytes, "largest batch an upload may carry, in bytes")
+	f.IntVar(&maxFailures, "max-failures", issuer.DefaultMaxFailures, "failed verifications in a row that block a card")
+	f.DurationVar(&ttl, "challenge-ttl", issuer.DefaultChallengeTTL, "how long a challenge can be answered")
+	f.DurationVar(&timeout, "timeout", 15*time.Minute, "read and write timeout of a request (an upload's import runs within it)")
+	c.MarkFlagRequired("tls-cert")
+	c.MarkFlagRequired("tls-key")
+	c.RunE = func(cmd *cobra.Command, _ []string) error {
+		if tokensFile == "" && clientCA == "" {
+			return errors.New("no way for clients to authenticate: give --tokens FILE and/or --client-ca FILE")
+		}
+		tlsCfg, err := issuer.ServerTLSConfig(certFile, keyFile, clientCA)
+		if err != nil {
+			return err
+		}
+		var tokens []issuer.TokenEntry
+		if tokensFile != "" {
+			if tokens, err = issuer.LoadTokens(tokensFile); err != nil {
+				return err
+			}
+		}
+		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		st, err := openStore(ctx)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		is, err := openIssuer(ctx, workers+2)
+		if err != nil {
+			return err
+		}
+		defer is.Token.Close()
+		if uploadDir == "" {
+			uploadDir = defaultUploadDir(cmd.Flags().Lookup("db").Value.String())
+		}
+		log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
+		api, err := issuer.NewAPI(issuer.APIConfig{Issuer: is, Store: st, UploadDir: uploadDir, Workers: workers,
+			MaxBatchBytes: maxBatch, Tokens: tokens, ChallengeTTL: ttl, MaxFailures: maxFailures, Logger: log})
+		if err != nil {
+			return err
+		}
+		srv := issuer.NewServer(addr, api, tlsCfg, timeout)
+		srv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
+		errc := make(chan error, 1)
+		go func() { errc <- srv.ListenAndServeTLS("", "") }()
+		log.Info("serving", "addr", addr, "tokens", len(tokens), "mtls", clientCA != "", "upload_dir", uploadDir)
+		select {
+		case err := <-errc:
+			return err
+		case <-ctx.Done():
+		}
+		sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	}
+	c.AddCommand(tokenHashCmd())
+	return c
+}
+
+func defaultUploadDir(db string) string {
+	if db == "" {
+		db = os.Getenv(envDB)
+	}
+	if db == "" {
+		db = "issuer-data"
+	}
+	if strings.HasPrefix(db, "postgres://") || strings.HasPrefix(db, "postgresql://") || strings.Contains(db, "=") {
+		return filepath.Join(os.TempDir(), "blindperso-issuer-uploads")
+	}
+	return filepath.Join(db, "uploads")
+}
+
+func tokenHashCmd() *cobra.Command {
+	var role string
+	c := &cobra.Command{
+		Use:   "token-hash [--role ROLE] < TOKEN",
+		Short: "Print the SHA-256 of a bearer token read from stdin, for the --tokens file",
+		Long: `Read one token from stdin (its first line; surrounding white space is not
+part of it) and print its hex SHA-256, or with --role a whole tokens-file
+line "ROLE SHA256HEX". The server stores only this hash; the token itself
+stays with the client (perso upload --token-file).`,
+		Example: `  issuer serve token-hash --role verifier < verifier.token >> tokens`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			line, err := bufio.NewReader(io.LimitReader(cmd.InOrStdin(), 4096)).ReadString('\n')
+			if err != nil && err != io.EOF {
+				return err
+			}
+			if strings.TrimSpace(line) == "" {
+				return errors.New("no token on stdin")
+			}
+			h := issuer.HashToken(line)
+			if role != "" {
+				if _, err := issuer.ParseTokens(strings.NewReader(role + " " + h)); err != nil {
+					return fmt.Errorf("--role: %w", err)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "%s %s\n", role, h)
+				return nil
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), h)
+			return nil
+		},
+	}
+	c.Flags().StringVar(&role, "role", "", "print a tokens-file line for this role (perso, verifier, admin, metrics)")
+	return c
+}

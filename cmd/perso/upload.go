@@ -1,0 +1,158 @@
+package main
+
+import (
+	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"blindperso/perso"
+)
+
+func uploadCmd() *cobra.Command {
+	var url, batch, ca, tokenFile, cert, key string
+	var timeout time.Duration
+	c := &cobra.Command{
+		Use:   "upload --url https://ISSUER --batch FILE [--ca FILE] (--token-file FILE | --cert F --key F)",
+		Short: "Send a sealed batch and its manifest to the issuer's API and print the import report",
+		Long: `POST the batch (FILE) and its manifest (FILE.manifest.json, written by
+perso seal) to the issuer's /v1/batches as multipart/form-data (parts
+"manifest" then "batch"), streaming the file. The issuer imports it and
+answers the report: records, imported, duplicates, conflicts, rejects, with
+each reject's line and reason. Printed as JSON; the command exits non-zero
+if the upload was refused or any record was rejected or conflicted.
+
+Authentication: a bearer token of the perso role (--token-file, the file
+holds only the token) or a client certificate whose subject OU is "perso"
+(--cert, --key). --ca names the CA that signed the issuer's TLS certificate
+(default: the system's roots).`,
+		Example: `  perso upload --url https://issuer.internal:8443 --batch batch.ndjson \
+      --ca issuer-ca.pem --token-file /etc/blindperso/perso.token`,
+		Args: cobra.NoArgs,
+	}
+	f := c.Flags()
+	f.StringVar(&url, "url", "", "issuer API base URL (https://host:port)")
+	f.StringVar(&batch, "batch", "", "the batch file (its .manifest.json beside it)")
+	f.StringVar(&ca, "ca", "", "CA certificate(s) (PEM) to verify the issuer's TLS certificate")
+	f.StringVar(&tokenFile, "token-file", "", "file holding a bearer token of the perso role")
+	f.StringVar(&cert, "cert", "", "client certificate (PEM) for mTLS")
+	f.StringVar(&key, "key", "", "client private key (PEM) for mTLS")
+	f.DurationVar(&timeout, "timeout", 15*time.Minute, "the whole upload and import")
+	c.MarkFlagRequired("url")
+	c.MarkFlagRequired("batch")
+	c.RunE = func(cmd *cobra.Command, _ []string) error {
+		if !strings.HasPrefix(url, "https://") {
+			return errors.New("--url must be https://: the issuer API is served only over TLS")
+		}
+		if (tokenFile == "") == (cert == "") || (cert == "") != (key == "") {
+			return errors.New("give either --token-file or both --cert and --key")
+		}
+		tlsCfg := &tls.Config{MinVersion: tls.VersionTLS12}
+		if ca != "" {
+			b, err := os.ReadFile(ca)
+			if err != nil {
+				return err
+			}
+			tlsCfg.RootCAs = x509.NewCertPool()
+			if !tlsCfg.RootCAs.AppendCertsFromPEM(b) {
+				return fmt.Errorf("%s: no PEM certificate in it", ca)
+			}
+		}
+		var auth string
+		if tokenFile != "" {
+			b, err := os.ReadFile(tokenFile)
+			if err != nil {
+				return err
+			}
+			tok := strings.TrimSpace(string(b))
+			if tok == "" {
+				return fmt.Errorf("%s is empty", tokenFile)
+			}
+			auth = "Bearer " + tok
+		} else {
+			kp, err := tls.LoadX509KeyPair(cert, key)
+			if err != nil {
+				return err
+			}
+			tlsCfg.Certificates = []tls.Certificate{kp}
+		}
+		manifest, err := os.ReadFile(perso.ManifestPath(batch))
+		if err != nil {
+			return fmt.Errorf("%w (seal the batch first: perso seal)", err)
+		}
+		bf, err := os.Open(batch)
+		if err != nil {
+			return err
+		}
+		defer bf.Close()
+		pr, pw := io.Pipe()
+		mw := multipart.NewWriter(pw)
+		go func() {
+			err := func() error {
+				w, err := mw.CreateFormFile("manifest", filepath.Base(perso.ManifestPath(batch)))
+				if err != nil {
+					return err
+				}
+				if _, err := w.Write(manifest); err != nil {
+					return err
+				}
+				if w, err = mw.CreateFormFile("batch", filepath.Base(batch)); err != nil {
+					return err
+				}
+				if _, err := io.Copy(w, bf); err != nil {
+					return err
+				}
+				return mw.Close()
+			}()
+			pw.CloseWithError(err)
+		}()
+		req, err := http.NewRequestWithContext(cmd.Context(), "POST", strings.TrimRight(url, "/")+"/v1/batches", pr)
+		if err != nil {
+			return err
+		}
+		req.Header.Set("Content-Type", mw.FormDataContentType())
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		client := &http.Client{Timeout: timeout, Transport: &http.Transport{TLSClientConfig: tlsCfg}}
+		resp, err := client.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+		if err != nil {
+			return err
+		}
+		var out bytes.Buffer
+		if json.Indent(&out, body, "", "  ") != nil {
+			out.Reset()
+			out.Write(body)
+		}
+		if resp.StatusCode != http.StatusOK {
+			fmt.Fprintln(cmd.ErrOrStderr(), strings.TrimSpace(out.String()))
+			return fmt.Errorf("upload refused: %s", resp.Status)
+		}
+		fmt.Fprintln(cmd.OutOrStdout(), strings.TrimSpace(out.String()))
+		var rep struct{ Rejects, Conflicts int }
+		if err := json.Unmarshal(body, &rep); err != nil {
+			return fmt.Errorf("report: %w", err)
+		}
+		if rep.Rejects > 0 || rep.Conflicts > 0 {
+			return fmt.Errorf("the issuer rejected %d records and found %d conflicts (see the report)", rep.Rejects, rep.Conflicts)
+		}
+		return nil
+	}
+	return c
+}
