@@ -1,0 +1,642 @@
+package issuer
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ecdh"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"blindperso/card"
+	"blindperso/hsm"
+	"blindperso/hsm/hsmtest"
+	"blindperso/perso"
+	"blindperso/protocol"
+)
+
+// Benchmarks of the issuer's import and authentication (make bench;
+// docs/BENCHMARKS.md, "Issuer import (issue 5)"). Every figure that
+// matters is a ratio to a baseline measured in the same benchmark: the
+// machines are noisy between runs, not within one.
+//
+//   - BenchmarkIssuerImport: Importer.ImportFile into a fresh SQLite store,
+//     per token, profile and worker count, against the token's bare chain
+//     (hsm.ImportCard in a loop on the same token, keys and worker count),
+//     in alternating rounds. Goal: import/bare ≥ 0.85.
+//   - BenchmarkIssuerNaive: one pkcs11-tool --decrypt process per card
+//     against our import of the same key's cards. Goal: ≥ 45× faster.
+//   - BenchmarkIssuerImportBig: one large ecdh-p256-aes batch imported by
+//     a child process (peak RSS from its rusage), at two sizes to show
+//     time linear in the count. Only with BLINDPERSO_BENCH_BIG=1.
+//   - BenchmarkIssuerVerify: Authenticator.Verify (store transaction +
+//     in-token check) against hsm.VerifyCardMAC alone.
+
+const (
+	benchBigEnv   = "BLINDPERSO_BENCH_BIG"       // "1": run BenchmarkIssuerImportBig
+	benchSizesEnv = "BLINDPERSO_BENCH_BIG_SIZES" // comma-separated record counts
+	benchChildEnv = "BLINDPERSO_BENCH_IMPORT_CHILD"
+)
+
+// The big import's child process: the test binary re-run with
+// benchChildEnv set imports one batch and exits before any test runs.
+func init() {
+	if os.Getenv(benchChildEnv) != "" {
+		os.Exit(benchImportChild())
+	}
+}
+
+var benchWorkers = []int{1, 2}
+
+// benchToken is a token with an RSA-2048 and a P-256 issuer key and one
+// KEK, made as the key ceremony makes them (token objects).
+type benchToken struct {
+	kind   string
+	tt     hsmtest.Token
+	tok    *hsm.Token
+	rsa    *Issuer
+	ec     *Issuer
+	runs   []protocol.Profile
+	prefix string
+}
+
+var benchNSSLabels atomic.Int32
+
+func newBenchToken(b *testing.B, kind string) *benchToken {
+	b.Helper()
+	ctx := context.Background()
+	bt := &benchToken{kind: kind}
+	switch kind {
+	case "softhsm2":
+		bt.tt = hsmtest.SoftHSM(b)
+		bt.runs = []protocol.Profile{protocol.RSAOAEPAES, protocol.ECDHP256AES}
+	case "nss":
+		bt.tt = hsmtest.NSS(b)
+		bt.runs = []protocol.Profile{protocol.RSARawSHA1, protocol.RSAOAEPSHA1, protocol.RSAOAEPAES, protocol.ECDHP256X963, protocol.ECDHP256AES}
+	}
+	// NSS keeps one database per process: labels must differ per call.
+	bt.prefix = fmt.Sprintf("bench%d-", benchNSSLabels.Add(1))
+	tok, err := hsm.OpenURI(bt.tt.URI, 2)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { tok.Close() })
+	bt.tok = tok
+	rk, err := tok.GenerateIssuerKey(ctx, hsm.KindRSA2048, bt.prefix+"rsa")
+	if err != nil {
+		b.Fatal(err)
+	}
+	ek, err := tok.GenerateIssuerKey(ctx, hsm.KindP256, bt.prefix+"ec")
+	if err != nil {
+		b.Fatal(err)
+	}
+	kek, err := tok.GenerateKEK(ctx, bt.prefix+"kek", bt.tt.SOPIN)
+	if err != nil {
+		b.Fatal(err)
+	}
+	bt.rsa = &Issuer{Token: tok, Key: rk, KEK: kek}
+	bt.ec = &Issuer{Token: tok, Key: ek, KEK: kek}
+	return bt
+}
+
+func (bt *benchToken) issuer(p protocol.Profile) *Issuer {
+	if p.Transport == protocol.ECDHP256 {
+		return bt.ec
+	}
+	return bt.rsa
+}
+
+// benchCard personalizes one in-process virtual card under is's key and
+// returns its record and applet.
+func benchCard(b *testing.B, is *Issuer, p protocol.Profile, id []byte) (perso.Record, *card.Applet) {
+	b.Helper()
+	a, err := card.Manufacture(filepath.Join(b.TempDir(), "card.json"), card.Options{ID: id})
+	if err != nil {
+		b.Fatal(err)
+	}
+	job, err := perso.NewJob(p, is.Key.Public, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	l := &memLedger{}
+	rec, _, err := job.Personalize(&card.Client{T: a.Local()}, "bench", l)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return rec, a
+}
+
+// benchTemplates are n genuine records of p under is's key. The batches
+// reuse their c under fresh Ids: the token's work does not depend on the
+// Id, and the store does not index c.
+func benchTemplates(b *testing.B, is *Issuer, p protocol.Profile, n int) []perso.Record {
+	var out []perso.Record
+	for i := range n {
+		rec, _ := benchCard(b, is, p, []byte{0xBE, byte(i)})
+		out = append(out, rec)
+	}
+	return out
+}
+
+// benchIDs numbers the records of every batch of the process, so that no
+// two share an Id and every record needs the token.
+var benchIDs atomic.Uint64
+
+func nextID() []byte {
+	return binary.BigEndian.AppendUint64(nil, benchIDs.Add(1))
+}
+
+// writeBenchBatch writes n records in the station's format (one JSON
+// line each, docs/BATCH.md) and the manifest beside them, streaming:
+// rec(i) makes the i-th record.
+func writeBenchBatch(b *testing.B, dir string, is *Issuer, p protocol.Profile, n int, rec func(i int) perso.Record) string {
+	b.Helper()
+	path := filepath.Join(dir, fmt.Sprintf("batch-%d.ndjson", benchIDs.Load()))
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	h := sha256.New()
+	cw := &countWriter{w: h}
+	w := bufio.NewWriterSize(f, 1<<20)
+	enc := json.NewEncoder(&teeWriter{w, cw})
+	for i := range n {
+		if err := enc.Encode(rec(i)); err != nil { // Encode ends the line with '\n'
+			b.Fatal(err)
+		}
+	}
+	if err := w.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		b.Fatal(err)
+	}
+	fp := is.Key.Fingerprint()
+	m := perso.Manifest{Format: perso.BatchFormat, Batch: filepath.Base(path), Count: n, Bytes: cw.n,
+		SHA256: h.Sum(nil), Profile: p.Name, IssuerFingerprint: fp[:], Station: "bench", Written: time.Now().UTC()}
+	mb, err := json.Marshal(m)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := os.WriteFile(perso.ManifestPath(path), mb, 0o644); err != nil {
+		b.Fatal(err)
+	}
+	return path
+}
+
+type countWriter struct {
+	w interface{ Write([]byte) (int, error) }
+	n int64
+}
+
+func (c *countWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); return c.w.Write(p) }
+
+type teeWriter struct {
+	a, b interface{ Write([]byte) (int, error) }
+}
+
+func (t *teeWriter) Write(p []byte) (int, error) {
+	if _, err := t.a.Write(p); err != nil {
+		return 0, err
+	}
+	return t.b.Write(p)
+}
+
+// cycled makes record i from the templates with a fresh Id.
+func cycled(tmpl []perso.Record) func(int) perso.Record {
+	return func(i int) perso.Record {
+		r := tmpl[i%len(tmpl)]
+		r.ID = nextID()
+		return r
+	}
+}
+
+// parallelOps runs op n times on w goroutines, each op in a token
+// session, and returns the wall time.
+func parallelOps(b *testing.B, w, n int, op func(i int) error) time.Duration {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	var failed atomic.Value
+	start := time.Now()
+	for range w {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				if err := op(i); err != nil {
+					failed.CompareAndSwap(nil, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	d := time.Since(start)
+	if err, _ := failed.Load().(error); err != nil {
+		b.Fatal(err)
+	}
+	return d
+}
+
+// bareImport is the baseline: the token's whole chain, hsm.ImportCard,
+// with the issuer's keys, in a session of the issuer's token.
+func bareImport(is *Issuer, p protocol.Profile, tmpl []perso.Record) func(i int) error {
+	return func(i int) error {
+		return is.Token.With(context.Background(), func(s hsm.Session) error {
+			sk, kek, err := is.handles(s)
+			if err != nil {
+				return err
+			}
+			_, err = hsm.ImportCard(s, p, sk, kek, is.Key.Public.SPKI, tmpl[i%len(tmpl)].C)
+			return err
+		})
+	}
+}
+
+func openBenchStore(b *testing.B) Store {
+	b.Helper()
+	s, err := OpenSQLite(context.Background(), filepath.Join(b.TempDir(), "data"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { s.Close() })
+	return s
+}
+
+// importRounds imports b.N records in rounds of fresh batches into s and,
+// before each, runs the bare chain on half as many; the timer counts the
+// imports only. It returns both rates.
+func importRounds(b *testing.B, is *Issuer, s Store, p protocol.Profile, w int, tmpl []perso.Record) (importRate, bareRate float64) {
+	const rounds = 4
+	dir := b.TempDir()
+	bare := bareImport(is, p, tmpl)
+	im := &Importer{Issuer: is, Store: s, Workers: w}
+	b.ResetTimer()
+	b.StopTimer()
+	var impT, bareT time.Duration
+	impN, bareN := 0, 0
+	for r := range rounds {
+		n := b.N/rounds + boolInt(r < b.N%rounds)
+		if n == 0 {
+			continue
+		}
+		path := writeBenchBatch(b, dir, is, p, n, cycled(tmpl))
+		nb := max(n/2, 1)
+		bareT += parallelOps(b, w, nb, bare)
+		bareN += nb
+		b.StartTimer()
+		start := time.Now()
+		rep, err := im.ImportFile(context.Background(), path)
+		impT += time.Since(start)
+		b.StopTimer()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if rep.Imported != n || rep.Rejects != 0 {
+			b.Fatalf("imported %d of %d, %d rejects", rep.Imported, n, rep.Rejects)
+		}
+		impN += n
+		os.Remove(path)
+	}
+	return float64(impN) / impT.Seconds(), float64(bareN) / bareT.Seconds()
+}
+
+func boolInt(v bool) int {
+	if v {
+		return 1
+	}
+	return 0
+}
+
+func BenchmarkIssuerImport(b *testing.B) {
+	for _, kind := range []string{"softhsm2", "nss"} {
+		b.Run(kind, func(b *testing.B) {
+			bt := newBenchToken(b, kind)
+			for _, p := range bt.runs {
+				is := bt.issuer(p)
+				tmpl := benchTemplates(b, is, p, 16)
+				for _, w := range benchWorkers {
+					b.Run(fmt.Sprintf("%s/workers=%d", p.Name, w), func(b *testing.B) {
+						s := openBenchStore(b)
+						imp, bare := importRounds(b, is, s, p, w, tmpl)
+						b.ReportMetric(imp, "cards/s")
+						b.ReportMetric(bare, "bare/s")
+						b.ReportMetric(imp/bare, "import/bare")
+					})
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkIssuerNaive: the naive import, one `pkcs11-tool --decrypt`
+// process per card (RSA-OAEP with SHA-1, which puts S — r — on the host),
+// on a SoftHSM2 token with an RSA-2048 issuer key, over 20 cards, against
+// our import of rsa-oaep-aes cards under the same key, on the same token,
+// in the same run. It runs once whatever b.N is; only its metrics mean
+// anything.
+func BenchmarkIssuerNaive(b *testing.B) {
+	if _, err := exec.LookPath("pkcs11-tool"); err != nil {
+		b.Skip("pkcs11-tool not installed (opensc: make deps)")
+	}
+	bt := newBenchToken(b, "softhsm2")
+	is := bt.rsa
+	p := protocol.RSAOAEPAES
+	tmpl := benchTemplates(b, is, p, 16)
+	const naiveCards = 20
+	dir := b.TempDir()
+	// The issuer key may only unwrap (CKA_DECRYPT false), so the naive
+	// path gets a throwaway token with an RSA-2048 key that may decrypt,
+	// written in with pkcs11-tool itself.
+	nt := hsmtest.SoftHSM(b)
+	nk, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		b.Fatal(err)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(nk)
+	if err != nil {
+		b.Fatal(err)
+	}
+	keyFile := filepath.Join(dir, "naive.der")
+	if err := os.WriteFile(keyFile, der, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	const id = "4e41"
+	if out, err := exec.Command("pkcs11-tool", "--module", nt.Module, "--token-label", nt.Label, "--login", "--pin", nt.PIN,
+		"--write-object", keyFile, "--type", "privkey", "--id", id, "--label", "naive", "--usage-decrypt").CombinedOutput(); err != nil {
+		b.Fatalf("pkcs11-tool --write-object: %v\n%s", err, out)
+	}
+	var naive time.Duration
+	for i := range naiveCards {
+		in := filepath.Join(dir, fmt.Sprintf("c%d.bin", i))
+		out := filepath.Join(dir, fmt.Sprintf("r%d.bin", i))
+		r := make([]byte, 32)
+		rand.Read(r)
+		c, err := rsa.EncryptOAEP(sha1.New(), rand.Reader, &nk.PublicKey, r, nil)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := os.WriteFile(in, c, 0o600); err != nil {
+			b.Fatal(err)
+		}
+		cmd := exec.Command("pkcs11-tool", "--module", nt.Module, "--token-label", nt.Label,
+			"--login", "--pin", nt.PIN, "--decrypt", "-m", "RSA-PKCS-OAEP", "--hash-algorithm", "SHA-1",
+			"--mgf", "MGF1-SHA1", "--id", id, "-i", in, "-o", out)
+		start := time.Now()
+		outb, err := cmd.CombinedOutput()
+		naive += time.Since(start)
+		if err != nil {
+			b.Fatalf("pkcs11-tool: %v\n%s", err, outb)
+		}
+		got, err := os.ReadFile(out)
+		if err != nil || !bytes.Equal(got, r) {
+			b.Fatalf("pkcs11-tool decrypted %x, want %x (%v)", got, r, err)
+		}
+	}
+	perCard := naive / naiveCards
+	b.ReportMetric(float64(perCard.Microseconds())/1000, "naive-ms/card")
+	b.ReportMetric(float64(naiveCards)/naive.Seconds(), "naive-cards/s")
+	for _, w := range benchWorkers {
+		s := openBenchStore(b)
+		const n = 400
+		path := writeBenchBatch(b, dir, is, p, n, cycled(tmpl))
+		im := &Importer{Issuer: is, Store: s, Workers: w}
+		start := time.Now()
+		rep, err := im.ImportFile(context.Background(), path)
+		d := time.Since(start)
+		if err != nil || rep.Imported != n {
+			b.Fatalf("import: %+v, %v", rep, err)
+		}
+		rate := n / d.Seconds()
+		b.ReportMetric(rate, fmt.Sprintf("import-cards/s-w%d", w))
+		b.ReportMetric(rate*perCard.Seconds(), fmt.Sprintf("speedup-w%d", w))
+	}
+}
+
+// BenchmarkIssuerImportBig imports one large ecdh-p256-aes batch per size
+// (BLINDPERSO_BENCH_BIG_SIZES, default 100000,1000000), generated cheaply:
+// c a fresh P-256 point from crypto/ecdh, Ids sequential. The import runs
+// in a child process (the test binary, 2 workers, a fresh SQLite store),
+// so its peak RSS is its own (rusage Maxrss). It runs once per size
+// whatever b.N is.
+func BenchmarkIssuerImportBig(b *testing.B) {
+	if os.Getenv(benchBigEnv) != "1" {
+		b.Skip("set " + benchBigEnv + "=1 (takes minutes)")
+	}
+	sizes := []int{100000, 1000000}
+	if v := os.Getenv(benchSizesEnv); v != "" {
+		sizes = nil
+		for _, f := range strings.Split(v, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil {
+				b.Fatal(err)
+			}
+			sizes = append(sizes, n)
+		}
+	}
+	bt := newBenchToken(b, "softhsm2")
+	is := bt.ec
+	p := protocol.ECDHP256AES
+	fp := is.Key.Fingerprint()
+	now := time.Now().UTC()
+	for _, n := range sizes {
+		b.Run(fmt.Sprintf("records=%d", n), func(b *testing.B) {
+			dir := b.TempDir()
+			path := writeBenchBatch(b, dir, is, p, n, func(i int) perso.Record {
+				k, err := ecdh.P256().GenerateKey(rand.Reader)
+				if err != nil {
+					b.Fatal(err)
+				}
+				return perso.Record{V: perso.BatchVersion, ID: binary.BigEndian.AppendUint64(nil, uint64(i+1)),
+					C: k.PublicKey().Bytes(), Profile: p.Name, Fingerprint: fp[:], Reader: "bench", Time: now}
+			})
+			arg, _ := json.Marshal(benchChildArgs{URI: bt.tt.URI, Key: is.Key.Label, KEK: is.KEK.Label,
+				DB: filepath.Join(dir, "data"), Batch: path, Workers: 2})
+			cmd := exec.Command(os.Args[0], "-test.run=^$")
+			cmd.Env = append(os.Environ(), benchChildEnv+"="+string(arg))
+			var stdout, stderr strings.Builder
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			start := time.Now()
+			if err := cmd.Run(); err != nil {
+				b.Fatalf("child: %v\n%s", err, stderr.String())
+			}
+			wall := time.Since(start)
+			var res benchChildResult
+			if err := json.Unmarshal([]byte(stdout.String()), &res); err != nil {
+				b.Fatalf("child said %q: %v", stdout.String(), err)
+			}
+			if res.Imported != n {
+				b.Fatalf("child imported %d of %d", res.Imported, n)
+			}
+			ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+			b.ReportMetric(float64(ru.Maxrss)/1024, "peak-RSS-MiB") // Maxrss is in KiB on Linux
+			b.ReportMetric(float64(res.ImportNs)/float64(n)/1000, "µs/record")
+			b.ReportMetric(float64(n)/(float64(res.ImportNs)/1e9), "cards/s")
+			b.ReportMetric(wall.Seconds(), "child-wall-s")
+			cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+			b.ReportMetric(float64(cpu.Microseconds())/float64(n), "cpu-µs/record")
+		})
+	}
+}
+
+type benchChildArgs struct {
+	URI, Key, KEK, DB, Batch string
+	Workers                  int
+}
+
+type benchChildResult struct {
+	Imported int
+	ImportNs int64
+}
+
+func benchImportChild() int {
+	fail := func(err error) int { fmt.Fprintln(os.Stderr, err); return 2 }
+	var a benchChildArgs
+	if err := json.Unmarshal([]byte(os.Getenv(benchChildEnv)), &a); err != nil {
+		return fail(err)
+	}
+	ctx := context.Background()
+	tok, err := hsm.OpenURI(a.URI, a.Workers)
+	if err != nil {
+		return fail(err)
+	}
+	defer tok.Close()
+	key, err := tok.FindIssuerKey(ctx, a.Key)
+	if err != nil {
+		return fail(err)
+	}
+	kek, err := tok.FindKEK(ctx, a.KEK)
+	if err != nil {
+		return fail(err)
+	}
+	s, err := OpenSQLite(ctx, a.DB)
+	if err != nil {
+		return fail(err)
+	}
+	defer s.Close()
+	im := &Importer{Issuer: &Issuer{Token: tok, Key: key, KEK: kek}, Store: s, Workers: a.Workers}
+	start := time.Now()
+	rep, err := im.ImportFile(ctx, a.Batch)
+	d := time.Since(start)
+	if err != nil {
+		return fail(err)
+	}
+	json.NewEncoder(os.Stdout).Encode(benchChildResult{Imported: rep.Imported, ImportNs: d.Nanoseconds()})
+	return 0
+}
+
+// BenchmarkIssuerVerify: verifications per second through the issuer's
+// Authenticator (the store's transaction — consume the challenge, read
+// the card, record the result — around the in-token check) against
+// hsm.VerifyCardMAC alone on the same token, keys and worker count.
+// Challenges are issued and the cards' MACs computed before the timer.
+func BenchmarkIssuerVerify(b *testing.B) {
+	for _, kind := range []string{"softhsm2", "nss"} {
+		b.Run(kind, func(b *testing.B) {
+			bt := newBenchToken(b, kind)
+			is := bt.ec
+			p := protocol.ECDHP256AES
+			ctx := context.Background()
+			s := openBenchStore(b)
+			type vc struct {
+				id, ki []byte
+				ck     CardKey
+			}
+			var cards []vc
+			var recs []perso.Record
+			var applets []*card.Applet
+			for i := range 8 {
+				rec, a := benchCard(b, is, p, []byte{0xAC, byte(i)})
+				recs = append(recs, rec)
+				applets = append(applets, a)
+			}
+			path := writeBenchBatch(b, b.TempDir(), is, p, len(recs), func(i int) perso.Record { return recs[i] })
+			if _, err := (&Importer{Issuer: is, Store: s, Workers: 1}).ImportFile(ctx, path); err != nil {
+				b.Fatal(err)
+			}
+			for i, rec := range recs {
+				raw, err := os.ReadFile(applets[i].Path())
+				if err != nil {
+					b.Fatal(err)
+				}
+				var st struct {
+					KI protocol.Hex `json:"k_i"`
+				}
+				if err := json.Unmarshal(raw, &st); err != nil {
+					b.Fatal(err)
+				}
+				sc, err := s.Card(ctx, rec.ID)
+				if err != nil {
+					b.Fatal(err)
+				}
+				cards = append(cards, vc{rec.ID, st.KI, sc.CardKey})
+			}
+			auth := &Authenticator{Verifier: is, Store: s}
+			for _, w := range benchWorkers {
+				b.Run(fmt.Sprintf("workers=%d", w), func(b *testing.B) {
+					chs := make([][]byte, b.N)
+					macs := make([][]byte, b.N)
+					for i := range b.N {
+						c := cards[i%len(cards)]
+						ch, err := auth.Challenge(ctx, c.id)
+						if err != nil {
+							b.Fatal(err)
+						}
+						chs[i] = ch.Challenge
+						if macs[i], err = protocol.AuthMAC(c.ki, c.id, ch.Challenge); err != nil {
+							b.Fatal(err)
+						}
+					}
+					b.ResetTimer()
+					d := parallelOps(b, w, b.N, func(i int) error {
+						r, err := auth.Verify(ctx, cards[i%len(cards)].id, chs[i], macs[i])
+						if err == nil && !r.OK {
+							err = fmt.Errorf("card %x: %s", cards[i%len(cards)].id, r.Result)
+						}
+						return err
+					})
+					b.StopTimer()
+					bare := parallelOps(b, w, b.N, func(i int) error {
+						c := cards[i%len(cards)]
+						var ok bool
+						err := is.Token.With(ctx, func(s hsm.Session) error {
+							kek, err := is.KEK.Handle(s)
+							if err != nil {
+								return err
+							}
+							ok, err = hsm.VerifyCardMAC(s, kek, c.ck.Blob, c.id, chs[i], macs[i])
+							return err
+						})
+						if err == nil && !ok {
+							err = fmt.Errorf("card %x: MAC does not verify", c.id)
+						}
+						return err
+					})
+					b.ReportMetric(float64(b.N)/d.Seconds(), "verify/s")
+					b.ReportMetric(float64(b.N)/bare.Seconds(), "bare/s")
+					b.ReportMetric(bare.Seconds()/d.Seconds(), "verify/bare")
+				})
+			}
+		})
+	}
+}
