@@ -784,8 +784,23 @@ func (s *timedStore) CardCHash(ctx context.Context, id []byte) ([]byte, bool, er
 }
 
 func (s *timedStore) PutCard(ctx context.Context, c StoredCard) (Outcome, error) {
-	if t, ok := s.start.LoadAndDelete(string(c.ID)); ok {
+	s.observe(c.ID)
+	return s.Store.PutCard(ctx, c)
+}
+
+// PutResults observes every card of the group; the observation then
+// also holds the short wait for the group commit.
+func (s *timedStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome, error) {
+	for _, r := range rs {
+		if r.Card != nil {
+			s.observe(r.Card.ID)
+		}
+	}
+	return s.Store.PutResults(ctx, rs)
+}
+
+func (s *timedStore) observe(id []byte) {
+	if t, ok := s.start.LoadAndDelete(string(id)); ok {
 		s.h.Observe(time.Since(t.(time.Time)).Seconds())
 	}
-	return s.Store.PutCard(ctx, c)
 }

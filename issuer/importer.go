@@ -37,7 +37,9 @@ const DefaultMaxLine = 64 << 10
 //     in the file is the one kept, on every run). Each worker validates
 //     the record, skips the token when the store already has the Id, has
 //     the token derive and wrap K_I (Issuer.Import, one token session per
-//     worker), and stores the card in one transaction.
+//     worker), and hands the result to one store writer, which commits
+//     the results of many records (up to 256, whatever has arrived) in
+//     one transaction (group commit).
 //  3. The batch's counts are recomputed from the store's tables.
 //
 // A bad record becomes a reject row (line number and reason) and the
@@ -51,7 +53,8 @@ type Importer struct {
 	Workers int // token sessions used in parallel; at least 1
 	MaxLine int // 0 means DefaultMaxLine
 
-	// afterRecord, if set, runs after each record's store write (tests).
+	// afterRecord, if set, runs after each record is handed to the store
+	// writer (tests: it slows the import down).
 	afterRecord func(line int)
 }
 
@@ -154,8 +157,51 @@ type job struct {
 	rec  perso.Record
 }
 
+// maxGroup is the most records the store writer commits in one
+// transaction.
+const maxGroup = 256
+
+// pending counts, per card Id, the cards handed to the store writer and
+// not yet committed: a worker treats such an Id as stored (no token
+// work), as it would once the writer has committed it, so group commit
+// does not change which records reach the token.
+type pending struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (p *pending) add(id []byte) {
+	p.mu.Lock()
+	p.n[string(id)]++
+	p.mu.Unlock()
+}
+
+func (p *pending) has(id []byte) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.n[string(id)] > 0
+}
+
+func (p *pending) done(rs []RecordResult) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, r := range rs {
+		if r.Card == nil {
+			continue
+		}
+		k := string(r.Card.ID)
+		if p.n[k]--; p.n[k] <= 0 {
+			delete(p.n, k)
+		}
+	}
+}
+
 // stream reads the records and runs them through the workers; it returns
-// the SHA-256 of what it read.
+// the SHA-256 of what it read. The workers do the token work in
+// parallel and hand their results to one store writer, which commits
+// them in groups (whatever has arrived, up to maxGroup, per transaction).
+// Records of one Id go through one worker and the one writer channel, so
+// they are written in file order.
 func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Manifest) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -165,6 +211,30 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	n := max(im.Workers, 1)
+	results := make(chan RecordResult, 2*maxGroup)
+	pend := &pending{n: map[string]int{}}
+	wdone := make(chan struct{})
+	go func() {
+		defer close(wdone)
+		if err := im.write(ctx, results, pend); err != nil {
+			cancel(err)
+		}
+	}()
+	// send hands a result to the writer; false if the import is stopping.
+	send := func(r RecordResult) bool {
+		if r.Card != nil {
+			pend.add(r.Card.ID)
+		}
+		select {
+		case results <- r:
+		case <-ctx.Done():
+			return false
+		}
+		if im.afterRecord != nil {
+			im.afterRecord(r.Line)
+		}
+		return true
+	}
 	queues := make([]chan job, n)
 	var wg sync.WaitGroup
 	for i := range queues {
@@ -176,9 +246,12 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 				if ctx.Err() != nil {
 					continue // drain
 				}
-				if err := im.one(ctx, batch, m, j); err != nil {
+				r, err := im.card(ctx, batch, m, j, pend)
+				if err != nil {
 					cancel(err)
+					continue
 				}
+				send(r)
 			}
 		}(queues[i])
 	}
@@ -197,18 +270,15 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 			}
 			reason = "unparsable record: " + err.Error()
 		}
-		if err := im.Store.PutReject(ctx, batch, line, reason); err != nil {
-			return err
-		}
-		if im.afterRecord != nil {
-			im.afterRecord(line)
-		}
+		send(RecordResult{Batch: batch, Line: line, Reason: reason})
 		return nil
 	})
 	for _, q := range queues {
 		close(q)
 	}
 	wg.Wait()
+	close(results)
+	<-wdone
 	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		return nil, err
 	}
@@ -219,6 +289,39 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 		return nil, err
 	}
 	return h.Sum(nil), nil
+}
+
+// write is the store writer: it takes a result, adds whatever else has
+// already arrived (up to maxGroup) and commits them in one transaction.
+// A failed group stops the import (a rerun redoes it: the writes are
+// idempotent); the rest of in is drained.
+func (im *Importer) write(ctx context.Context, in <-chan RecordResult, pend *pending) error {
+	group := make([]RecordResult, 0, maxGroup)
+	var failed error
+	for r := range in {
+		if failed != nil || ctx.Err() != nil {
+			continue // drain
+		}
+		group = append(group[:0], r)
+	more:
+		for len(group) < maxGroup {
+			select {
+			case r, ok := <-in:
+				if !ok {
+					break more
+				}
+				group = append(group, r)
+			default:
+				break more
+			}
+		}
+		_, failed = im.Store.PutResults(ctx, group)
+		if failed != nil {
+			continue
+		}
+		pend.done(group)
+	}
+	return failed
 }
 
 // read calls fn for every line of r (numbered from 1, without its '\n'),
@@ -295,60 +398,57 @@ func parseRecord(line []byte) (perso.Record, error) {
 	return rec, nil
 }
 
-// one handles one parsed record: a reject row, or a card stored (or found
-// already stored). Its error is not about the record: it stops the import.
-func (im *Importer) one(ctx context.Context, batch string, m perso.Manifest, j job) error {
-	reason, err := im.card(ctx, batch, m, j)
-	if err != nil {
-		return err
-	}
-	if reason != "" {
-		if err := im.Store.PutReject(ctx, batch, j.line, reason); err != nil {
-			return err
-		}
-	}
-	if im.afterRecord != nil {
-		im.afterRecord(j.line)
-	}
-	return nil
-}
-
-func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j job) (reason string, err error) {
+// card handles one parsed record: its result is a reject or a card (new,
+// or found already stored or pending: then without a wrapped key, and
+// PutCard decides duplicate or conflict). Its error is not about the
+// record: it stops the import.
+func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j job, pend *pending) (RecordResult, error) {
 	rec := j.rec
+	res := RecordResult{Batch: batch, Line: j.line}
+	reject := func(reason string) (RecordResult, error) {
+		res.Reason = reason
+		return res, nil
+	}
 	fp := im.Issuer.Key.Fingerprint()
 	p, perr := protocol.ProfileByName(rec.Profile)
 	switch {
 	case perr != nil:
-		return fmt.Sprintf("unknown profile %q", rec.Profile), nil
+		return reject(fmt.Sprintf("unknown profile %q", rec.Profile))
 	case rec.Profile != m.Profile:
-		return fmt.Sprintf("profile %q differs from the manifest's %q", rec.Profile, m.Profile), nil
+		return reject(fmt.Sprintf("profile %q differs from the manifest's %q", rec.Profile, m.Profile))
 	case !bytes.Equal(rec.Fingerprint, fp[:]):
-		return fmt.Sprintf("issuer key fingerprint %x is not this issuer's", []byte(rec.Fingerprint)), nil
+		return reject(fmt.Sprintf("issuer key fingerprint %x is not this issuer's", []byte(rec.Fingerprint)))
 	}
 	if err := protocol.ValidCiphertext(p, im.Issuer.Key.Public, rec.C); err != nil {
-		return "bad c: " + err.Error(), nil
+		return reject("bad c: " + err.Error())
 	}
 	ch := sha256.Sum256(rec.C)
-	// A card already stored needs no token work: the same c is a
-	// duplicate, another c a conflict; PutCard decides which.
-	_, found, err := im.Store.CardCHash(ctx, rec.ID)
-	if err != nil {
-		return "", err
+	// A card already stored, or handed to the writer and not yet
+	// committed (pending is checked first: the writer commits, then
+	// clears it), needs no token work: the same c is a duplicate,
+	// another c a conflict; the store decides which.
+	found := pend.has(rec.ID)
+	if !found {
+		var err error
+		if _, found, err = im.Store.CardCHash(ctx, rec.ID); err != nil {
+			return res, err
+		}
 	}
 	var ck CardKey
 	if found {
 		ck = CardKey{ID: rec.ID, Profile: p.Name, IssuerFingerprint: fp[:]}
 	} else {
+		var err error
 		ck, err = im.Issuer.Import(ctx, rec)
 		if err != nil {
 			if ctx.Err() != nil {
-				return "", ctx.Err()
+				return res, ctx.Err()
 			}
-			return "token refused c: " + err.Error(), nil
+			return reject("token refused c: " + err.Error())
 		}
 	}
-	_, err = im.Store.PutCard(ctx, StoredCard{
+	res.Card = &StoredCard{
 		CardKey: ck, IssuerKeyLabel: im.Issuer.Key.Label, CSHA256: ch[:], Batch: batch, Line: j.line,
-	})
-	return "", err
+	}
+	return res, nil
 }

@@ -48,6 +48,9 @@ type Store interface {
 	PutCard(ctx context.Context, c StoredCard) (Outcome, error)
 	// PutReject records a refused record of a batch (once per line).
 	PutReject(ctx context.Context, batch string, line int, reason string) error
+	// PutResults applies many cards and rejects, in order, in one
+	// transaction: the importer's group commit.
+	PutResults(ctx context.Context, rs []RecordResult) ([]Outcome, error)
 
 	Card(ctx context.Context, id []byte) (StoredCard, error)
 	Batch(ctx context.Context, id string) (BatchReport, error)
@@ -347,6 +350,44 @@ func (s *sqlStore) PutCard(ctx context.Context, c StoredCard) (Outcome, error) {
 		return 0, fmt.Errorf("store: card %X: %w", []byte(c.ID), err)
 	}
 	return out, nil
+}
+
+// RecordResult is the store write of one batch record: its card (Card
+// set; PutCard's semantics) or its reject (Reason, PutReject's).
+type RecordResult struct {
+	Batch  string
+	Line   int
+	Card   *StoredCard
+	Reason string
+}
+
+// PutResults applies rs, in order, in one transaction (the importer's
+// group commit): each card exactly as PutCard, each reject as PutReject.
+// Either all of rs is stored or, on an error, none of it; since every
+// write is idempotent, a lost group is redone by a rerun.
+func (s *sqlStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome, error) {
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, fmt.Errorf("store: put results: %w", err)
+	}
+	defer tx.Rollback()
+	outs := make([]Outcome, len(rs))
+	for i, r := range rs {
+		if r.Card == nil {
+			if _, err := s.exec(ctx, tx, `INSERT INTO rejects (batch_id, line, reason, created_at) VALUES (?, ?, ?, ?)
+				ON CONFLICT (batch_id, line) DO NOTHING`, r.Batch, r.Line, r.Reason, now()); err != nil {
+				return nil, fmt.Errorf("store: reject batch %s line %d: %w", r.Batch, r.Line, err)
+			}
+			continue
+		}
+		if outs[i], err = s.putCard(ctx, tx, *r.Card); err != nil {
+			return nil, fmt.Errorf("store: card %X: %w", []byte(r.Card.ID), err)
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, fmt.Errorf("store: put results: %w", err)
+	}
+	return outs, nil
 }
 
 func (s *sqlStore) putCard(ctx context.Context, tx *sql.Tx, c StoredCard) (Outcome, error) {
