@@ -516,7 +516,7 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ts := &timedStore{Store: a.cfg.Store, h: a.m.tokenLatency.WithLabelValues("import")}
-	im := &Importer{Issuer: a.cfg.Issuer, Store: ts, Workers: a.cfg.Workers}
+	im := &Importer{Issuer: a.cfg.Issuer, Store: ts, Workers: a.cfg.Workers, Log: a.log}
 	ctx := r.Context()
 	rep, ierr := im.ImportFile(ctx, path)
 	id := hex.EncodeToString(m.SHA256)

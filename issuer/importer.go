@@ -12,6 +12,7 @@ import (
 	"hash"
 	"hash/fnv"
 	"io"
+	"log/slog"
 	"os"
 	"sync"
 
@@ -52,11 +53,20 @@ type Importer struct {
 	Store   Store
 	Workers int // token sessions used in parallel; at least 1
 	MaxLine int // 0 means DefaultMaxLine
+	// Log, if set, gets the token's own words when it refuses a c; the
+	// reject reason stays ReasonTokenRefused (paper §4.5).
+	Log *slog.Logger
 
 	// afterRecord, if set, runs after each record is handed to the store
 	// writer (tests: it slows the import down).
 	afterRecord func(line int)
 }
+
+// ReasonTokenRefused is the one reject reason for every c the token
+// cannot turn into a key, whatever the token said: a reason that told an
+// OAEP padding failure from another refusal would make the issuer a
+// decryption oracle (paper §4.5).
+const ReasonTokenRefused = "token refused c"
 
 // ImportFile imports the batch at path (with path.manifest.json beside
 // it) and returns the batch's report.
@@ -444,7 +454,10 @@ func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j 
 			if ctx.Err() != nil {
 				return res, ctx.Err()
 			}
-			return reject("token refused c: " + err.Error())
+			if im.Log != nil {
+				im.Log.Warn("token refused c", "batch", batch, "line", j.line, "card", fmt.Sprintf("%X", []byte(rec.ID)), "err", err)
+			}
+			return reject(ReasonTokenRefused)
 		}
 	}
 	res.Card = &StoredCard{

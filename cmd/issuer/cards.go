@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
@@ -106,7 +107,7 @@ conflicted. See docs/ISSUER.md.
 			return err
 		}
 		defer is.Token.Close()
-		im := &issuer.Importer{Issuer: is, Store: st, Workers: workers}
+		im := &issuer.Importer{Issuer: is, Store: st, Workers: workers, Log: slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))}
 		rep, err := im.ImportFile(ctx, batch)
 		if err != nil {
 			return err
