@@ -209,27 +209,9 @@ func (t *Token) GenerateIssuerKey(ctx context.Context, kind, label string) (*Iss
 	ref := &IssuerKeyRef{Label: label, ID: id, Kind: kind, tok: t}
 	ref.priv.find = privateKeyFind(label, id)
 	err = t.With(ctx, func(s Session) error {
-		// Idempotent for With's retry: a pair made by a first attempt
-		// (same random ID) is reused.
-		privs, err := findObjects(s, ref.priv.find, 2)
+		pubH, privH, err := generatePair(s, mech, label, id, pubT, privT)
 		if err != nil {
 			return err
-		}
-		var pubH, privH pkcs11.ObjectHandle
-		if len(privs) == 1 {
-			privH = privs[0]
-			if pubH, err = findOne(s, publicKeyFind(id), "public key"); err != nil {
-				return err
-			}
-		} else {
-			if err := labelFree(s, label); err != nil {
-				return err
-			}
-			m := pkcs11.NewMechanism(mech, nil)
-			pubH, privH, err = s.P.GenerateKeyPair(s.H, []*pkcs11.Mechanism{m}, pubT, privT)
-			if err != nil {
-				return Call("C_GenerateKeyPair", m, err)
-			}
 		}
 		pk, err := exportPublic(s, pubH)
 		if err != nil {
@@ -247,6 +229,29 @@ func (t *Token) GenerateIssuerKey(ctx context.Context, kind, label string) (*Iss
 		return nil, fmt.Errorf("generate issuer key %q (%s) on token %q: %w", label, kind, t.info.Label, err)
 	}
 	return ref, nil
+}
+
+// generatePair makes a key pair labelled label with CKA_ID id, unless a
+// first attempt of With's retry already made it (same random ID): then it
+// returns that pair. A label already in use by anything else is refused.
+func generatePair(s Session, mech uint, label string, id []byte, pubT, privT []*pkcs11.Attribute) (pub, priv pkcs11.ObjectHandle, err error) {
+	privs, err := findObjects(s, privateKeyFind(label, id), 2)
+	if err != nil {
+		return 0, 0, err
+	}
+	if len(privs) == 1 {
+		pub, err = findOne(s, publicKeyFind(id), "public key")
+		return pub, privs[0], err
+	}
+	if err := labelFree(s, label); err != nil {
+		return 0, 0, err
+	}
+	m := pkcs11.NewMechanism(mech, nil)
+	pub, priv, err = s.P.GenerateKeyPair(s.H, []*pkcs11.Mechanism{m}, pubT, privT)
+	if err != nil {
+		return 0, 0, Call("C_GenerateKeyPair", m, err)
+	}
+	return pub, priv, nil
 }
 
 // FindIssuerKey finds the issuer key pair labelled label (the private key

@@ -67,26 +67,9 @@ func (t *Token) GenerateSigningKey(ctx context.Context, label string) (*SigningK
 	k.priv.find = privateKeyFind(label, id)
 	pubT, privT := signingKeyTemplates(label, id)
 	err := t.With(ctx, func(s Session) error {
-		// Idempotent for With's retry (same random ID).
-		privs, err := findObjects(s, k.priv.find, 2)
+		pubH, privH, err := generatePair(s, pkcs11.CKM_EC_KEY_PAIR_GEN, label, id, pubT, privT)
 		if err != nil {
 			return err
-		}
-		var pubH, privH pkcs11.ObjectHandle
-		if len(privs) == 1 {
-			privH = privs[0]
-			if pubH, err = findOne(s, publicKeyFind(id), "public key"); err != nil {
-				return err
-			}
-		} else {
-			if err := labelFree(s, label); err != nil {
-				return err
-			}
-			m := pkcs11.NewMechanism(pkcs11.CKM_EC_KEY_PAIR_GEN, nil)
-			pubH, privH, err = s.P.GenerateKeyPair(s.H, []*pkcs11.Mechanism{m}, pubT, privT)
-			if err != nil {
-				return Call("C_GenerateKeyPair", m, err)
-			}
 		}
 		if err := k.export(s, pubH); err != nil {
 			s.P.DestroyObject(s.H, privH)
