@@ -5,9 +5,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdh"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/binary"
@@ -16,6 +17,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,13 +42,17 @@ import (
 //
 //   - BenchmarkIssuerImport: Importer.ImportFile into a fresh SQLite store,
 //     per token, profile and worker count, against the token's bare chain
-//     (hsm.ImportCard in a loop on the same token, keys and worker count),
-//     in alternating rounds. Goal: import/bare ≥ 0.85.
-//   - BenchmarkIssuerNaive: one pkcs11-tool --decrypt process per card
-//     against our import of the same key's cards. Goal: ≥ 45× faster.
-//   - BenchmarkIssuerImportBig: one large ecdh-p256-aes batch imported by
-//     a child process (peak RSS from its rusage), at two sizes to show
-//     time linear in the count. Only with BLINDPERSO_BENCH_BIG=1.
+//     (hsm.ImportCard in a loop on the same token, with the keys the
+//     importer uses — the Issuer's session copies — and as many
+//     goroutines, each on its own OS thread as the importer's workers
+//     are), in alternating rounds. Goal: import/bare ≥ 0.85.
+//   - BenchmarkIssuerNaive: one pkcs11-tool process per card (--decrypt
+//     for RSA-OAEP, --derive for ECDH) against our import of the same
+//     profile's cards. Goal: ≥ 45× faster.
+//   - BenchmarkIssuerImportBig: one large ecdh-p256-aes batch, made by
+//     in-process virtual cards, imported by a child process (peak RSS
+//     from its rusage), at two sizes to show time linear in the count.
+//     Only with BLINDPERSO_BENCH_BIG=1.
 //   - BenchmarkIssuerVerify: Authenticator.Verify (store transaction +
 //     in-token check) against hsm.VerifyCardMAC alone.
 
@@ -238,6 +246,9 @@ func parallelOps(b *testing.B, w, n int, op func(i int) error) time.Duration {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			// As the importer's workers do: one OS thread per goroutine.
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
 			for {
 				i := int(next.Add(1)) - 1
 				if i >= n {
@@ -259,7 +270,8 @@ func parallelOps(b *testing.B, w, n int, op func(i int) error) time.Duration {
 }
 
 // bareImport is the baseline: the token's whole chain, hsm.ImportCard,
-// with the issuer's keys, in a session of the issuer's token.
+// with the issuer's keys (is.handles: the session copies the importer
+// uses too), in a session of the issuer's token.
 func bareImport(is *Issuer, p protocol.Profile, tmpl []perso.Record) func(i int) error {
 	return func(i int) error {
 		return is.Token.With(context.Background(), func(s hsm.Session) error {
@@ -284,13 +296,20 @@ func openBenchStore(b *testing.B) Store {
 }
 
 // importRounds imports b.N records in rounds of fresh batches into s and,
-// before each, runs the bare chain on half as many; the timer counts the
-// imports only. It returns both rates.
+// before each, runs the bare chain on half as many, after an untimed
+// warm-up of both; the timer counts the imports only. It returns both
+// rates.
 func importRounds(b *testing.B, is *Issuer, s Store, p protocol.Profile, w int, tmpl []perso.Record) (importRate, bareRate float64) {
 	const rounds = 4
 	dir := b.TempDir()
 	bare := bareImport(is, p, tmpl)
 	im := &Importer{Issuer: is, Store: s, Workers: w}
+	// Warm-up, untimed, for both: the first import of a process opens the
+	// store's connections and starts its threads (≈ 30 ms).
+	parallelOps(b, w, 64, bare)
+	if _, err := im.ImportFile(context.Background(), writeBenchBatch(b, dir, is, p, 64, cycled(tmpl))); err != nil {
+		b.Fatal(err)
+	}
 	b.ResetTimer()
 	b.StopTimer()
 	var impT, bareT time.Duration
@@ -349,96 +368,159 @@ func BenchmarkIssuerImport(b *testing.B) {
 	}
 }
 
-// BenchmarkIssuerNaive: the naive import, one `pkcs11-tool --decrypt`
-// process per card (RSA-OAEP with SHA-1, which puts S — r — on the host),
-// on a SoftHSM2 token with an RSA-2048 issuer key, over 20 cards, against
-// our import of rsa-oaep-aes cards under the same key, on the same token,
-// in the same run. It runs once whatever b.N is; only its metrics mean
-// anything.
+// BenchmarkIssuerNaive: the naive import, one pkcs11-tool process per
+// card, against our import of the same profile's cards on the same
+// SoftHSM2 token in the same run:
+//
+//   - rsa-oaep-aes: `pkcs11-tool --decrypt -m RSA-PKCS-OAEP` (SHA-1), which
+//     puts S — r — on the host;
+//   - ecdh-p256-aes: `pkcs11-tool --derive -m ECDH1-DERIVE`, which puts the
+//     shared secret Z on the host.
+//
+// Each runs over 20 cards with a throwaway key (the issuer keys refuse
+// C_Decrypt, and a derived key that may be read), written into a
+// throwaway token with pkcs11-tool itself. Reported per profile: the
+// naive time per card, our import rate at 1 and 2 workers (ImportFile
+// into a fresh store) and the speed-up, and the token's bare chain rate
+// with the issuer's keys (bare-…) with the speed-up it would give
+// (ceiling-…): no import can beat its token's bare chain. It runs once
+// whatever b.N is; only its metrics mean anything.
 func BenchmarkIssuerNaive(b *testing.B) {
 	if _, err := exec.LookPath("pkcs11-tool"); err != nil {
 		b.Skip("pkcs11-tool not installed (opensc: make deps)")
 	}
 	bt := newBenchToken(b, "softhsm2")
-	is := bt.rsa
-	p := protocol.RSAOAEPAES
-	tmpl := benchTemplates(b, is, p, 16)
-	const naiveCards = 20
-	dir := b.TempDir()
-	// The issuer key may only unwrap (CKA_DECRYPT false), so the naive
-	// path gets a throwaway token with an RSA-2048 key that may decrypt,
-	// written in with pkcs11-tool itself.
 	nt := hsmtest.SoftHSM(b)
-	nk, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		b.Fatal(err)
+	for _, p := range []protocol.Profile{protocol.RSAOAEPAES, protocol.ECDHP256AES} {
+		b.Run(p.Name, func(b *testing.B) {
+			is := bt.issuer(p)
+			tmpl := benchTemplates(b, is, p, 16)
+			perCard := naivePerCard(b, nt, p)
+			b.ReportMetric(float64(perCard.Microseconds())/1000, "naive-ms/card")
+			n := 2000
+			if p.Transport != protocol.ECDHP256 {
+				n = 1000
+			}
+			dir := b.TempDir()
+			for _, w := range benchWorkers {
+				bare := float64(n) / parallelOps(b, w, n, bareImport(is, p, tmpl)).Seconds()
+				s := openBenchStore(b)
+				path := writeBenchBatch(b, dir, is, p, n, cycled(tmpl))
+				im := &Importer{Issuer: is, Store: s, Workers: w}
+				start := time.Now()
+				rep, err := im.ImportFile(context.Background(), path)
+				d := time.Since(start)
+				if err != nil || rep.Imported != n {
+					b.Fatalf("import: %+v, %v", rep, err)
+				}
+				rate := float64(n) / d.Seconds()
+				b.ReportMetric(rate, fmt.Sprintf("import-cards/s-w%d", w))
+				b.ReportMetric(rate*perCard.Seconds(), fmt.Sprintf("speedup-w%d", w))
+				b.ReportMetric(bare, fmt.Sprintf("bare/s-w%d", w))
+				b.ReportMetric(bare*perCard.Seconds(), fmt.Sprintf("ceiling-w%d", w))
+			}
+		})
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(nk)
-	if err != nil {
-		b.Fatal(err)
-	}
+}
+
+// naivePerCard runs the naive path for 20 cards of p on the throwaway
+// token nt and returns the mean wall time per card (the process, its
+// module load, login, key lookup and the one operation).
+func naivePerCard(b *testing.B, nt hsmtest.Token, p protocol.Profile) time.Duration {
+	const cards = 20
+	dir := b.TempDir()
 	keyFile := filepath.Join(dir, "naive.der")
-	if err := os.WriteFile(keyFile, der, 0o600); err != nil {
-		b.Fatal(err)
-	}
-	const id = "4e41"
-	if out, err := exec.Command("pkcs11-tool", "--module", nt.Module, "--token-label", nt.Label, "--login", "--pin", nt.PIN,
-		"--write-object", keyFile, "--type", "privkey", "--id", id, "--label", "naive", "--usage-decrypt").CombinedOutput(); err != nil {
-		b.Fatalf("pkcs11-tool --write-object: %v\n%s", err, out)
-	}
-	var naive time.Duration
-	for i := range naiveCards {
-		in := filepath.Join(dir, fmt.Sprintf("c%d.bin", i))
-		out := filepath.Join(dir, fmt.Sprintf("r%d.bin", i))
-		r := make([]byte, 32)
-		rand.Read(r)
-		c, err := rsa.EncryptOAEP(sha1.New(), rand.Reader, &nk.PublicKey, r, nil)
+	id := "4e41"
+	var pub *protocol.IssuerKey
+	var usage string
+	if p.Transport == protocol.ECDHP256 {
+		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		if err != nil {
 			b.Fatal(err)
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(k)
+		if err != nil {
+			b.Fatal(err)
+		}
+		os.WriteFile(keyFile, der, 0o600)
+		spki, _ := x509.MarshalPKIXPublicKey(&k.PublicKey)
+		if pub, err = protocol.ParseIssuerKey(spki); err != nil {
+			b.Fatal(err)
+		}
+		id, usage = "4e42", "--usage-derive"
+	} else {
+		k, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			b.Fatal(err)
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(k)
+		if err != nil {
+			b.Fatal(err)
+		}
+		os.WriteFile(keyFile, der, 0o600)
+		spki, _ := x509.MarshalPKIXPublicKey(&k.PublicKey)
+		if pub, err = protocol.ParseIssuerKey(spki); err != nil {
+			b.Fatal(err)
+		}
+		usage = "--usage-decrypt"
+	}
+	if out, err := exec.Command("pkcs11-tool", "--module", nt.Module, "--token-label", nt.Label, "--login", "--pin", nt.PIN,
+		"--write-object", keyFile, "--type", "privkey", "--id", id, "--label", "naive-"+p.Name, usage).CombinedOutput(); err != nil {
+		b.Fatalf("pkcs11-tool --write-object: %v\n%s", err, out)
+	}
+	var total time.Duration
+	for i := range cards {
+		in := filepath.Join(dir, fmt.Sprintf("c%d.bin", i))
+		out := filepath.Join(dir, fmt.Sprintf("r%d.bin", i))
+		// The card's own encapsulation: S (r, or Z) and c.
+		secret, c, err := protocol.Encapsulate(p, pub, rand.Reader)
+		if err != nil {
+			b.Fatal(err)
+		}
+		args := []string{"--module", nt.Module, "--token-label", nt.Label, "--login", "--pin", nt.PIN, "--id", id, "-i", in, "-o", out}
+		if p.Transport == protocol.ECDHP256 {
+			// pkcs11-tool takes the peer's key as a DER SubjectPublicKeyInfo.
+			pk, err := ecdh.P256().NewPublicKey(c)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if c, err = x509.MarshalPKIXPublicKey(pk); err != nil {
+				b.Fatal(err)
+			}
+			args = append(args, "--derive", "-m", "ECDH1-DERIVE")
+		} else {
+			args = append(args, "--decrypt", "-m", "RSA-PKCS-OAEP", "--hash-algorithm", "SHA-1", "--mgf", "MGF1-SHA1")
 		}
 		if err := os.WriteFile(in, c, 0o600); err != nil {
 			b.Fatal(err)
 		}
-		cmd := exec.Command("pkcs11-tool", "--module", nt.Module, "--token-label", nt.Label,
-			"--login", "--pin", nt.PIN, "--decrypt", "-m", "RSA-PKCS-OAEP", "--hash-algorithm", "SHA-1",
-			"--mgf", "MGF1-SHA1", "--id", id, "-i", in, "-o", out)
+		cmd := exec.Command("pkcs11-tool", args...)
 		start := time.Now()
 		outb, err := cmd.CombinedOutput()
-		naive += time.Since(start)
+		total += time.Since(start)
 		if err != nil {
 			b.Fatalf("pkcs11-tool: %v\n%s", err, outb)
 		}
 		got, err := os.ReadFile(out)
-		if err != nil || !bytes.Equal(got, r) {
-			b.Fatalf("pkcs11-tool decrypted %x, want %x (%v)", got, r, err)
+		if err != nil || !bytes.Equal(got, secret) {
+			b.Fatalf("pkcs11-tool gave %x, want %x (%v)", got, secret, err)
 		}
 	}
-	perCard := naive / naiveCards
-	b.ReportMetric(float64(perCard.Microseconds())/1000, "naive-ms/card")
-	b.ReportMetric(float64(naiveCards)/naive.Seconds(), "naive-cards/s")
-	for _, w := range benchWorkers {
-		s := openBenchStore(b)
-		const n = 400
-		path := writeBenchBatch(b, dir, is, p, n, cycled(tmpl))
-		im := &Importer{Issuer: is, Store: s, Workers: w}
-		start := time.Now()
-		rep, err := im.ImportFile(context.Background(), path)
-		d := time.Since(start)
-		if err != nil || rep.Imported != n {
-			b.Fatalf("import: %+v, %v", rep, err)
-		}
-		rate := n / d.Seconds()
-		b.ReportMetric(rate, fmt.Sprintf("import-cards/s-w%d", w))
-		b.ReportMetric(rate*perCard.Seconds(), fmt.Sprintf("speedup-w%d", w))
-	}
+	return total / cards
 }
 
 // BenchmarkIssuerImportBig imports one large ecdh-p256-aes batch per size
-// (BLINDPERSO_BENCH_BIG_SIZES, default 100000,1000000), generated cheaply:
-// c a fresh P-256 point from crypto/ecdh, Ids sequential. The import runs
-// in a child process (the test binary, 2 workers, a fresh SQLite store),
-// so its peak RSS is its own (rusage Maxrss). It runs once per size
-// whatever b.N is.
+// (BLINDPERSO_BENCH_BIG_SIZES, default 100000,1000000). Every record is
+// made by a genuine virtual card through the in-process card transport
+// (card.Manufacture, perso.Job.Personalize: SELECT, GET ID, PERSONALIZE,
+// LOCK, the station's own steps), its state on tmpfs (/dev/shm) so that
+// making a million cards takes minutes; Ids are sequential. The import
+// runs in a child process (the test binary, 2 workers, a fresh SQLite
+// store), so its peak RSS is its own (rusage Maxrss); the child also
+// samples its RSS and, with BLINDPERSO_BENCH_MEMDIAG=1, says where the
+// memory is (Go heap, SQLite, mappings). Afterwards 16 cards spread over
+// the batch answer a challenge and are verified against the store, in
+// the token. It runs once per size whatever b.N is.
 func BenchmarkIssuerImportBig(b *testing.B) {
 	if os.Getenv(benchBigEnv) != "1" {
 		b.Skip("set " + benchBigEnv + "=1 (takes minutes)")
@@ -457,19 +539,14 @@ func BenchmarkIssuerImportBig(b *testing.B) {
 	bt := newBenchToken(b, "softhsm2")
 	is := bt.ec
 	p := protocol.ECDHP256AES
-	fp := is.Key.Fingerprint()
-	now := time.Now().UTC()
+	ctx := context.Background()
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("records=%d", n), func(b *testing.B) {
 			dir := b.TempDir()
-			path := writeBenchBatch(b, dir, is, p, n, func(i int) perso.Record {
-				k, err := ecdh.P256().GenerateKey(rand.Reader)
-				if err != nil {
-					b.Fatal(err)
-				}
-				return perso.Record{V: perso.BatchVersion, ID: binary.BigEndian.AppendUint64(nil, uint64(i+1)),
-					C: k.PublicKey().Bytes(), Profile: p.Name, Fingerprint: fp[:], Reader: "bench", Time: now}
-			})
+			gen := newCardMaker(b, is, p, n)
+			genStart := time.Now()
+			path := writeBenchBatch(b, dir, is, p, n, gen.record)
+			b.Logf("%d records made by in-process cards in %v", n, time.Since(genStart).Round(time.Second))
 			arg, _ := json.Marshal(benchChildArgs{URI: bt.tt.URI, Key: is.Key.Label, KEK: is.KEK.Label,
 				DB: filepath.Join(dir, "data"), Batch: path, Workers: 2})
 			cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -481,6 +558,9 @@ func BenchmarkIssuerImportBig(b *testing.B) {
 				b.Fatalf("child: %v\n%s", err, stderr.String())
 			}
 			wall := time.Since(start)
+			if stderr.Len() > 0 { // b.Log would truncate it
+				fmt.Fprintf(os.Stderr, "%s: the child said:\n%s", b.Name(), stderr.String())
+			}
 			var res benchChildResult
 			if err := json.Unmarshal([]byte(stdout.String()), &res); err != nil {
 				b.Fatalf("child said %q: %v", stdout.String(), err)
@@ -492,11 +572,124 @@ func BenchmarkIssuerImportBig(b *testing.B) {
 			b.ReportMetric(float64(ru.Maxrss)/1024, "peak-RSS-MiB") // Maxrss is in KiB on Linux
 			b.ReportMetric(float64(res.ImportNs)/float64(n)/1000, "µs/record")
 			b.ReportMetric(float64(n)/(float64(res.ImportNs)/1e9), "cards/s")
+			b.ReportMetric(float64(res.ImportNs)/1e9, "import-s")
 			b.ReportMetric(wall.Seconds(), "child-wall-s")
 			cpu := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 			b.ReportMetric(float64(cpu.Microseconds())/float64(n), "cpu-µs/record")
+			// The cards kept aside authenticate against the store.
+			s, err := OpenSQLite(ctx, filepath.Join(dir, "data"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			for _, c := range gen.kept {
+				sc, err := s.Card(ctx, c.id)
+				if err != nil {
+					b.Fatal(err)
+				}
+				challenge := make([]byte, 16)
+				rand.Read(challenge)
+				mac, err := protocol.AuthMAC(c.ki, c.id, challenge)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if ok, err := is.Verify(ctx, sc.CardKey, challenge, mac); err != nil || !ok {
+					b.Fatalf("card %x does not authenticate after the import: %v %v", c.id, ok, err)
+				}
+			}
 		})
 	}
+}
+
+// cardMaker makes a batch's records with genuine in-process virtual
+// cards, in parallel chunks, in order; it keeps the K_I of 16 of them.
+type cardMaker struct {
+	b     *testing.B
+	job   perso.Job
+	dir   string
+	n     int
+	chunk []perso.Record
+	base  int // index of chunk[0]
+	keep  map[int]bool
+	kept  []keptCard
+	mu    sync.Mutex
+}
+
+type keptCard struct{ id, ki []byte }
+
+func newCardMaker(b *testing.B, is *Issuer, p protocol.Profile, n int) *cardMaker {
+	job, err := perso.NewJob(p, is.Key.Public, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	dir := "/dev/shm"
+	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
+		dir = os.TempDir() // no tmpfs: slower (each card syncs its state)
+	}
+	dir, err = os.MkdirTemp(dir, "blindperso-bench-cards-")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	m := &cardMaker{b: b, job: job, dir: dir, n: n, base: -1, keep: map[int]bool{}}
+	for k := range 16 {
+		m.keep[k*n/16] = true
+	}
+	return m
+}
+
+// record returns record i; i goes 0, 1, 2… (writeBenchBatch).
+func (m *cardMaker) record(i int) perso.Record {
+	const chunk = 1024
+	if m.base < 0 || i >= m.base+len(m.chunk) {
+		m.base = i
+		m.chunk = make([]perso.Record, min(chunk, m.n-i))
+		var wg sync.WaitGroup
+		for g := range 2 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				path := filepath.Join(m.dir, fmt.Sprintf("card-%d.json", g))
+				for k := g; k < len(m.chunk); k += 2 {
+					m.chunk[k] = m.card(path, m.base+k)
+				}
+			}()
+		}
+		wg.Wait()
+	}
+	return m.chunk[i-m.base]
+}
+
+// card personalizes one fresh virtual card (state at path) as card i.
+func (m *cardMaker) card(path string, i int) perso.Record {
+	id := binary.BigEndian.AppendUint64(nil, uint64(i+1))
+	os.Remove(path)
+	a, err := card.Manufacture(path, card.Options{ID: id})
+	if err != nil {
+		m.b.Error(err)
+		return perso.Record{}
+	}
+	rec, _, err := m.job.Personalize(&card.Client{T: a.Local()}, "bench", &memLedger{})
+	if err != nil {
+		m.b.Error(err)
+		return perso.Record{}
+	}
+	if m.keep[i] {
+		raw, err := os.ReadFile(path)
+		var st struct {
+			KI protocol.Hex `json:"k_i"`
+		}
+		if err == nil {
+			err = json.Unmarshal(raw, &st)
+		}
+		if err != nil || len(st.KI) == 0 {
+			m.b.Errorf("card %d: no K_I in its state: %v", i, err)
+		}
+		m.mu.Lock()
+		m.kept = append(m.kept, keptCard{id, st.KI})
+		m.mu.Unlock()
+	}
+	return rec
 }
 
 type benchChildArgs struct {
@@ -508,6 +701,11 @@ type benchChildResult struct {
 	Imported int
 	ImportNs int64
 }
+
+const (
+	benchMemDiagEnv = "BLINDPERSO_BENCH_MEMDIAG"     // "1": the child says where its memory is
+	benchHeapEnv    = "BLINDPERSO_BENCH_HEAPPROFILE" // file: the child writes a heap profile there
+)
 
 func benchImportChild() int {
 	fail := func(err error) int { fmt.Fprintln(os.Stderr, err); return 2 }
@@ -534,21 +732,110 @@ func benchImportChild() int {
 		return fail(err)
 	}
 	defer s.Close()
+	diag := os.Getenv(benchMemDiagEnv) == "1"
+	stop := make(chan struct{})
+	sampled := make(chan string)
+	go func() { sampled <- sampleRSS(stop, diag) }()
 	im := &Importer{Issuer: &Issuer{Token: tok, Key: key, KEK: kek}, Store: s, Workers: a.Workers}
 	start := time.Now()
 	rep, err := im.ImportFile(ctx, a.Batch)
 	d := time.Since(start)
+	close(stop)
+	samples := <-sampled
 	if err != nil {
 		return fail(err)
+	}
+	if diag {
+		fmt.Fprint(os.Stderr, samples, memDiag())
+	}
+	if f := os.Getenv(benchHeapEnv); f != "" {
+		if w, err := os.Create(f); err == nil {
+			pprof.WriteHeapProfile(w)
+			w.Close()
+		}
 	}
 	json.NewEncoder(os.Stdout).Encode(benchChildResult{Imported: rep.Imported, ImportNs: d.Nanoseconds()})
 	return 0
 }
 
+// sampleRSS reads the process's RSS every 2 s until stop; with diag it
+// returns the samples (time, RSS, Go heap in use) as text.
+func sampleRSS(stop <-chan struct{}, diag bool) string {
+	var out strings.Builder
+	start := time.Now()
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return out.String()
+		case <-t.C:
+			if !diag {
+				continue
+			}
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			fmt.Fprintf(&out, "t=%4.0fs RSS %6.1f MiB  Go heap in use %5.1f MiB, Go sys %5.1f MiB\n",
+				time.Since(start).Seconds(), float64(statusKiB("VmRSS"))/1024, float64(ms.HeapInuse)/(1<<20), float64(ms.Sys)/(1<<20))
+		}
+	}
+}
+
+// statusKiB reads one "Name: N kB" line of /proc/self/status.
+func statusKiB(name string) int64 {
+	raw, _ := os.ReadFile("/proc/self/status")
+	for _, l := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(l, name+":"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+// memDiag says where the child's memory is at the end: the Go runtime's
+// view and the largest mappings of /proc/self/smaps by RSS.
+func memDiag() string {
+	var b strings.Builder
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	fmt.Fprintf(&b, "VmHWM %d KiB, VmRSS %d KiB; Go: HeapInuse %.1f MiB, HeapIdle %.1f MiB (released %.1f), StackSys %.1f MiB, Sys %.1f MiB, NumGC %d\n",
+		statusKiB("VmHWM"), statusKiB("VmRSS"), float64(ms.HeapInuse)/(1<<20), float64(ms.HeapIdle)/(1<<20),
+		float64(ms.HeapReleased)/(1<<20), float64(ms.StackSys)/(1<<20), float64(ms.Sys)/(1<<20), ms.NumGC)
+	raw, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		return b.String()
+	}
+	type mapping struct {
+		name string
+		rss  int64
+	}
+	var maps []mapping
+	for _, l := range strings.Split(string(raw), "\n") {
+		f := strings.Fields(l)
+		switch {
+		case len(f) >= 5 && strings.Contains(f[0], "-") && !strings.HasSuffix(f[0], ":"):
+			name := "[anon]"
+			if len(f) >= 6 {
+				name = f[5]
+			}
+			maps = append(maps, mapping{name: f[0] + " " + name})
+		case len(f) >= 2 && f[0] == "Rss:" && len(maps) > 0:
+			maps[len(maps)-1].rss, _ = strconv.ParseInt(f[1], 10, 64)
+		}
+	}
+	sort.Slice(maps, func(i, j int) bool { return maps[i].rss > maps[j].rss })
+	for _, m := range maps[:min(8, len(maps))] {
+		fmt.Fprintf(&b, "  %7d KiB %s\n", m.rss, m.name)
+	}
+	return b.String()
+}
+
 // BenchmarkIssuerVerify: verifications per second through the issuer's
 // Authenticator (the store's transaction — consume the challenge, read
 // the card, record the result — around the in-token check) against
-// hsm.VerifyCardMAC alone on the same token, keys and worker count.
+// hsm.VerifyCardMAC alone on the same token, keys (the KEK's session
+// copy, as Issuer.Verify uses) and worker count.
 // Challenges are issued and the cards' MACs computed before the timer.
 func BenchmarkIssuerVerify(b *testing.B) {
 	for _, kind := range []string{"softhsm2", "nss"} {
@@ -620,7 +907,7 @@ func BenchmarkIssuerVerify(b *testing.B) {
 						c := cards[i%len(cards)]
 						var ok bool
 						err := is.Token.With(ctx, func(s hsm.Session) error {
-							kek, err := is.KEK.Handle(s)
+							kek, err := is.kekHandle(s) // the KEK the issuer uses: its session copy
 							if err != nil {
 								return err
 							}

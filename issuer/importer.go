@@ -14,7 +14,10 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"blindperso/perso"
 	"blindperso/protocol"
@@ -39,8 +42,10 @@ const DefaultMaxLine = 64 << 10
 //     the record, skips the token when the store already has the Id, has
 //     the token derive and wrap K_I (Issuer.Import, one token session per
 //     worker), and hands the result to one store writer, which commits
-//     the results of many records (up to 256, whatever has arrived) in
-//     one transaction (group commit).
+//     the results of many records (up to maxGroup, or what has arrived
+//     within groupWait) in one transaction (group commit). A worker
+//     asks the store about the Ids of all the records waiting in its
+//     queue at once (one query for up to lookupBatch records).
 //  3. The batch's counts are recomputed from the store's tables.
 //
 // A bad record becomes a reject row (line number and reason) and the
@@ -56,10 +61,19 @@ type Importer struct {
 	// Log, if set, gets the token's own words when it refuses a c; the
 	// reject reason stays ReasonTokenRefused (paper §4.5).
 	Log *slog.Logger
+	// TokenTime, if set, gets the duration of each record's token work
+	// (Issuer.Import: derive, wrap, destroy), from the worker that did
+	// it. A store's own timing cannot see it: the store is asked about
+	// many Ids at once, and the writer commits many records at once.
+	TokenTime func(time.Duration)
 
 	// afterRecord, if set, runs after each record is handed to the store
 	// writer (tests: it slows the import down).
 	afterRecord func(line int)
+	// groupWait and recycle, if set, replace groupWait and recycleEvery
+	// (tests).
+	groupWait time.Duration
+	recycle   int64
 }
 
 // ReasonTokenRefused is the one reject reason for every c the token
@@ -165,11 +179,43 @@ func summarize(path string) (sum []byte, size int64, lines int, err error) {
 type job struct {
 	line int
 	rec  perso.Record
+	// known: the Id is stored or pending (no token work), as found by
+	// the worker's lookup of the records queued with this one.
+	known bool
 }
 
 // maxGroup is the most records the store writer commits in one
 // transaction.
-const maxGroup = 256
+const maxGroup = 512
+
+// groupWait is how long the store writer waits for more results before
+// it commits a group that is not full. Every commit is one fsync of the
+// store's log (SQLite WAL, synchronous=FULL; PostgreSQL's WAL flush):
+// committing whatever has arrived, as soon as it has, meant a commit for
+// every one or two records at token speed, and those fsyncs (and the
+// SQL around them) slowed the token's own work by a third on a 2-vCPU
+// machine (docs/BENCHMARKS.md, "Issuer import"). Waiting 50 ms commits
+// 30 to 150 records at once. A kill loses at most the group in flight,
+// which a rerun redoes, as before; the end of the batch commits at once.
+const groupWait = 50 * time.Millisecond
+
+// lookupBatch is the most records whose Ids a worker looks up in the
+// store with one query.
+const lookupBatch = 64
+
+// recycleEvery is how many records the workers handle between two
+// Token.Recycle calls. SoftHSM2 keeps every session object it ever made
+// until it is finalized (hsm.Token.KeepsDestroyedObjects): ≈ 0.5 KiB per
+// card, which made the importer's memory grow with the batch (92 MiB at
+// 100 000 records, ≈ 500 MiB at a million). Recycling every 16 384
+// records bounds it at ≈ 8 MiB, for a pause of 10–40 ms every few
+// seconds. The importer holds no session object of its own: the
+// Issuer's session copies of its keys are made again.
+const recycleEvery = 16384
+
+// queueLen is each worker's queue: records read ahead, so that a worker
+// finds many waiting and looks their Ids up at once.
+const queueLen = lookupBatch
 
 // pending counts, per card Id, the cards handed to the store writer and
 // not yet committed: a worker treats such an Id as stored (no token
@@ -221,14 +267,13 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	n := max(im.Workers, 1)
-	results := make(chan RecordResult, 2*maxGroup)
+	defer atLeastProcs(n + 1)()
+	q := &resultQueue{c: make(chan RecordResult, 2*maxGroup), full: make(chan struct{}, 1), end: make(chan struct{})}
 	pend := &pending{n: map[string]int{}}
 	wdone := make(chan struct{})
 	go func() {
 		defer close(wdone)
-		if err := im.write(ctx, results, pend); err != nil {
-			cancel(err)
-		}
+		im.write(ctx, q, pend, cancel)
 	}()
 	// send hands a result to the writer; false if the import is stopping.
 	send := func(r RecordResult) bool {
@@ -236,9 +281,15 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 			pend.add(r.Card.ID)
 		}
 		select {
-		case results <- r:
+		case q.c <- r:
 		case <-ctx.Done():
 			return false
+		}
+		if len(q.c) >= maxGroup {
+			select {
+			case q.full <- struct{}{}:
+			default:
+			}
 		}
 		if im.afterRecord != nil {
 			im.afterRecord(r.Line)
@@ -246,22 +297,74 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 		return true
 	}
 	queues := make([]chan job, n)
+	var handled atomic.Int64 // records handled by the workers (recycleEvery)
+	recycle := int64(recycleEvery)
+	if im.recycle > 0 {
+		recycle = im.recycle
+	}
 	var wg sync.WaitGroup
 	for i := range queues {
-		queues[i] = make(chan job, 8)
+		queues[i] = make(chan job, queueLen)
 		wg.Add(1)
 		go func(q chan job) {
 			defer wg.Done()
+			// One OS thread for all of this worker's token calls: the
+			// library's per-thread state (its malloc arena, OpenSSL's
+			// caches) and the CPU's caches stay warm. Measured: the
+			// import at one worker ≈ 10 % faster.
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			jobs := make([]job, 0, lookupBatch)
+			sent := make([][]byte, 0, lookupBatch)
 			for j := range q {
 				if ctx.Err() != nil {
 					continue // drain
 				}
-				r, err := im.card(ctx, batch, m, j, pend)
-				if err != nil {
+				// Take what else is waiting, and ask the store about
+				// all their Ids at once.
+				jobs = append(jobs[:0], j)
+			more:
+				for len(jobs) < lookupBatch {
+					select {
+					case j, ok := <-q:
+						if !ok {
+							break more
+						}
+						jobs = append(jobs, j)
+					default:
+						break more
+					}
+				}
+				if err := im.lookup(ctx, jobs, pend); err != nil {
 					cancel(err)
 					continue
 				}
-				send(r)
+				// An Id that an earlier job of this list handed to the
+				// writer is known too: it may be committed and gone from
+				// pending by now, after the store was asked.
+				sent = sent[:0]
+				for _, j := range jobs {
+					if ctx.Err() != nil {
+						break
+					}
+					for k := 0; k < len(sent) && !j.known; k++ {
+						j.known = bytes.Equal(sent[k], j.rec.ID)
+					}
+					r, err := im.card(ctx, batch, m, j)
+					if err != nil {
+						cancel(err)
+						break
+					}
+					if send(r) && r.Card != nil {
+						sent = append(sent, j.rec.ID)
+					}
+					if handled.Add(1)%recycle == 0 {
+						if err := im.Issuer.Token.Recycle(); err != nil {
+							cancel(err)
+							break
+						}
+					}
+				}
 			}
 		}(queues[i])
 	}
@@ -273,7 +376,7 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 				hh := fnv.New32a()
 				hh.Write(rec.ID)
 				select {
-				case queues[int(hh.Sum32()%uint32(n))] <- job{line, rec}:
+				case queues[int(hh.Sum32()%uint32(n))] <- job{line: line, rec: rec}:
 				case <-ctx.Done():
 				}
 				return nil
@@ -287,7 +390,8 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 		close(q)
 	}
 	wg.Wait()
-	close(results)
+	close(q.end)
+	close(q.c)
 	<-wdone
 	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		return nil, err
@@ -301,37 +405,150 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 	return h.Sum(nil), nil
 }
 
-// write is the store writer: it takes a result, adds whatever else has
-// already arrived (up to maxGroup) and commits them in one transaction.
-// A failed group stops the import (a rerun redoes it: the writes are
-// idempotent); the rest of in is drained.
-func (im *Importer) write(ctx context.Context, in <-chan RecordResult, pend *pending) error {
+// lookup sets known on each of jobs whose Id is pending (handed to the
+// writer, not yet committed) or stored: such a record needs no token
+// work. Pending is asked first and the store after, so that an Id the
+// writer commits (and then clears from pending) between the two is
+// still seen. A store without KnownCards is asked per record.
+func (im *Importer) lookup(ctx context.Context, jobs []job, pend *pending) error {
+	var ask [][]byte
+	var at []int
+	for i := range jobs {
+		id := jobs[i].rec.ID
+		jobs[i].known = pend.has(id)
+		if !jobs[i].known {
+			ask = append(ask, id)
+			at = append(at, i)
+		}
+	}
+	if len(ask) == 0 {
+		return nil
+	}
+	if lc, ok := im.Store.(cardLookup); ok {
+		found, err := lc.KnownCards(ctx, ask)
+		if err != nil {
+			return err
+		}
+		for k, i := range at {
+			jobs[i].known = found[k]
+		}
+		return nil
+	}
+	for _, i := range at {
+		_, found, err := im.Store.CardCHash(ctx, jobs[i].rec.ID)
+		if err != nil {
+			return err
+		}
+		jobs[i].known = found
+	}
+	return nil
+}
+
+// cardLookup is a store that can tell which of many card Ids it holds in
+// one query (sqlStore.KnownCards).
+type cardLookup interface {
+	KnownCards(ctx context.Context, ids [][]byte) ([]bool, error)
+}
+
+// procs counts the imports that raised GOMAXPROCS (atLeastProcs).
+var procs struct {
+	sync.Mutex
+	users int
+	prev  int // GOMAXPROCS before the first of them
+}
+
+// atLeastProcs makes GOMAXPROCS at least n until the returned function is
+// called (by every caller, when several imports overlap: the last one
+// puts the previous value back). An import needs a P per worker plus
+// one: a worker keeps its P during its token calls (cgo), so with one P
+// per worker the reader, the store writer and the garbage collector run
+// only when the runtime takes a P away from a worker in the middle of a
+// call, and the worker then waits for one when the call returns. On
+// 2 vCPUs with 2 workers, 3 Ps made the import 10–20 % faster
+// (docs/BENCHMARKS.md, "Issuer import"); the extra P costs nothing while
+// the workers are in the token.
+func atLeastProcs(n int) (restore func()) {
+	procs.Lock()
+	defer procs.Unlock()
+	cur := runtime.GOMAXPROCS(0)
+	if procs.users == 0 {
+		procs.prev = cur
+	}
+	procs.users++
+	if cur < n {
+		runtime.GOMAXPROCS(n)
+	}
+	return func() {
+		procs.Lock()
+		defer procs.Unlock()
+		if procs.users--; procs.users == 0 && runtime.GOMAXPROCS(0) != procs.prev {
+			runtime.GOMAXPROCS(procs.prev)
+		}
+	}
+}
+
+// resultQueue hands the results of the workers (and the reader's rejects)
+// to the store writer, which sleeps while a group fills: it is woken once
+// per group — groupWait after the group's first result, or when maxGroup
+// results wait, or at the end of the input — not once per record, which
+// (a futex wake-up of the writer per card) cost ≈ 20 µs of a card's
+// time at one worker.
+type resultQueue struct {
+	c    chan RecordResult // 2 × maxGroup
+	full chan struct{}     // capacity 1: a group's worth is waiting
+	end  chan struct{}     // closed after the last result
+}
+
+// write is the store writer: it takes a result, lets more arrive for
+// groupWait (up to maxGroup) and commits them in one transaction. A
+// failed group stops the import at once (stop; a rerun redoes the group:
+// the writes are idempotent); the rest of q is drained.
+func (im *Importer) write(ctx context.Context, q *resultQueue, pend *pending, stop func(error)) {
 	group := make([]RecordResult, 0, maxGroup)
-	var failed error
-	for r := range in {
-		if failed != nil || ctx.Err() != nil {
+	wait := im.groupWait
+	if wait <= 0 {
+		wait = groupWait
+	}
+	timer := time.NewTimer(wait)
+	timer.Stop()
+	for r := range q.c {
+		if ctx.Err() != nil {
 			continue // drain
 		}
 		group = append(group[:0], r)
-	more:
+		select {
+		case <-q.full: // left from the group before
+		default:
+		}
+		timer.Reset(wait)
+		select {
+		case <-timer.C:
+		case <-q.full:
+		case <-q.end:
+		case <-ctx.Done():
+		}
+		timer.Stop()
+	take:
 		for len(group) < maxGroup {
 			select {
-			case r, ok := <-in:
+			case r, ok := <-q.c:
 				if !ok {
-					break more
+					break take
 				}
 				group = append(group, r)
 			default:
-				break more
+				break take
 			}
 		}
-		_, failed = im.Store.PutResults(ctx, group)
-		if failed != nil {
+		if ctx.Err() != nil {
+			continue
+		}
+		if _, err := im.Store.PutResults(ctx, group); err != nil {
+			stop(err)
 			continue
 		}
 		pend.done(group)
 	}
-	return failed
 }
 
 // read calls fn for every line of r (numbered from 1, without its '\n'),
@@ -412,7 +629,7 @@ func parseRecord(line []byte) (perso.Record, error) {
 // or found already stored or pending: then without a wrapped key, and
 // PutCard decides duplicate or conflict). Its error is not about the
 // record: it stops the import.
-func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j job, pend *pending) (RecordResult, error) {
+func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j job) (RecordResult, error) {
 	rec := j.rec
 	res := RecordResult{Batch: batch, Line: j.line}
 	reject := func(reason string) (RecordResult, error) {
@@ -434,22 +651,18 @@ func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j 
 	}
 	ch := sha256.Sum256(rec.C)
 	// A card already stored, or handed to the writer and not yet
-	// committed (pending is checked first: the writer commits, then
-	// clears it), needs no token work: the same c is a duplicate,
-	// another c a conflict; the store decides which.
-	found := pend.has(rec.ID)
-	if !found {
-		var err error
-		if _, found, err = im.Store.CardCHash(ctx, rec.ID); err != nil {
-			return res, err
-		}
-	}
+	// committed (lookup), needs no token work: the same c is a
+	// duplicate, another c a conflict; the store decides which.
 	var ck CardKey
-	if found {
+	if j.known {
 		ck = CardKey{ID: rec.ID, Profile: p.Name, IssuerFingerprint: fp[:]}
 	} else {
 		var err error
+		start := time.Now()
 		ck, err = im.Issuer.Import(ctx, rec)
+		if im.TokenTime != nil {
+			im.TokenTime(time.Since(start))
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return res, ctx.Err()

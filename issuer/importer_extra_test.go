@@ -3,11 +3,16 @@ package issuer
 import (
 	"bytes"
 	"context"
+	"errors"
+	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"blindperso/hsm"
+	"blindperso/perso"
 	"blindperso/protocol"
 )
 
@@ -105,6 +110,192 @@ func TestPGConcurrentImport(t *testing.T) {
 		}
 		if got := dump(t, s1); got != want {
 			t.Fatalf("round %d: concurrent imports:\n%s\none after the other:\n%s", round, got, want)
+		}
+	}
+}
+
+// noLookupStore hides the store's KnownCards: the importer then asks
+// CardCHash per record.
+type noLookupStore struct{ Store }
+
+// Records of one Id spread over the batch — the first refused by the
+// token, then the genuine c, the same again, another card's c — with
+// other records between them, so that they fall in different lookup
+// lists and groups: whatever the group timing and the worker count, and
+// with or without the store's batched lookup, the store ends the same,
+// and the token works exactly once per record whose Id is neither stored
+// nor pending (a refused record does not make its Id known).
+func TestImportSameIDAcrossGroups(t *testing.T) {
+	p := protocol.RSAOAEPAES
+	is := newIssuer(t, hsm.KindRSA2048)
+	var ids []byte
+	for i := range 6 {
+		ids = append(ids, byte(0x20+i))
+	}
+	cards := makeCards(t, is, p, ids...)
+	x := cards[0].rec
+	refused := x
+	refused.C = bytes.Clone(x.C)
+	refused.C[len(refused.C)-1] ^= 0x80
+	other := cards[1].rec
+	other.ID = x.ID
+	var content strings.Builder
+	filler := 0
+	fill := func(n int) {
+		for range n {
+			r := cards[2+filler%4].rec
+			r.ID = []byte{0xF0, byte(filler >> 8), byte(filler)}
+			filler++
+			content.WriteString(recordLine(t, r))
+		}
+	}
+	for _, r := range []perso.Record{refused, x, x, other} {
+		fill(70) // more than a lookup list
+		content.WriteString(recordLine(t, r))
+	}
+	fill(5)
+	path := writeBatch(t, is, p, content.String())
+	// Token work: the refused record, x once, and every filler.
+	wantCalls := int64(2 + filler)
+
+	var want, wantRerun string
+	for _, tc := range []struct {
+		name    string
+		workers int
+		wait    time.Duration
+		hide    bool
+	}{
+		{"1 worker", 1, 0, false},
+		{"2 workers", 2, 0, false},
+		{"commit at once", 2, time.Nanosecond, false},
+		{"commit at once, 1 worker", 1, time.Nanosecond, false},
+		{"per-record lookup", 2, time.Nanosecond, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var s Store = openStore(t, filepath.Join(t.TempDir(), "data"))
+			dumpOf := s
+			if tc.hide {
+				s = noLookupStore{s}
+			}
+			var calls atomic.Int64
+			im := &Importer{Issuer: is, Store: s, Workers: tc.workers, groupWait: tc.wait,
+				TokenTime: func(time.Duration) { calls.Add(1) }}
+			rep, err := im.ImportFile(context.Background(), path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.Rejects != 1 || rep.Conflicts != 1 || rep.Duplicates != 1 || rep.Imported != 1+filler {
+				t.Errorf("report %+v", rep)
+			}
+			if got := calls.Load(); got != wantCalls {
+				t.Errorf("%d token calls, want %d", got, wantCalls)
+			}
+			got := dump(t, dumpOf)
+			if want == "" {
+				want = got
+			} else if got != want {
+				t.Errorf("store:\n%s\nwant (first run):\n%s", got, want)
+			}
+			// A rerun makes no token call: every Id is stored now. (The
+			// refused record's Id is now known, so its line turns from
+			// a reject into a conflict, as it did before lookups were
+			// batched; the same in every case.)
+			calls.Store(0)
+			if _, err := im.ImportFile(context.Background(), path); err != nil {
+				t.Fatal(err)
+			}
+			if n := calls.Load(); n != 0 {
+				t.Errorf("rerun: %d token calls, want 0", n)
+			}
+			got = dump(t, dumpOf)
+			if wantRerun == "" {
+				wantRerun = got
+			} else if got != wantRerun {
+				t.Errorf("after a rerun:\n%s\nwant (first run):\n%s", got, wantRerun)
+			}
+		})
+	}
+}
+
+// failingStore fails every group commit.
+type failingStore struct {
+	Store
+	puts atomic.Int64
+}
+
+func (f *failingStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome, error) {
+	f.puts.Add(1)
+	return nil, errors.New("disk on fire")
+}
+
+// A store that cannot commit stops the import at its first group: the
+// workers stop asking the token, and ImportFile says why.
+func TestImportStopsOnStoreFailure(t *testing.T) {
+	p := protocol.ECDHP256AES
+	is := newIssuer(t, hsm.KindP256)
+	cards := makeCards(t, is, p, 1, 2, 3, 4)
+	var content strings.Builder
+	const n = 2000
+	for i := range n {
+		r := cards[i%len(cards)].rec
+		r.ID = []byte{0xD0, byte(i >> 8), byte(i)}
+		content.WriteString(recordLine(t, r))
+	}
+	path := writeBatch(t, is, p, content.String())
+	fs := &failingStore{Store: openStore(t, filepath.Join(t.TempDir(), "data"))}
+	var calls atomic.Int64
+	im := &Importer{Issuer: is, Store: fs, Workers: 2, TokenTime: func(time.Duration) { calls.Add(1) }}
+	_, err := im.ImportFile(context.Background(), path)
+	if err == nil || !strings.Contains(err.Error(), "disk on fire") {
+		t.Fatalf("err = %v", err)
+	}
+	if fs.puts.Load() != 1 {
+		t.Errorf("%d group commits tried, want 1", fs.puts.Load())
+	}
+	if c := calls.Load(); c >= n {
+		t.Errorf("the token imported all %d records after the store failed", c)
+	} else {
+		t.Logf("stopped after %d token calls of %d", c, n)
+	}
+}
+
+// The importer recycles SoftHSM2 (hsm.Token.Recycle: finalize and
+// initialize, which frees the session objects it keeps) every so many
+// records, while both workers import: every card lands, with the key a
+// card holds, and the issuer's session copies are made again each time.
+func TestImportRecycles(t *testing.T) {
+	p := protocol.ECDHP256AES
+	is := newIssuer(t, hsm.KindP256)
+	cards := makeCards(t, is, p, 1, 2, 3)
+	var content strings.Builder
+	const n = 600
+	for i := range n {
+		r := cards[i%len(cards)].rec
+		if i >= len(cards) {
+			r.ID = []byte{0xC0, byte(i >> 8), byte(i)}
+		}
+		content.WriteString(recordLine(t, r))
+	}
+	path := writeBatch(t, is, p, content.String())
+	s := openStore(t, filepath.Join(t.TempDir(), "data"))
+	im := &Importer{Issuer: is, Store: s, Workers: 2, recycle: 50}
+	rep, err := im.ImportFile(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Imported != n || rep.Rejects != 0 {
+		t.Fatalf("report %+v", rep)
+	}
+	// The genuine cards authenticate against what was stored.
+	a := &Authenticator{Verifier: is, Store: s}
+	for _, c := range cards {
+		ch, err := a.Challenge(context.Background(), c.rec.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := a.Verify(context.Background(), c.rec.ID, ch.Challenge, authenticate(t, c.a, ch.Challenge))
+		if err != nil || !res.OK {
+			t.Errorf("card %x after recycling: %+v, %v", c.rec.ID, res, err)
 		}
 	}
 }

@@ -110,6 +110,10 @@ func authenticate(t *testing.T, a *card.Applet, challenge []byte) []byte {
 // insider personalized under her own key (paper Fig. 2), whose S she then
 // re-encrypted to the issuer, never does.
 func TestImportAndAuthenticate(t *testing.T) {
+	// Recycle the token every other verification: imports and
+	// verifications go on across it (the session copies are made again).
+	defer func(n int64) { verifyRecycleEvery = n }(verifyRecycleEvery)
+	verifyRecycleEvery = 2
 	for _, tc := range []struct {
 		profile protocol.Profile
 		kind    string

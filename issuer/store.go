@@ -74,6 +74,9 @@ const (
 	Imported Outcome = iota + 1
 	Duplicate
 	Conflict
+	// Rejected: the record's line was rejected by an earlier run of the
+	// same batch, and the reject stands (a would-be conflict).
+	Rejected
 )
 
 func (o Outcome) String() string {
@@ -84,6 +87,8 @@ func (o Outcome) String() string {
 		return "duplicate"
 	case Conflict:
 		return "conflict"
+	case Rejected:
+		return "rejected"
 	}
 	return "outcome(" + strconv.Itoa(int(o)) + ")"
 }
@@ -308,15 +313,27 @@ func (s *sqlStore) RefuseBatch(ctx context.Context, id string, manifest []byte, 
 }
 
 func (s *sqlStore) FinishBatch(ctx context.Context, id string) (BatchReport, error) {
-	_, err := s.exec(ctx, s.db, `UPDATE batches SET
-			imported = (SELECT COUNT(*) FROM cards WHERE batch_id = ?),
-			conflicts = (SELECT COUNT(*) FROM conflicts WHERE batch_id = ?),
-			rejects = (SELECT COUNT(*) FROM rejects WHERE batch_id = ?),
-			status = 'done', updated_at = ?
-		WHERE id = ?`, id, id, id, now(), id)
-	if err == nil {
-		_, err = s.exec(ctx, s.db, `UPDATE batches SET duplicates = records - imported - conflicts - rejects WHERE id = ?`, id)
-	}
+	// One transaction for both updates: one commit (one fsync), and no
+	// reader sees the counts without the duplicates.
+	err := func() error {
+		tx, err := s.db.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		if _, err := s.exec(ctx, tx, `UPDATE batches SET
+				imported = (SELECT COUNT(*) FROM cards WHERE batch_id = ?),
+				conflicts = (SELECT COUNT(*) FROM conflicts WHERE batch_id = ?),
+				rejects = (SELECT COUNT(*) FROM rejects WHERE batch_id = ?),
+				status = 'done', updated_at = ?
+			WHERE id = ?`, id, id, id, now(), id); err != nil {
+			return err
+		}
+		if _, err := s.exec(ctx, tx, `UPDATE batches SET duplicates = records - imported - conflicts - rejects WHERE id = ?`, id); err != nil {
+			return err
+		}
+		return tx.Commit()
+	}()
 	if err != nil {
 		return BatchReport{}, fmt.Errorf("store: finish batch %s: %w", id, err)
 	}
@@ -334,6 +351,42 @@ func (s *sqlStore) CardCHash(ctx context.Context, id []byte) ([]byte, bool, erro
 	}
 	b, err := hex.DecodeString(h)
 	return b, err == nil, err
+}
+
+// KnownCards reports, for each of ids, whether a card with that Id is
+// stored: one query for all of them (the importer asks for the records
+// waiting in a worker's queue at once).
+func (s *sqlStore) KnownCards(ctx context.Context, ids [][]byte) ([]bool, error) {
+	found := make([]bool, len(ids))
+	if len(ids) == 0 {
+		return found, nil
+	}
+	at := make(map[string][]int, len(ids))
+	args := make([]any, len(ids))
+	for i, id := range ids {
+		h := hexID(id)
+		at[h] = append(at[h], i)
+		args[i] = h
+	}
+	q := `SELECT id FROM cards WHERE id IN (?` + strings.Repeat(`, ?`, len(ids)-1) + `)`
+	rows, err := s.db.QueryContext(ctx, s.d.q(q), args...)
+	if err != nil {
+		return nil, fmt.Errorf("store: look up %d cards: %w", len(ids), err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var h string
+		if err := rows.Scan(&h); err != nil {
+			return nil, fmt.Errorf("store: look up %d cards: %w", len(ids), err)
+		}
+		for _, i := range at[h] {
+			found[i] = true
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("store: look up %d cards: %w", len(ids), err)
+	}
+	return found, nil
 }
 
 func (s *sqlStore) PutCard(ctx context.Context, c StoredCard) (Outcome, error) {
@@ -371,16 +424,20 @@ func (s *sqlStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome
 		return nil, fmt.Errorf("store: put results: %w", err)
 	}
 	defer tx.Rollback()
+	// Each statement is prepared once for the group, not once per
+	// record: parsing the SQL was a third of the writer's time.
+	x := &stmtCache{tx: tx, m: map[string]*sql.Stmt{}}
+	defer x.close()
 	outs := make([]Outcome, len(rs))
 	for i, r := range rs {
 		if r.Card == nil {
-			if _, err := s.exec(ctx, tx, `INSERT INTO rejects (batch_id, line, reason, created_at) VALUES (?, ?, ?, ?)
+			if _, err := s.exec(ctx, x, `INSERT INTO rejects (batch_id, line, reason, created_at) VALUES (?, ?, ?, ?)
 				ON CONFLICT (batch_id, line) DO NOTHING`, r.Batch, r.Line, r.Reason, now()); err != nil {
 				return nil, fmt.Errorf("store: reject batch %s line %d: %w", r.Batch, r.Line, err)
 			}
 			continue
 		}
-		if outs[i], err = s.putCard(ctx, tx, *r.Card); err != nil {
+		if outs[i], err = s.putCard(ctx, x, *r.Card); err != nil {
 			return nil, fmt.Errorf("store: card %X: %w", []byte(r.Card.ID), err)
 		}
 	}
@@ -390,14 +447,59 @@ func (s *sqlStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome
 	return outs, nil
 }
 
-func (s *sqlStore) putCard(ctx context.Context, tx *sql.Tx, c StoredCard) (Outcome, error) {
+// stmtCache runs a transaction's statements, each prepared on first use
+// and reused for the rest of the transaction.
+type stmtCache struct {
+	tx *sql.Tx
+	m  map[string]*sql.Stmt
+}
+
+func (c *stmtCache) stmt(ctx context.Context, query string) (*sql.Stmt, error) {
+	if st := c.m[query]; st != nil {
+		return st, nil
+	}
+	st, err := c.tx.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	c.m[query] = st
+	return st, nil
+}
+
+func (c *stmtCache) ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error) {
+	st, err := c.stmt(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	return st.ExecContext(ctx, args...)
+}
+
+// QueryRowContext reports a failed prepare through the Row's Scan, as
+// database/sql does.
+func (c *stmtCache) QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row {
+	st, err := c.stmt(ctx, query)
+	if err != nil {
+		return c.tx.QueryRowContext(ctx, query, args...)
+	}
+	return st.QueryRowContext(ctx, args...)
+}
+
+func (c *stmtCache) close() {
+	for _, st := range c.m {
+		st.Close()
+	}
+}
+
+func (s *sqlStore) putCard(ctx context.Context, tx execer, c StoredCard) (Outcome, error) {
 	t := now()
 	id, ch := hexID(c.ID), hex.EncodeToString(c.CSHA256)
-	// A record that lands replaces a reject of the same line left by an
-	// earlier, interrupted run (a token that was unreachable then).
-	if _, err := s.exec(ctx, tx, `DELETE FROM rejects WHERE batch_id = ? AND line = ?`, c.Batch, c.Line); err != nil {
+	// A line an earlier run rejected (a token that was unreachable then,
+	// or that refused c) is tried again; see known for what then.
+	var n int
+	if err := tx.QueryRowContext(ctx, s.d.q(`SELECT COUNT(*) FROM rejects WHERE batch_id = ? AND line = ?`), c.Batch, c.Line).Scan(&n); err != nil {
 		return 0, err
 	}
+	rejected := n > 0
 	if len(c.Blob.Wrapped) == 0 {
 		// Only the c hash: the caller knows the Id is stored.
 		var have string
@@ -408,7 +510,7 @@ func (s *sqlStore) putCard(ctx context.Context, tx *sql.Tx, c StoredCard) (Outco
 		if err != nil {
 			return 0, err
 		}
-		return s.known(ctx, tx, c, id, ch, have, t)
+		return s.known(ctx, tx, c, id, ch, have, t, rejected)
 	}
 	res, err := s.exec(ctx, tx, `INSERT INTO cards (id, profile, issuer_key_label, issuer_fingerprint,
 			blob_scheme, blob_mechanism, blob_kek, blob_wrapped, c_sha256, batch_id, line, state, failed_auth, created_at, updated_at)
@@ -423,19 +525,27 @@ func (s *sqlStore) putCard(ctx context.Context, tx *sql.Tx, c StoredCard) (Outco
 	if n, err := res.RowsAffected(); err != nil {
 		return 0, err
 	} else if n == 1 {
-		return Imported, nil
+		return Imported, s.unreject(ctx, tx, c, rejected)
 	}
 	var have string
 	if err := tx.QueryRowContext(ctx, s.d.q(`SELECT c_sha256 FROM cards WHERE id = ?`), id).Scan(&have); err != nil {
 		return 0, err
 	}
-	return s.known(ctx, tx, c, id, ch, have, t)
+	return s.known(ctx, tx, c, id, ch, have, t, rejected)
 }
 
 // known handles a card whose Id is stored with c hash have.
-func (s *sqlStore) known(ctx context.Context, tx *sql.Tx, c StoredCard, id, ch, have, t string) (Outcome, error) {
+// rejected: an earlier run rejected the record's line.
+func (s *sqlStore) known(ctx context.Context, tx execer, c StoredCard, id, ch, have, t string, rejected bool) (Outcome, error) {
 	if have == ch {
-		return Duplicate, nil
+		return Duplicate, s.unreject(ctx, tx, c, rejected)
+	}
+	if rejected {
+		// The earlier run rejected this line before a later line of
+		// the same Id landed (records of one Id are handled in file
+		// order): the reject stands, as in an uninterrupted run, rather
+		// than turning into a conflict on the rerun.
+		return Rejected, nil
 	}
 	if _, err := s.exec(ctx, tx, `INSERT INTO conflicts (card_id, c_sha256, batch_id, line, created_at)
 		VALUES (?, ?, ?, ?, ?) ON CONFLICT (batch_id, line) DO NOTHING`, id, ch, c.Batch, c.Line, t); err != nil {
@@ -445,6 +555,16 @@ func (s *sqlStore) known(ctx context.Context, tx *sql.Tx, c StoredCard, id, ch, 
 		return 0, err
 	}
 	return Conflict, nil
+}
+
+// unreject deletes the reject an earlier run left for the line of a
+// record that has now landed.
+func (s *sqlStore) unreject(ctx context.Context, tx execer, c StoredCard, rejected bool) error {
+	if !rejected {
+		return nil
+	}
+	_, err := s.exec(ctx, tx, `DELETE FROM rejects WHERE batch_id = ? AND line = ?`, c.Batch, c.Line)
+	return err
 }
 
 func (s *sqlStore) PutReject(ctx context.Context, batch string, line int, reason string) error {

@@ -496,3 +496,35 @@ func TestStoreKillAndRerun(t *testing.T) {
 		})
 	}
 }
+
+// A line the token refused stays a reject when the batch is imported
+// again, even though a later line of the same Id landed in the meantime:
+// a rerun (after a kill, or of a finished batch) gives the store of one
+// uninterrupted import, not a conflict.
+func TestRerunKeepsRejectOfSameID(t *testing.T) {
+	is := newIssuer(t, hsm.KindRSA2048)
+	p := protocol.RSAOAEPAES
+	good := makeCards(t, is, p, 7)[0]
+	bad := good.rec
+	bad.C = bytes.Clone(good.rec.C)
+	bad.C[len(bad.C)/2] ^= 0x01 // well-shaped, but OAEP decoding fails in the token
+	batch := writeBatch(t, is, p, recordLine(t, bad)+recordLine(t, good.rec))
+	for _, k := range storeKinds {
+		t.Run(k.name, func(t *testing.T) {
+			db, _ := k.open(t)
+			s := openStore(t, db)
+			rep := importBatch(t, is, s, batch)
+			if rep.Imported != 1 || rep.Rejects != 1 || rep.Conflicts != 0 {
+				t.Fatalf("first import: %+v", rep)
+			}
+			d := dump(t, s)
+			rep = importBatch(t, is, s, batch)
+			if rep.Imported != 1 || rep.Rejects != 1 || rep.Conflicts != 0 {
+				t.Fatalf("rerun: %+v", rep)
+			}
+			if got := dump(t, s); got != d {
+				t.Fatalf("rerun changed the store:\n%s\nwas\n%s", got, d)
+			}
+		})
+	}
+}
