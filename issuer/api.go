@@ -17,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -159,17 +158,21 @@ type APIConfig struct {
 	Tokens        []TokenEntry
 	ChallengeTTL  time.Duration
 	MaxFailures   int
-	Logger        *slog.Logger         // nil: discard
-	Registry      *prometheus.Registry // nil: a new one
+	// ChallengeRetention is how long an expired challenge is kept before
+	// it is purged; 0 means DefaultChallengeRetention.
+	ChallengeRetention time.Duration
+	Logger             *slog.Logger         // nil: discard
+	Registry           *prometheus.Registry // nil: a new one
 }
 
 // API is the issuer's HTTP handler.
 type API struct {
-	cfg  APIConfig
-	auth *Authenticator
-	m    *apiMetrics
-	log  *slog.Logger
-	mux  *http.ServeMux
+	cfg     APIConfig
+	auth    *Authenticator
+	m       *apiMetrics
+	log     *slog.Logger
+	mux     *http.ServeMux
+	methods map[string][]string // path pattern → its methods, for 405 answers
 }
 
 type apiMetrics struct {
@@ -231,13 +234,14 @@ func NewAPI(cfg APIConfig) (*API, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	a := &API{cfg: cfg, m: newAPIMetrics(cfg.Registry), log: log, mux: http.NewServeMux()}
+	a := &API{cfg: cfg, m: newAPIMetrics(cfg.Registry), log: log, mux: http.NewServeMux(), methods: map[string][]string{}}
 	a.auth = &Authenticator{
 		Verifier: timedVerifier{cfg.Issuer, a.m.tokenLatency.WithLabelValues("verify")},
-		Store:    cfg.Store, TTL: cfg.ChallengeTTL, MaxFailures: cfg.MaxFailures,
+		Store:    cfg.Store, TTL: cfg.ChallengeTTL, MaxFailures: cfg.MaxFailures, Retention: cfg.ChallengeRetention,
 	}
 	perso, verifier, admin := []string{RolePerso}, []string{RoleVerifier}, []string{RoleAdmin}
 	a.mux.HandleFunc("GET /healthz", a.healthz)
+	a.methods["/healthz"] = []string{"GET"}
 	a.handle("GET /metrics", []string{RoleAdmin, RoleMetrics}, promhttp.HandlerFor(cfg.Registry, promhttp.HandlerOpts{}).ServeHTTP)
 	a.handle("POST /v1/batches", perso, a.upload)
 	a.handle("GET /v1/batches/{id}", []string{RolePerso, RoleAdmin}, a.batch)
@@ -248,10 +252,27 @@ func NewAPI(cfg APIConfig) (*API, error) {
 	a.handle("GET /v1/cards/{id}", admin, a.card)
 	a.handle("POST /v1/cards/{id}/block", admin, a.block)
 	a.handle("POST /v1/cards/{id}/unblock", admin, a.unblock)
+	// A known path with another method: 405 in JSON, with Allow (the
+	// mux's own answer would be plain text). Patterns with a method are
+	// more specific, so these only get the other methods.
+	for path, ms := range a.methods {
+		allow := strings.Join(ms, ", ")
+		a.mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Allow", allow)
+			writeError(w, http.StatusMethodNotAllowed, "method not allowed", r.Method+" "+r.URL.Path+": use "+allow)
+		})
+	}
 	a.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no such endpoint", r.Method+" "+r.URL.Path+" (see docs/openapi.yaml)")
 	})
 	return a, nil
+}
+
+// PurgeChallenges deletes every challenge that expired more than the
+// retention ago; issuer serve calls it at start (issuing a challenge
+// purges a few more each time).
+func (a *API) PurgeChallenges(ctx context.Context) (int64, error) {
+	return a.auth.Purge(ctx)
 }
 
 // NewServer is an http.Server for h with the API's timeouts.
@@ -332,6 +353,8 @@ func (a *API) caller(r *http.Request) (role, via string, code int, msg string) {
 }
 
 func (a *API) handle(pattern string, roles []string, h http.HandlerFunc) {
+	method, path, _ := strings.Cut(pattern, " ")
+	a.methods[path] = append(a.methods[path], method)
 	a.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		role, via, code, msg := a.caller(r)
 		if code != 0 {
@@ -363,10 +386,18 @@ func (a *API) healthz(w http.ResponseWriter, r *http.Request) {
 
 // readJSON decodes a small JSON body into v; false means it answered.
 func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
+	return decodeJSON(w, r, v, false)
+}
+
+// decodeJSON is readJSON; with optional, an empty body leaves v as it is.
+func decodeJSON(w http.ResponseWriter, r *http.Request, v any, optional bool) bool {
 	r.Body = http.MaxBytesReader(w, r.Body, maxJSONBody)
 	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		if optional && errors.Is(err, io.EOF) {
+			return true
+		}
 		var mbe *http.MaxBytesError
 		if errors.As(err, &mbe) {
 			writeError(w, http.StatusRequestEntityTooLarge, "request body too large", fmt.Sprintf("at most %d bytes", mbe.Limit))
@@ -515,8 +546,9 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusRequestEntityTooLarge, "batch too large", fmt.Sprintf("a batch may be at most %d bytes", max))
 		return
 	}
-	ts := &timedStore{Store: a.cfg.Store, h: a.m.tokenLatency.WithLabelValues("import")}
-	im := &Importer{Issuer: a.cfg.Issuer, Store: ts, Workers: a.cfg.Workers, Log: a.log}
+	h := a.m.tokenLatency.WithLabelValues("import")
+	im := &Importer{Issuer: a.cfg.Issuer, Store: a.cfg.Store, Workers: a.cfg.Workers, Log: a.log,
+		TokenTime: func(d time.Duration) { h.Observe(d.Seconds()) }}
 	ctx := r.Context()
 	rep, ierr := im.ImportFile(ctx, path)
 	id := hex.EncodeToString(m.SHA256)
@@ -663,7 +695,7 @@ func (a *API) unblock(w http.ResponseWriter, r *http.Request) {
 	var body struct {
 		Reason string `json:"reason"`
 	}
-	if r.ContentLength != 0 && !readJSON(w, r, &body) {
+	if !decodeJSON(w, r, &body, true) { // the body is optional
 		return
 	}
 	c, err := a.cfg.Store.UnblockCard(r.Context(), id, body.Reason, time.Now())
@@ -764,43 +796,4 @@ func (t timedVerifier) Verify(ctx context.Context, ck CardKey, challenge, mac []
 	ok, err := t.v.Verify(ctx, ck, challenge, mac)
 	t.h.Observe(time.Since(start).Seconds())
 	return ok, err
-}
-
-// timedStore measures the token's import of one card: the importer asks
-// CardCHash, finds no card, has the token derive and wrap K_I, then calls
-// PutCard; the time between the two is the token's work.
-type timedStore struct {
-	Store
-	h     prometheus.Observer
-	start sync.Map // string(card Id) → time.Time
-}
-
-func (s *timedStore) CardCHash(ctx context.Context, id []byte) ([]byte, bool, error) {
-	sum, found, err := s.Store.CardCHash(ctx, id)
-	if err == nil && !found {
-		s.start.Store(string(id), time.Now())
-	}
-	return sum, found, err
-}
-
-func (s *timedStore) PutCard(ctx context.Context, c StoredCard) (Outcome, error) {
-	s.observe(c.ID)
-	return s.Store.PutCard(ctx, c)
-}
-
-// PutResults observes every card of the group; the observation then
-// also holds the short wait for the group commit.
-func (s *timedStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome, error) {
-	for _, r := range rs {
-		if r.Card != nil {
-			s.observe(r.Card.ID)
-		}
-	}
-	return s.Store.PutResults(ctx, rs)
-}
-
-func (s *timedStore) observe(id []byte) {
-	if t, ok := s.start.LoadAndDelete(string(id)); ok {
-		s.h.Observe(time.Since(t.(time.Time)).Seconds())
-	}
 }

@@ -39,10 +39,13 @@ type apiEnv struct {
 	caKey  *ecdsa.PrivateKey
 }
 
-func newAPIEnv(t *testing.T, is *Issuer, maxBatch int64) *apiEnv {
+// newAPIEnv serves the API over TLS (httptest) on the store db (a
+// storeKind's DSN or directory), with a bearer token for every role and a
+// client CA for mTLS.
+func newAPIEnv(t *testing.T, is *Issuer, db string, maxBatch int64) *apiEnv {
 	t.Helper()
 	dir := t.TempDir()
-	st := openStore(t, filepath.Join(dir, "data"))
+	st := openStore(t, db)
 	e := &apiEnv{is: is, st: st, tokens: map[string]string{}}
 	var tf strings.Builder
 	for _, r := range Roles {
@@ -126,8 +129,11 @@ func (e *apiEnv) do(t *testing.T, c *http.Client, role, method, path, ctype stri
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK && !json.Valid(b) {
-		t.Errorf("%s %s: error body is not JSON: %q", method, path, b)
+	if resp.StatusCode != http.StatusOK {
+		var ae apiError
+		if ct := resp.Header.Get("Content-Type"); ct != "application/json" || json.Unmarshal(b, &ae) != nil || ae.Error == "" {
+			t.Errorf("%s %s: %d: error body is not a JSON error (%s): %q", method, path, resp.StatusCode, ct, b)
+		}
 	}
 	return resp.StatusCode, b
 }
@@ -179,118 +185,256 @@ func metric(t *testing.T, e *apiEnv, name string) float64 {
 	return v
 }
 
+// forStores runs f on a fresh store of each kind (SQLite, and PostgreSQL
+// in the test cluster of pg_test.go).
+func forStores(t *testing.T, f func(t *testing.T, db string)) {
+	for _, k := range storeKinds {
+		t.Run(k.name, func(t *testing.T) {
+			db, _ := k.open(t)
+			f(t, db)
+		})
+	}
+}
+
+// upload posts the batch at path as perso and decodes the report.
+func (e *apiEnv) upload(t *testing.T, path string) (int, BatchDetail, []byte) {
+	t.Helper()
+	ctype, body := multipartBatch(t, path)
+	var rep BatchDetail
+	code, b := e.do(t, nil, RolePerso, "POST", "/v1/batches", ctype, bytes.NewReader(body))
+	if code == 200 {
+		if err := json.Unmarshal(b, &rep); err != nil {
+			t.Fatalf("upload report: %v: %s", err, b)
+		}
+	}
+	return code, rep, b
+}
+
+// The API end to end on both stores: upload and report (imported, again
+// as duplicates, a bad line rejected with its line while the others land,
+// a conflict, a refused batch), challenge and verify (every failure the
+// same answer), block and unblock, mTLS roles, metrics.
 func TestAPI(t *testing.T) {
 	is := newIssuer(t, hsm.KindP256)
 	p := protocol.ECDHP256AES
 	cards := makeCards(t, is, p, 1, 2)
 	path := batchOf(t, is, p, cards...)
-	e := newAPIEnv(t, is, 1<<20)
-	ctype, body := multipartBatch(t, path)
-
-	var rep BatchDetail
-	code, b := e.do(t, nil, RolePerso, "POST", "/v1/batches", ctype, bytes.NewReader(body))
-	if code != 200 {
-		t.Fatalf("upload: %d %s", code, b)
+	// Line 1: a second c for card B102 (conflict); line 2: not a record;
+	// line 3: a new card B103.
+	more := makeCards(t, is, p, 2, 3)
+	mixed := writeBatch(t, is, p, recordLine(t, more[0].rec)+"{not a record\n"+recordLine(t, more[1].rec))
+	// A batch whose file no longer matches its manifest.
+	changed := batchOf(t, is, p, makeCards(t, is, p, 4)...)
+	if err := os.WriteFile(changed, []byte("{}\n"), 0o644); err != nil {
+		t.Fatal(err)
 	}
-	json.Unmarshal(b, &rep)
-	if rep.Records != 2 || rep.Imported != 2 || rep.Rejects != 0 || rep.Conflicts != 0 || rep.Status != "done" {
-		t.Fatalf("report %+v", rep)
-	}
-	if got := e.json(t, RolePerso, "GET", "/v1/batches/"+rep.ID, nil, &rep); got != 200 || rep.Imported != 2 {
-		t.Fatalf("GET batch: %d %+v", got, rep)
-	}
-	if v := metric(t, e, "blindperso_issuer_imported_cards_total"); v != 2 {
-		t.Errorf("imported metric %v", v)
-	}
-	if v := metric(t, e, `blindperso_issuer_token_op_seconds_count{op="import"}`); v != 2 {
-		t.Errorf("import latency count %v", v)
-	}
-
-	id := hex.EncodeToString(cards[0].rec.ID)
-	challenge := func() []byte {
-		var ch struct{ Challenge string }
-		if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+id+"/challenge", nil, &ch); code != 200 {
-			t.Fatalf("challenge: %d", code)
+	forStores(t, func(t *testing.T, db string) {
+		e := newAPIEnv(t, is, db, 1<<20)
+		code, rep, b := e.upload(t, path)
+		if code != 200 {
+			t.Fatalf("upload: %d %s", code, b)
 		}
-		c, _ := hex.DecodeString(ch.Challenge)
-		return c
-	}
-	verify := func(ch, mac []byte) VerifyResponse {
-		var v VerifyResponse
-		if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+id+"/verify",
-			map[string]string{"challenge": hex.EncodeToString(ch), "mac": hex.EncodeToString(mac)}, &v); code != 200 {
-			t.Fatalf("verify: %d", code)
+		if rep.Records != 2 || rep.Imported != 2 || rep.Rejects != 0 || rep.Conflicts != 0 || rep.Status != "done" ||
+			len(rep.RejectList) != 0 || len(rep.ConflictList) != 0 {
+			t.Fatalf("report %+v", rep)
 		}
-		return v
-	}
-	ch := challenge()
-	if v := verify(ch, authenticate(t, cards[0].a, ch)); v.Result != AuthOK || v.FailedAuth != 0 {
-		t.Fatalf("genuine: %+v", v)
-	}
-	// Every kind of failure answers the same shape.
-	ch2 := challenge()
-	badMAC := authenticate(t, cards[0].a, ch2)
-	badMAC[0] ^= 1
-	if v := verify(ch2, badMAC); v != (VerifyResponse{AuthFailed, 1}) {
-		t.Fatalf("bad MAC: %+v", v)
-	}
-	if v := verify(ch, authenticate(t, cards[0].a, ch)); v != (VerifyResponse{AuthFailed, 1}) {
-		t.Fatalf("reused challenge: %+v", v)
-	}
-	unknown := make([]byte, 16)
-	if v := verify(unknown, authenticate(t, cards[0].a, unknown)); v != (VerifyResponse{AuthFailed, 1}) {
-		t.Fatalf("unknown challenge: %+v", v)
-	}
-	if v := metric(t, e, `blindperso_issuer_verifications_total{result="failed"}`); v != 3 {
-		t.Errorf("failed verifications metric %v", v)
-	}
-	if v := metric(t, e, `blindperso_issuer_verifications_total{result="ok"}`); v != 1 {
-		t.Errorf("ok verifications metric %v", v)
-	}
-	if v := metric(t, e, `blindperso_issuer_token_op_seconds_count{op="verify"}`); v != 2 {
-		t.Errorf("verify latency count %v", v)
-	}
+		if got := e.json(t, RolePerso, "GET", "/v1/batches/"+rep.ID, nil, &rep); got != 200 || rep.Imported != 2 {
+			t.Fatalf("GET batch: %d %+v", got, rep)
+		}
+		// The same batch again changes nothing: the report is recomputed
+		// from the store (the cards whose first record is in this batch),
+		// so it is the first one.
+		if code, rep2, b := e.upload(t, path); code != 200 || rep2.ID != rep.ID || rep2.Imported != 2 || rep2.Duplicates != 0 || rep2.Conflicts != 0 {
+			t.Fatalf("second upload: %d %+v %s", code, rep2, b)
+		}
+		code, rep, b = e.upload(t, mixed)
+		if code != 200 {
+			t.Fatalf("mixed upload: %d %s", code, b)
+		}
+		if rep.Records != 3 || rep.Imported != 1 || rep.Conflicts != 1 || rep.Rejects != 1 ||
+			len(rep.RejectList) != 1 || rep.RejectList[0].Line != 2 || rep.RejectList[0].Reason == "" ||
+			len(rep.ConflictList) != 1 || rep.ConflictList[0].Line != 1 || !bytes.Equal(rep.ConflictList[0].CardID, cards[1].rec.ID) {
+			t.Fatalf("mixed report %+v", rep)
+		}
+		var sc StoredCard
+		if code := e.json(t, RoleAdmin, "GET", "/v1/cards/"+hex.EncodeToString(more[1].rec.ID), nil, &CardDetail{}); code != 200 {
+			t.Fatalf("card of line 3 after the bad line 2: %d", code)
+		}
+		var cd CardDetail
+		if code := e.json(t, RoleAdmin, "GET", "/v1/cards/"+hex.EncodeToString(cards[1].rec.ID), nil, &cd); code != 200 || cd.Card.State != StateConflict || len(cd.Card.Blob.Wrapped) != 0 {
+			t.Fatalf("card in conflict: %d %+v", code, cd)
+		}
+		if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+hex.EncodeToString(cards[1].rec.ID)+"/challenge", nil, nil); code != http.StatusConflict {
+			t.Fatalf("challenge for a card in conflict: %d", code)
+		}
+		code, _, b = e.upload(t, changed)
+		var ae apiError
+		json.Unmarshal(b, &ae)
+		if code != http.StatusUnprocessableEntity || ae.Error != "batch refused" || ae.Detail == "" {
+			t.Fatalf("changed batch: %d %s", code, b)
+		}
+		for name, want := range map[string]float64{
+			"blindperso_issuer_imported_cards_total":                  5, // 2 + 2 (counted again) + 1
+			"blindperso_issuer_rejected_records_total":                1,
+			"blindperso_issuer_conflicts_total":                       1,
+			`blindperso_issuer_batch_imports_total{status="done"}`:    3,
+			`blindperso_issuer_batch_imports_total{status="refused"}`: 1,
+			`blindperso_issuer_token_op_seconds_count{op="import"}`:   3,
+			`blindperso_issuer_verifications_total{result="ok"}`:      0,
+			`blindperso_issuer_batch_imports_total{status="error"}`:   0,
+		} {
+			if v := metric(t, e, name); v != want {
+				t.Errorf("%s = %v, want %v", name, v, want)
+			}
+		}
 
-	// Admin: block, verify refused, unblock.
-	var sc StoredCard
-	if code := e.json(t, RoleAdmin, "POST", "/v1/cards/"+id+"/block", map[string]string{"reason": "lost"}, &sc); code != 200 || sc.State != StateBlocked {
-		t.Fatalf("block: %d %+v", code, sc)
-	}
-	if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+id+"/challenge", nil, nil); code != http.StatusConflict {
-		t.Fatalf("challenge for a blocked card: %d", code)
-	}
-	if code := e.json(t, RoleAdmin, "POST", "/v1/cards/"+id+"/unblock", nil, &sc); code != 200 || sc.State != StateActive {
-		t.Fatalf("unblock: %d %+v", code, sc)
-	}
-	if code := e.json(t, RoleAdmin, "POST", "/v1/cards/"+id+"/unblock", nil, nil); code != http.StatusConflict {
-		t.Fatalf("unblock an active card: %d", code)
-	}
-	if code := e.json(t, RoleAdmin, "GET", "/v1/cards/B1FF", nil, nil); code != http.StatusNotFound {
-		t.Fatalf("unknown card: %d", code)
-	}
+		id := hex.EncodeToString(cards[0].rec.ID)
+		challenge := func() []byte {
+			var ch struct{ Challenge string }
+			if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+id+"/challenge", nil, &ch); code != 200 {
+				t.Fatalf("challenge: %d", code)
+			}
+			c, _ := hex.DecodeString(ch.Challenge)
+			return c
+		}
+		verify := func(ch, mac []byte) VerifyResponse {
+			var v VerifyResponse
+			if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+id+"/verify",
+				map[string]string{"challenge": hex.EncodeToString(ch), "mac": hex.EncodeToString(mac)}, &v); code != 200 {
+				t.Fatalf("verify: %d", code)
+			}
+			return v
+		}
+		ch := challenge()
+		if v := verify(ch, authenticate(t, cards[0].a, ch)); v.Result != AuthOK || v.FailedAuth != 0 {
+			t.Fatalf("genuine: %+v", v)
+		}
+		// Every kind of failure answers the same shape.
+		ch2 := challenge()
+		badMAC := authenticate(t, cards[0].a, ch2)
+		badMAC[0] ^= 1
+		if v := verify(ch2, badMAC); v != (VerifyResponse{AuthFailed, 1}) {
+			t.Fatalf("bad MAC: %+v", v)
+		}
+		if v := verify(ch, authenticate(t, cards[0].a, ch)); v != (VerifyResponse{AuthFailed, 1}) {
+			t.Fatalf("reused challenge: %+v", v)
+		}
+		unknown := make([]byte, 16)
+		if v := verify(unknown, authenticate(t, cards[0].a, unknown)); v != (VerifyResponse{AuthFailed, 1}) {
+			t.Fatalf("unknown challenge: %+v", v)
+		}
+		if v := metric(t, e, `blindperso_issuer_verifications_total{result="failed"}`); v != 3 {
+			t.Errorf("failed verifications metric %v", v)
+		}
+		if v := metric(t, e, `blindperso_issuer_verifications_total{result="ok"}`); v != 1 {
+			t.Errorf("ok verifications metric %v", v)
+		}
+		if v := metric(t, e, `blindperso_issuer_token_op_seconds_count{op="verify"}`); v != 2 {
+			t.Errorf("verify latency count %v", v)
+		}
+		// Malformed verifications are 400s that say what is wrong.
+		for _, body := range []string{`{"challenge":"00","mac":"00"}`, `{"challenge":"zz"}`, `not json`, `{"challenge":"` + hex.EncodeToString(ch) + `","mac":"` + hex.EncodeToString(ch) + `","x":1}`} {
+			code, b := e.do(t, nil, RoleVerifier, "POST", "/v1/cards/"+id+"/verify", "application/json", strings.NewReader(body))
+			if code != http.StatusBadRequest {
+				t.Errorf("verify %s: %d %s", body, code, b)
+			}
+		}
 
-	// mTLS: a verifier certificate, an admin one, one without a role.
-	for _, tc := range []struct {
-		ous  []string
-		path string
-		want int
-	}{
-		{[]string{"verifier"}, "/v1/cards/" + id + "/challenge", 200},
-		{[]string{"verifier"}, "/v1/cards", 403},
-		{[]string{"admin"}, "/v1/cards", 200},
-		{[]string{"ops"}, "/v1/cards", 403},
-		{[]string{"admin", "verifier"}, "/v1/cards", 403},
-	} {
-		c := e.certClient(e.clientCert(t, "client", tc.ous...))
-		method := "GET"
-		if strings.HasSuffix(tc.path, "challenge") {
-			method = "POST"
+		// Admin: block, challenge and verify refused, unblock.
+		ch3 := challenge()
+		if code := e.json(t, RoleAdmin, "POST", "/v1/cards/"+id+"/block", map[string]string{"reason": "lost"}, &sc); code != 200 || sc.State != StateBlocked || sc.StateReason != "admin: lost" {
+			t.Fatalf("block: %d %+v", code, sc)
 		}
-		if code, b := e.do(t, c, "", method, tc.path, "", nil); code != tc.want {
-			t.Errorf("cert OU %v %s: %d, want %d: %s", tc.ous, tc.path, code, tc.want, b)
+		if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+id+"/challenge", nil, nil); code != http.StatusConflict {
+			t.Fatalf("challenge for a blocked card: %d", code)
 		}
+		if v := verify(ch3, authenticate(t, cards[0].a, ch3)); v.Result != AuthRefused {
+			t.Fatalf("verify a blocked card: %+v", v)
+		}
+		var blocked []StoredCard
+		if code := e.json(t, RoleAdmin, "GET", "/v1/cards?state=blocked", nil, &blocked); code != 200 || len(blocked) != 1 || !bytes.Equal(blocked[0].ID, cards[0].rec.ID) {
+			t.Fatalf("blocked cards: %d %+v", code, blocked)
+		}
+		if code := e.json(t, RoleAdmin, "POST", "/v1/cards/"+id+"/unblock", nil, &sc); code != 200 || sc.State != StateActive || sc.FailedAuth != 0 {
+			t.Fatalf("unblock: %d %+v", code, sc)
+		}
+		if code := e.json(t, RoleAdmin, "GET", "/v1/cards/"+id, nil, &cd); code != 200 || len(cd.Log) == 0 || cd.Log[0].Result != LogAdminUnblock {
+			t.Fatalf("card log: %d %+v", code, cd)
+		}
+		if code := e.json(t, RoleAdmin, "POST", "/v1/cards/"+id+"/unblock", nil, nil); code != http.StatusConflict {
+			t.Fatalf("unblock an active card: %d", code)
+		}
+		for _, u := range []string{"/v1/cards/B1FF", "/v1/cards/B1FF/block"} {
+			method, in := "GET", any(nil)
+			if strings.HasSuffix(u, "block") {
+				method, in = "POST", map[string]string{"reason": "x"}
+			}
+			if code := e.json(t, RoleAdmin, method, u, in, nil); code != http.StatusNotFound {
+				t.Fatalf("%s unknown card: %d", u, code)
+			}
+		}
+		if code := e.json(t, RoleAdmin, "GET", "/v1/batches/"+strings.Repeat("0", 64), nil, nil); code != http.StatusNotFound {
+			t.Fatalf("unknown batch: %d", code)
+		}
+
+		// mTLS: a verifier certificate, an admin one, one without a role.
+		for _, tc := range []struct {
+			ous  []string
+			path string
+			want int
+		}{
+			{[]string{"verifier"}, "/v1/cards/" + id + "/challenge", 200},
+			{[]string{"verifier"}, "/v1/cards", 403},
+			{[]string{"admin"}, "/v1/cards", 200},
+			{[]string{"ops"}, "/v1/cards", 403},
+			{[]string{"admin", "verifier"}, "/v1/cards", 403},
+		} {
+			c := e.certClient(e.clientCert(t, "client", tc.ous...))
+			method := "GET"
+			if strings.HasSuffix(tc.path, "challenge") {
+				method = "POST"
+			}
+			if code, b := e.do(t, c, "", method, tc.path, "", nil); code != tc.want {
+				t.Errorf("cert OU %v %s: %d, want %d: %s", tc.ous, tc.path, code, tc.want, b)
+			}
+		}
+	})
+}
+
+// A certificate from a CA the server does not trust gets nothing: a
+// client that sends it anyway fails the handshake, and Go's client, which
+// sends only a certificate of a CA the server names, arrives without one.
+func TestAPIUntrustedClientCert(t *testing.T) {
+	is := newIssuer(t, hsm.KindP256)
+	e := newAPIEnv(t, is, filepath.Join(t.TempDir(), "data"), 1<<20)
+	other := &apiEnv{}
+	other.caKey, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "other CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &other.caKey.PublicKey, other.caKey)
+	other.ca, _ = x509.ParseCertificate(der)
+	cert := other.clientCert(t, "intruder", RoleAdmin)
+
+	c := e.certClient(cert)
+	tr := c.Transport.(*http.Transport)
+	tr.TLSClientConfig.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
+	if resp, err := c.Get(e.srv.URL + "/v1/cards"); err == nil {
+		resp.Body.Close()
+		t.Fatalf("a certificate of another CA, sent anyway: %s", resp.Status)
 	}
-	// A certificate from another CA does not even complete the handshake.
+	if code, b := e.do(t, e.certClient(cert), "", "GET", "/v1/cards", "", nil); code != http.StatusUnauthorized {
+		t.Fatalf("a certificate of another CA: %d %s", code, b)
+	}
+}
+
+// callers are the ways a request can present itself in the matrix: no
+// credentials, an unknown token, a client certificate without a role, and
+// each role by bearer token and by client certificate.
+type caller struct {
+	name string
+	role string // "" none, "wrong" an unknown token
+	cert []string
 }
 
 func TestAPIAuthorizationMatrix(t *testing.T) {
@@ -298,72 +442,93 @@ func TestAPIAuthorizationMatrix(t *testing.T) {
 	p := protocol.ECDHP256AES
 	cards := makeCards(t, is, p, 1)
 	path := batchOf(t, is, p, cards...)
-	e := newAPIEnv(t, is, 1<<20)
-	importBatch(t, is, e.st, path)
-	bs, _ := e.st.Batches(context.Background())
-	id := hex.EncodeToString(cards[0].rec.ID)
-	batch := bs[0].ID
+	forStores(t, func(t *testing.T, db string) {
+		e := newAPIEnv(t, is, db, 1<<20)
+		importBatch(t, is, e.st, path)
+		bs, _ := e.st.Batches(context.Background())
+		id := hex.EncodeToString(cards[0].rec.ID)
+		batch := bs[0].ID
 
-	type ep struct {
-		method, path string
-		body         func() (string, io.Reader)
-		roles        []string // roles answered 200
-	}
-	js := func(s string) func() (string, io.Reader) {
-		return func() (string, io.Reader) { return "application/json", strings.NewReader(s) }
-	}
-	upload := func() (string, io.Reader) {
-		ct, b := multipartBatch(t, path)
-		return ct, bytes.NewReader(b)
-	}
-	verifyBody := func() (string, io.Reader) {
-		ch, err := (&Authenticator{Store: e.st}).Challenge(context.Background(), cards[0].rec.ID)
-		if err != nil {
-			t.Fatal(err)
+		type ep struct {
+			method, path string
+			body         func() (string, io.Reader)
+			roles        []string // roles answered 200
 		}
-		return js(fmt.Sprintf(`{"challenge":"%x","mac":"%x"}`, []byte(ch.Challenge), authenticate(t, cards[0].a, ch.Challenge)))()
-	}
-	eps := []ep{
-		{"GET", "/healthz", nil, append([]string{"", "wrong"}, Roles...)},
-		{"GET", "/metrics", nil, []string{RoleAdmin, RoleMetrics}},
-		{"POST", "/v1/batches", upload, []string{RolePerso}},
-		{"GET", "/v1/batches/" + batch, nil, []string{RolePerso, RoleAdmin}},
-		{"GET", "/v1/batches", nil, []string{RoleAdmin}},
-		{"POST", "/v1/cards/" + id + "/challenge", nil, []string{RoleVerifier}},
-		{"POST", "/v1/cards/" + id + "/verify", verifyBody, []string{RoleVerifier}},
-		{"GET", "/v1/cards", nil, []string{RoleAdmin}},
-		{"GET", "/v1/cards/" + id, nil, []string{RoleAdmin}},
-		{"POST", "/v1/cards/" + id + "/block", js(`{"reason":"matrix"}`), []string{RoleAdmin}},
-		{"POST", "/v1/cards/" + id + "/unblock", nil, []string{RoleAdmin}},
-	}
-	for _, x := range eps {
-		for _, who := range append([]string{"", "wrong"}, Roles...) {
-			want := http.StatusForbidden
-			if who == "" || who == "wrong" {
-				want = http.StatusUnauthorized
+		js := func(s string) func() (string, io.Reader) {
+			return func() (string, io.Reader) { return "application/json", strings.NewReader(s) }
+		}
+		upload := func() (string, io.Reader) {
+			ct, b := multipartBatch(t, path)
+			return ct, bytes.NewReader(b)
+		}
+		verifyBody := func() (string, io.Reader) {
+			ch, err := (&Authenticator{Store: e.st}).Challenge(context.Background(), cards[0].rec.ID)
+			if err != nil {
+				t.Fatal(err)
 			}
-			for _, r := range x.roles {
-				if r == who {
+			return js(fmt.Sprintf(`{"challenge":"%x","mac":"%x"}`, []byte(ch.Challenge), authenticate(t, cards[0].a, ch.Challenge)))()
+		}
+		unblockBody := func() (string, io.Reader) { // block it first
+			if _, err := e.st.BlockCard(context.Background(), cards[0].rec.ID, "matrix", time.Now()); err != nil {
+				t.Fatal(err)
+			}
+			return "", nil
+		}
+		eps := []ep{
+			{"GET", "/healthz", nil, nil}, // everyone
+			{"GET", "/metrics", nil, []string{RoleAdmin, RoleMetrics}},
+			{"POST", "/v1/batches", upload, []string{RolePerso}},
+			{"GET", "/v1/batches/" + batch, nil, []string{RolePerso, RoleAdmin}},
+			{"GET", "/v1/batches", nil, []string{RoleAdmin}},
+			{"POST", "/v1/cards/" + id + "/challenge", nil, []string{RoleVerifier}},
+			{"POST", "/v1/cards/" + id + "/verify", verifyBody, []string{RoleVerifier}},
+			{"GET", "/v1/cards", nil, []string{RoleAdmin}},
+			{"GET", "/v1/cards/" + id, nil, []string{RoleAdmin}},
+			{"POST", "/v1/cards/" + id + "/block", js(`{"reason":"matrix"}`), []string{RoleAdmin}},
+			{"POST", "/v1/cards/" + id + "/unblock", unblockBody, []string{RoleAdmin}},
+		}
+		callers := []caller{{"none", "", nil}, {"wrong-token", "wrong", nil}, {"cert-without-role", "", []string{"ops"}}}
+		for _, r := range Roles {
+			callers = append(callers, caller{"token-" + r, r, nil}, caller{"cert-" + r, "", []string{r}})
+		}
+		clients := map[string]*http.Client{}
+		for _, c := range callers {
+			if c.cert != nil {
+				clients[c.name] = e.certClient(e.clientCert(t, c.name, c.cert...))
+			}
+		}
+		for _, x := range eps {
+			for _, who := range callers {
+				role := who.role
+				if who.cert != nil {
+					role = who.cert[0]
+				}
+				want := http.StatusForbidden
+				if who.name == "none" || who.name == "wrong-token" {
+					want = http.StatusUnauthorized
+				}
+				for _, r := range x.roles {
+					if r == role {
+						want = 200
+					}
+				}
+				if x.roles == nil {
 					want = 200
 				}
+				t.Run(x.method+x.path+"/"+who.name, func(t *testing.T) {
+					var ct string
+					var body io.Reader
+					if x.body != nil && want == 200 {
+						ct, body = x.body()
+					}
+					code, b := e.do(t, clients[who.name], who.role, x.method, x.path, ct, body)
+					if code != want {
+						t.Errorf("%s %s as %s: %d, want %d: %s", x.method, x.path, who.name, code, want, b)
+					}
+				})
 			}
-			name := who
-			if name == "" {
-				name = "none"
-			}
-			t.Run(x.method+x.path+"/"+name, func(t *testing.T) {
-				var ct string
-				var body io.Reader
-				if x.body != nil && want == 200 {
-					ct, body = x.body()
-				}
-				code, b := e.do(t, nil, who, x.method, x.path, ct, body)
-				if code != want {
-					t.Errorf("%s %s as %s: %d, want %d: %s", x.method, x.path, name, code, want, b)
-				}
-			})
 		}
-	}
+	})
 }
 
 func TestAPILimits(t *testing.T) {
@@ -371,37 +536,46 @@ func TestAPILimits(t *testing.T) {
 	p := protocol.ECDHP256AES
 	cards := makeCards(t, is, p, 1, 2, 3)
 	path := batchOf(t, is, p, cards...)
-	e := newAPIEnv(t, is, 600) // smaller than the batch
 	ct, body := multipartBatch(t, path)
-	for _, tc := range []struct {
-		name, method, path, ctype string
-		body                      []byte
-		want                      int
-		error                     string
-	}{
-		{"batch over the limit", "POST", "/v1/batches", ct, body, 413, "batch too large"},
-		{"not multipart", "POST", "/v1/batches", "application/json", []byte(`{}`), 400, "want multipart/form-data"},
-		{"JSON body over the limit", "POST", "/v1/cards/B101/block", "application/json",
-			[]byte(`{"reason":"` + strings.Repeat("x", 20<<10) + `"}`), 413, "request body too large"},
-		{"unknown field", "POST", "/v1/cards/B101/block", "application/json", []byte(`{"why":"x"}`), 400, "bad JSON body"},
-		{"bad card Id", "GET", "/v1/cards/zz", "", nil, 400, "bad card Id"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			role := RoleAdmin
-			if tc.path == "/v1/batches" {
-				role = RolePerso
-			}
-			code, b := e.do(t, nil, role, tc.method, tc.path, tc.ctype, bytes.NewReader(tc.body))
-			var ae apiError
-			json.Unmarshal(b, &ae)
-			if code != tc.want || ae.Error != tc.error {
-				t.Errorf("%d %s, want %d %q", code, b, tc.want, tc.error)
-			}
-		})
-	}
-	if v := metric(t, e, "blindperso_issuer_imported_cards_total"); v != 0 {
-		t.Errorf("imported %v after refused uploads", v)
-	}
+	forStores(t, func(t *testing.T, db string) {
+		e := newAPIEnv(t, is, db, 600) // smaller than the batch
+		for _, tc := range []struct {
+			name, method, path, ctype string
+			body                      []byte
+			want                      int
+			error                     string
+		}{
+			{"batch over the limit", "POST", "/v1/batches", ct, body, 413, "batch too large"},
+			{"not multipart", "POST", "/v1/batches", "application/json", []byte(`{}`), 400, "want multipart/form-data"},
+			{"JSON body over the limit", "POST", "/v1/cards/B101/block", "application/json",
+				[]byte(`{"reason":"` + strings.Repeat("x", 20<<10) + `"}`), 413, "request body too large"},
+			{"unknown field", "POST", "/v1/cards/B101/block", "application/json", []byte(`{"why":"x"}`), 400, "bad JSON body"},
+			{"no reason", "POST", "/v1/cards/B101/block", "application/json", []byte(`{"reason":" "}`), 400, "a reason is required"},
+			{"bad card Id", "GET", "/v1/cards/zz", "", nil, 400, "bad card Id"},
+			{"card Id too long", "GET", "/v1/cards/" + strings.Repeat("ab", 17), "", nil, 400, "bad card Id"},
+			{"bad batch id", "GET", "/v1/batches/abc", "", nil, 400, "bad batch id"},
+			{"bad state", "GET", "/v1/cards?state=lost", "", nil, 400, "bad state"},
+			{"unknown endpoint", "GET", "/v1/keys", "", nil, 404, "no such endpoint"},
+			{"wrong method", "DELETE", "/v1/cards/B101", "", nil, 405, "method not allowed"},
+			{"wrong method on a collection", "PUT", "/v1/batches", "", nil, 405, "method not allowed"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				role := RoleAdmin
+				if tc.path == "/v1/batches" && tc.method == "POST" {
+					role = RolePerso
+				}
+				code, b := e.do(t, nil, role, tc.method, tc.path, tc.ctype, bytes.NewReader(tc.body))
+				var ae apiError
+				json.Unmarshal(b, &ae)
+				if code != tc.want || ae.Error != tc.error || ae.Detail == "" {
+					t.Errorf("%d %s, want %d %q with a detail", code, b, tc.want, tc.error)
+				}
+			})
+		}
+		if v := metric(t, e, "blindperso_issuer_imported_cards_total"); v != 0 {
+			t.Errorf("imported %v after refused uploads", v)
+		}
+	})
 }
 
 func TestParseTokens(t *testing.T) {

@@ -29,13 +29,22 @@ const (
 	// DefaultMaxFailures is the number of failed verifications in a row
 	// that blocks a card.
 	DefaultMaxFailures = 3
+	// DefaultChallengeRetention is how long a challenge is kept after it
+	// expired (used or not) before it is purged: long enough that a late
+	// or repeated answer is told "expired" or "already used" rather than
+	// "unknown". A purged challenge is refused like any unknown one.
+	DefaultChallengeRetention = time.Hour
+	// purgePerChallenge bounds the rows one issued challenge purges: more
+	// than the one it adds, so the table cannot grow without bound, and
+	// few enough that issuing a challenge stays quick.
+	purgePerChallenge = 64
 )
 
 // Errors about a challenge. A verification refused for one of them
 // changes nothing on the card (it says nothing about the card's key) and
 // is logged as challenge-refused.
 var (
-	ErrChallengeUnknown   = errors.New("no such challenge: it was never issued by this store")
+	ErrChallengeUnknown   = errors.New("no such challenge: it was never issued by this store, or it expired long ago and was purged")
 	ErrChallengeOtherCard = errors.New("the challenge was issued for another card")
 	ErrChallengeUsed      = errors.New("the challenge was already used (challenges are single-use)")
 	ErrChallengeExpired   = errors.New("the challenge has expired")
@@ -83,6 +92,12 @@ type AuthStore interface {
 	UnblockCard(ctx context.Context, id []byte, reason string, now time.Time) (StoredCard, error)
 	// AuthLog returns the card's last limit log entries, newest first.
 	AuthLog(ctx context.Context, id []byte, limit int) ([]AuthEntry, error)
+	// PurgeChallenges deletes up to limit challenges (all of them if
+	// limit <= 0) that expired at or before before, used or not, oldest
+	// first, and returns how many it deleted. Such a challenge could not
+	// be consumed any more: deleting it changes no verification's
+	// outcome, only its error (unknown instead of expired or used).
+	PurgeChallenges(ctx context.Context, before time.Time, limit int) (int64, error)
 }
 
 // Challenge is a challenge issued for a card.
@@ -124,6 +139,7 @@ type Authenticator struct {
 	Store       Store
 	TTL         time.Duration    // 0 means DefaultChallengeTTL
 	MaxFailures int              // 0 means DefaultMaxFailures
+	Retention   time.Duration    // kept after expiry before purged; 0 means DefaultChallengeRetention
 	Now         func() time.Time // nil means time.Now
 }
 
@@ -141,7 +157,32 @@ func (a *Authenticator) maxFailures() int {
 	return DefaultMaxFailures
 }
 
-// Challenge issues a fresh random challenge for an active card.
+func (a *Authenticator) purgeBefore() time.Time {
+	r := a.Retention
+	if r <= 0 {
+		r = DefaultChallengeRetention
+	}
+	return a.now().Add(-r)
+}
+
+// Purge deletes every challenge that expired more than the retention ago
+// (see AuthStore.PurgeChallenges), in rounds of bounded size; issuer
+// serve runs it at start. Challenge purges a few on every call.
+func (a *Authenticator) Purge(ctx context.Context) (int64, error) {
+	before := a.purgeBefore()
+	var total int64
+	for {
+		n, err := a.Store.PurgeChallenges(ctx, before, 1000)
+		total += n
+		if err != nil || n < 1000 {
+			return total, err
+		}
+	}
+}
+
+// Challenge issues a fresh random challenge for an active card. It first
+// purges up to a few dozen challenges that expired more than the
+// retention ago, so expired and used challenges do not accumulate.
 func (a *Authenticator) Challenge(ctx context.Context, id []byte) (Challenge, error) {
 	c, err := a.Store.Card(ctx, id)
 	if err != nil {
@@ -157,6 +198,9 @@ func (a *Authenticator) Challenge(ctx context.Context, id []byte) (Challenge, er
 	ttl := a.TTL
 	if ttl <= 0 {
 		ttl = DefaultChallengeTTL
+	}
+	if _, err := a.Store.PurgeChallenges(ctx, a.purgeBefore(), purgePerChallenge); err != nil {
+		return Challenge{}, err
 	}
 	t := a.now()
 	out := Challenge{Challenge: ch, CardID: id, Created: t.UTC(), Expires: t.Add(ttl).UTC()}
@@ -197,6 +241,25 @@ func (s *sqlStore) PutChallenge(ctx context.Context, c Challenge) error {
 		return fmt.Errorf("store: challenge for card %X: %w", []byte(c.CardID), err)
 	}
 	return nil
+}
+
+func (s *sqlStore) PurgeChallenges(ctx context.Context, before time.Time, limit int) (int64, error) {
+	q, args := `DELETE FROM challenges WHERE expires <= ?`, []any{before.UnixNano()}
+	if limit > 0 {
+		// Oldest first, bounded. On PostgreSQL the rows another purger
+		// (or a verifier) holds are skipped rather than waited for, so
+		// concurrent purgers neither queue nor deadlock.
+		sub := `SELECT id FROM challenges WHERE expires <= ? ORDER BY expires LIMIT ?`
+		if s.d.name == postgresDialect.name {
+			sub += ` FOR UPDATE SKIP LOCKED`
+		}
+		q, args = `DELETE FROM challenges WHERE id IN (`+sub+`)`, []any{before.UnixNano(), limit}
+	}
+	r, err := s.exec(ctx, s.db, q, args...)
+	if err != nil {
+		return 0, fmt.Errorf("store: purge challenges: %w", err)
+	}
+	return r.RowsAffected()
 }
 
 func (s *sqlStore) logAuth(ctx context.Context, x execer, id []byte, now time.Time, result, detail string) error {

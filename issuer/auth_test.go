@@ -316,3 +316,158 @@ func TestAuthConcurrentChallenge(t *testing.T) {
 		})
 	}
 }
+
+func countChallenges(t *testing.T, s Store) int {
+	t.Helper()
+	var n int
+	if err := s.(*sqlStore).db.QueryRow(`SELECT COUNT(*) FROM challenges`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// Expired challenges, used or not, are purged once the retention has
+// passed: a few on every challenge issued (bounded), all by Purge. Within
+// the retention a late answer is told "expired" or "already used"; after
+// it "unknown"; a live challenge is never purged.
+func TestPurgeChallenges(t *testing.T) {
+	is := newIssuer(t, hsm.KindP256)
+	p := protocol.ECDHP256AES
+	c := makeCards(t, is, p, 1)[0]
+	path := batchOf(t, is, p, c)
+	const old = purgePerChallenge + 6
+	for _, k := range storeKinds {
+		t.Run(k.name, func(t *testing.T) {
+			ctx := context.Background()
+			db, _ := k.open(t)
+			s := openStore(t, db)
+			importBatch(t, is, s, path)
+			clock := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+			a := &Authenticator{Verifier: is, Store: s, Now: func() time.Time { return clock }}
+			issue := func() []byte {
+				t.Helper()
+				ch, err := a.Challenge(ctx, c.rec.ID)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return ch.Challenge
+			}
+			verify := func(ch []byte) error {
+				t.Helper()
+				res, err := a.Verify(ctx, c.rec.ID, ch, authenticate(t, c.a, ch))
+				if err == nil && !res.OK {
+					t.Fatalf("genuine card: %+v", res)
+				}
+				return err
+			}
+			var chs [][]byte
+			for range old {
+				chs = append(chs, issue())
+			}
+			used := chs[0]
+			if err := verify(used); err != nil {
+				t.Fatal(err)
+			}
+			// Expired, within the retention: nothing purged, precise errors.
+			clock = clock.Add(DefaultChallengeTTL + DefaultChallengeRetention - time.Minute)
+			if err := verify(chs[1]); !errors.Is(err, ErrChallengeExpired) {
+				t.Fatalf("expired challenge: %v", err)
+			}
+			if err := verify(used); !errors.Is(err, ErrChallengeUsed) {
+				t.Fatalf("used challenge: %v", err)
+			}
+			live := issue()
+			if n := countChallenges(t, s); n != old+1 {
+				t.Fatalf("%d challenges within the retention, want %d", n, old+1)
+			}
+			// Past the retention: the next challenge purges a bounded
+			// number, Purge the rest; the live ones stay.
+			clock = clock.Add(2 * time.Minute)
+			live2 := issue()
+			if n := countChallenges(t, s); n != old-purgePerChallenge+2 {
+				t.Fatalf("%d challenges after one issue, want %d", n, old-purgePerChallenge+2)
+			}
+			n, err := a.Purge(ctx)
+			if err != nil || n != old-purgePerChallenge {
+				t.Fatalf("purge: %d, %v; want %d", n, err, old-purgePerChallenge)
+			}
+			if n := countChallenges(t, s); n != 2 {
+				t.Fatalf("%d challenges after purge, want the 2 live ones", n)
+			}
+			if err := verify(used); !errors.Is(err, ErrChallengeUnknown) {
+				t.Fatalf("purged used challenge: %v", err)
+			}
+			if err := verify(chs[2]); !errors.Is(err, ErrChallengeUnknown) {
+				t.Fatalf("purged expired challenge: %v", err)
+			}
+			// A used challenge is kept until it expires: its reuse is
+			// still "already used".
+			for _, ch := range [][]byte{live, live2} {
+				if err := verify(ch); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if n, err := a.Purge(ctx); err != nil || n != 0 {
+				t.Fatalf("purge of used, unexpired challenges: %d, %v", n, err)
+			}
+			if err := verify(live); !errors.Is(err, ErrChallengeUsed) {
+				t.Fatalf("reused challenge: %v", err)
+			}
+		})
+	}
+}
+
+// Two store handles (two issuer instances) purging the same challenges
+// at once: every one is deleted exactly once, nothing fails (on
+// PostgreSQL each skips the rows the other holds).
+func TestPurgeChallengesConcurrent(t *testing.T) {
+	is := newIssuer(t, hsm.KindP256)
+	p := protocol.ECDHP256AES
+	c := makeCards(t, is, p, 1)[0]
+	path := batchOf(t, is, p, c)
+	const total = 100
+	for _, k := range storeKinds {
+		t.Run(k.name, func(t *testing.T) {
+			ctx := context.Background()
+			db, _ := k.open(t)
+			s1, s2 := openStore(t, db), openStore(t, db)
+			importBatch(t, is, s1, path)
+			past := time.Now().Add(-48 * time.Hour)
+			for i := range total {
+				ch := make([]byte, ChallengeLen)
+				rand.Read(ch)
+				if err := s1.PutChallenge(ctx, Challenge{Challenge: ch, CardID: c.rec.ID, Created: past,
+					Expires: past.Add(time.Duration(i) * time.Second)}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			before := time.Now().Add(-DefaultChallengeRetention)
+			var wg sync.WaitGroup
+			counts, errs := make([]int64, 2), make([]error, 2)
+			start := make(chan struct{})
+			for i, s := range []Store{s1, s2} {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					<-start
+					for {
+						n, err := s.PurgeChallenges(ctx, before, 10)
+						counts[i] += n
+						if err != nil || n == 0 {
+							errs[i] = err
+							return
+						}
+					}
+				}()
+			}
+			close(start)
+			wg.Wait()
+			if errs[0] != nil || errs[1] != nil {
+				t.Fatal(errs)
+			}
+			if counts[0]+counts[1] != total || countChallenges(t, s1) != 0 {
+				t.Fatalf("purged %d + %d of %d, %d left", counts[0], counts[1], total, countChallenges(t, s1))
+			}
+		})
+	}
+}

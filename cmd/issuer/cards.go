@@ -121,6 +121,12 @@ conflicted. See docs/ISSUER.md.
 			return err
 		}
 		if asJSON {
+			if rejects == nil {
+				rejects = []issuer.Reject{}
+			}
+			if conflicts == nil {
+				conflicts = []issuer.ConflictRecord{}
+			}
 			enc := json.NewEncoder(cmd.OutOrStdout())
 			enc.SetIndent("", "  ")
 			if err := enc.Encode(struct {
@@ -155,6 +161,14 @@ func hexArg(name, v string) ([]byte, error) {
 		return nil, fmt.Errorf("%s %q is not hex (e.g. B100000000000001)", name, v)
 	}
 	return b, nil
+}
+
+// cardErr adds to a "card not found" what to do about it.
+func cardErr(err error) error {
+	if errors.Is(err, issuer.ErrNotFound) {
+		return fmt.Errorf("%w in this store (issuer cards list shows the cards; is --db the right store?)", err)
+	}
+	return err
 }
 
 func printJSON(cmd *cobra.Command, v any) error {
@@ -218,7 +232,7 @@ blocked, refused, challenge-refused) and admin block/unblock.`,
 		defer st.Close()
 		card, err := st.Card(cmd.Context(), id)
 		if err != nil {
-			return err
+			return cardErr(err)
 		}
 		log, err := st.AuthLog(cmd.Context(), id, logN)
 		if err != nil {
@@ -312,7 +326,8 @@ valid for --ttl and for one verification only, and print them in hex. Give
 them to the card (vcard authenticate --challenge HEX, or any terminal:
 AUTHENTICATE, docs/PROTOCOL.md §6.3), then pass its answer to
 issuer cards verify. A blocked card or a card in conflict gets no
-challenge. No token is needed for this step.`,
+challenge. No token is needed for this step. Challenges that expired
+over an hour ago, used or not, are purged as new ones are issued.`,
 		Example: `  ch=$(issuer cards challenge B100000000000001)
   mac=$(vcard authenticate --challenge "$ch" card.json)
   issuer cards verify B100000000000001 --challenge "$ch" --mac "$mac" --key issuer-2026 --kek kek-1`,
@@ -337,7 +352,7 @@ challenge. No token is needed for this step.`,
 		a := &issuer.Authenticator{Store: st, TTL: ttl}
 		ch, err := a.Challenge(cmd.Context(), id)
 		if err != nil {
-			return err
+			return cardErr(err)
 		}
 		if asJSON {
 			return printJSON(cmd, ch)
@@ -455,10 +470,21 @@ error (exit 1) that does not count against the card: get a new one.
 	return c
 }
 
+// printCard prints a card's new state after block or unblock.
+func printCard(cmd *cobra.Command, card issuer.StoredCard, asJSON bool) error {
+	if asJSON {
+		card.Blob.Wrapped = nil
+		return printJSON(cmd, card)
+	}
+	fmt.Fprintf(cmd.OutOrStdout(), "card %X %s%s, failed auth %d\n", []byte(card.ID), card.State, paren(card.StateReason), card.FailedAuth)
+	return nil
+}
+
 func cardsBlockCmd() *cobra.Command {
 	var reason string
+	var asJSON bool
 	c := &cobra.Command{
-		Use:   "block ID --reason TEXT [--db DIR|DSN]",
+		Use:   "block ID --reason TEXT [--db DIR|DSN] [--json]",
 		Short: "Block a card by hand: it gets no challenge and every verification is refused",
 		Long: `Block a card (from any state) with a reason kept on the card and in its
 log: for a card reported stolen, a card from a suspect station, a card in
@@ -468,6 +494,7 @@ conflict that should stay out of service. Undo with issuer cards unblock.`,
 	}
 	openStore := dbFlag(c)
 	c.Flags().StringVar(&reason, "reason", "", "why (kept on the card and in its log)")
+	c.Flags().BoolVar(&asJSON, "json", false, "print the card as JSON")
 	c.MarkFlagRequired("reason")
 	c.RunE = func(cmd *cobra.Command, args []string) error {
 		id, err := hexArg("card Id", args[0])
@@ -484,18 +511,18 @@ conflict that should stay out of service. Undo with issuer cards unblock.`,
 		defer st.Close()
 		card, err := st.BlockCard(cmd.Context(), id, reason, time.Now())
 		if err != nil {
-			return err
+			return cardErr(err)
 		}
-		fmt.Fprintf(cmd.OutOrStdout(), "card %X %s%s\n", []byte(card.ID), card.State, paren(card.StateReason))
-		return nil
+		return printCard(cmd, card, asJSON)
 	}
 	return c
 }
 
 func cardsUnblockCmd() *cobra.Command {
 	var reason string
+	var asJSON bool
 	c := &cobra.Command{
-		Use:   "unblock ID [--reason TEXT] [--db DIR|DSN]",
+		Use:   "unblock ID [--reason TEXT] [--db DIR|DSN] [--json]",
 		Short: "Unblock a blocked card and reset its failed-authentication count",
 		Long: `Put a blocked card back in service with its failed-authentication count at
 0. A card for which a conflicting c was ever imported goes back to state
@@ -507,6 +534,7 @@ unblocking a card blocked by failed verifications, find out why it failed
 	}
 	openStore := dbFlag(c)
 	c.Flags().StringVar(&reason, "reason", "", "why (kept in the card's log)")
+	c.Flags().BoolVar(&asJSON, "json", false, "print the card as JSON")
 	c.RunE = func(cmd *cobra.Command, args []string) error {
 		id, err := hexArg("card Id", args[0])
 		if err != nil {
@@ -519,10 +547,9 @@ unblocking a card blocked by failed verifications, find out why it failed
 		defer st.Close()
 		card, err := st.UnblockCard(cmd.Context(), id, reason, time.Now())
 		if err != nil {
-			return err
+			return cardErr(err)
 		}
-		fmt.Fprintf(cmd.OutOrStdout(), "card %X %s, failed auth %d\n", []byte(card.ID), card.State, card.FailedAuth)
-		return nil
+		return printCard(cmd, card, asJSON)
 	}
 	return c
 }

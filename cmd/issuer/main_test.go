@@ -42,7 +42,8 @@ func TestScripts(t *testing.T) {
 	}
 	nss := hsmtest.NSS(t)
 	testscript.Run(t, testscript.Params{
-		Dir: "testdata/script",
+		Dir:  "testdata/script",
+		Cmds: scriptCmds,
 		Setup: func(env *testscript.Env) error {
 			tok := soft[strings.TrimPrefix(filepath.Base(env.WorkDir), "script-")]
 			soPIN := tok.PINFile + ".so"

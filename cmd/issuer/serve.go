@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -24,7 +25,7 @@ func serveCmd() *cobra.Command {
 	var addr, certFile, keyFile, clientCA, tokensFile, uploadDir string
 	var workers, maxFailures int
 	var maxBatch int64
-	var ttl, timeout time.Duration
+	var ttl, retention, timeout time.Duration
 	c := &cobra.Command{
 		Use:   "serve --tls-cert F --tls-key F [--client-ca F] [--tokens F] --token URI --key L --kek L [--db DIR|DSN]",
 		Short: "Serve the issuer's HTTP API over TLS: batch upload, card authentication, card management",
@@ -41,7 +42,17 @@ client certificate signed by that CA whose subject OU is the role. Roles:
   metrics   GET /metrics (a Prometheus scraper)
 
 admin does not upload batches nor verify cards (separation of duties).
-/healthz needs no credentials. See docs/ISSUER.md "HTTP API".
+/healthz needs no credentials. A missing or unknown credential is 401, a
+known one of another role 403; every error is JSON {"error", "detail"}.
+
+Challenges are single-use and expire after --challenge-ttl; expired ones,
+used or not, are purged --challenge-retention after their expiry (all of
+them at start, a few more with every challenge issued), so a late answer
+is still told "expired" within the retention.
+
+The server logs to stderr, starting with a line "serving" that has the
+address it listens on (--addr 127.0.0.1:0 picks a free port). SIGINT or
+SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 
 ` + uriHelp,
 		Example: `  issuer serve --addr :8443 --tls-cert server.pem --tls-key server.key \
@@ -64,12 +75,23 @@ admin does not upload batches nor verify cards (separation of duties).
 	f.Int64Var(&maxBatch, "max-batch", issuer.DefaultMaxBatchBytes, "largest batch an upload may carry, in bytes")
 	f.IntVar(&maxFailures, "max-failures", issuer.DefaultMaxFailures, "failed verifications in a row that block a card")
 	f.DurationVar(&ttl, "challenge-ttl", issuer.DefaultChallengeTTL, "how long a challenge can be answered")
+	f.DurationVar(&retention, "challenge-retention", issuer.DefaultChallengeRetention, "how long an expired challenge is kept (so a late answer is told \"expired\") before it is purged")
 	f.DurationVar(&timeout, "timeout", 15*time.Minute, "read and write timeout of a request (an upload's import runs within it)")
 	c.MarkFlagRequired("tls-cert")
 	c.MarkFlagRequired("tls-key")
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
 		if tokensFile == "" && clientCA == "" {
 			return errors.New("no way for clients to authenticate: give --tokens FILE and/or --client-ca FILE")
+		}
+		switch {
+		case workers < 1:
+			return fmt.Errorf("--workers %d: must be at least 1", workers)
+		case maxBatch < 1:
+			return fmt.Errorf("--max-batch %d: must be positive", maxBatch)
+		case maxFailures < 1:
+			return fmt.Errorf("--max-failures %d: must be at least 1", maxFailures)
+		case ttl <= 0 || retention <= 0 || timeout <= 0:
+			return errors.New("--challenge-ttl, --challenge-retention and --timeout must be positive")
 		}
 		tlsCfg, err := issuer.ServerTLSConfig(certFile, keyFile, clientCA)
 		if err != nil {
@@ -98,15 +120,25 @@ admin does not upload batches nor verify cards (separation of duties).
 		}
 		log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
 		api, err := issuer.NewAPI(issuer.APIConfig{Issuer: is, Store: st, UploadDir: uploadDir, Workers: workers,
-			MaxBatchBytes: maxBatch, Tokens: tokens, ChallengeTTL: ttl, MaxFailures: maxFailures, Logger: log})
+			MaxBatchBytes: maxBatch, Tokens: tokens, ChallengeTTL: ttl, ChallengeRetention: retention,
+			MaxFailures: maxFailures, Logger: log})
+		if err != nil {
+			return err
+		}
+		if n, err := api.PurgeChallenges(ctx); err != nil {
+			log.Warn("purging expired challenges failed; serving anyway (issuing challenges purges too)", "err", err)
+		} else {
+			log.Info("purged expired challenges", "count", n, "retention", retention)
+		}
+		ln, err := net.Listen("tcp", addr)
 		if err != nil {
 			return err
 		}
 		srv := issuer.NewServer(addr, api, tlsCfg, timeout)
 		srv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 		errc := make(chan error, 1)
-		go func() { errc <- srv.ListenAndServeTLS("", "") }()
-		log.Info("serving", "addr", addr, "tokens", len(tokens), "mtls", clientCA != "", "upload_dir", uploadDir)
+		go func() { errc <- srv.ServeTLS(ln, "", "") }()
+		log.Info("serving", "addr", ln.Addr().String(), "tokens", len(tokens), "mtls", clientCA != "", "upload_dir", uploadDir)
 		select {
 		case err := <-errc:
 			return err

@@ -30,8 +30,18 @@ func uploadCmd() *cobra.Command {
 perso seal) to the issuer's /v1/batches as multipart/form-data (parts
 "manifest" then "batch"), streaming the file. The issuer imports it and
 answers the report: records, imported, duplicates, conflicts, rejects, with
-each reject's line and reason. Printed as JSON; the command exits non-zero
-if the upload was refused or any record was rejected or conflicted.
+each reject's line and reason. The report is printed as JSON on stdout,
+and each reject and conflict, with its line, on stderr; the command exits
+non-zero if the upload was refused or any record was rejected or
+conflicted. Uploading a batch again is safe: the issuer's import is
+idempotent (records already stored are not imported twice), so after a
+failure or a timeout simply run the same command again.
+
+A refusal says what was wrong: 401 (the token or certificate is not
+known to the issuer), 403 (it is not of the perso role), 413 (the batch
+is larger than the issuer's --max-batch), 422 (the batch does not match
+its manifest, or is for another issuer key), or a TLS error (the issuer's
+certificate is not signed by the --ca given).
 
 Authentication: a bearer token of the perso role (--token-file, the file
 holds only the token) or a client certificate whose subject OU is "perso"
@@ -128,7 +138,7 @@ holds only the token) or a client certificate whose subject OU is "perso"
 		client := &http.Client{Timeout: timeout, Transport: &http.Transport{TLSClientConfig: tlsCfg}}
 		resp, err := client.Do(req)
 		if err != nil {
-			return err
+			return explainTLS(err, ca)
 		}
 		defer resp.Body.Close()
 		body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
@@ -141,13 +151,28 @@ holds only the token) or a client certificate whose subject OU is "perso"
 			out.Write(body)
 		}
 		if resp.StatusCode != http.StatusOK {
-			fmt.Fprintln(cmd.ErrOrStderr(), strings.TrimSpace(out.String()))
-			return fmt.Errorf("upload refused: %s", resp.Status)
+			return refusal(resp.Status, resp.StatusCode, body)
 		}
 		fmt.Fprintln(cmd.OutOrStdout(), strings.TrimSpace(out.String()))
-		var rep struct{ Rejects, Conflicts int }
+		var rep struct {
+			Rejects, Conflicts int
+			RejectList         []struct {
+				Line   int
+				Reason string
+			} `json:"reject_list"`
+			ConflictList []struct {
+				Line   int
+				CardID string `json:"card_id"`
+			} `json:"conflict_list"`
+		}
 		if err := json.Unmarshal(body, &rep); err != nil {
 			return fmt.Errorf("report: %w", err)
+		}
+		for _, r := range rep.RejectList {
+			fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: rejected: %s\n", batch, r.Line, r.Reason)
+		}
+		for _, k := range rep.ConflictList {
+			fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: CONFLICT: card %s is stored at the issuer with another c\n", batch, k.Line, strings.ToUpper(k.CardID))
 		}
 		if rep.Rejects > 0 || rep.Conflicts > 0 {
 			return fmt.Errorf("the issuer rejected %d records and found %d conflicts (see the report)", rep.Rejects, rep.Conflicts)
@@ -155,4 +180,53 @@ holds only the token) or a client certificate whose subject OU is "perso"
 		return nil
 	}
 	return c
+}
+
+// refusal is the error for a non-200 answer: the issuer's JSON error and
+// what to do about it.
+func refusal(status string, code int, body []byte) error {
+	var e struct{ Error, Detail string }
+	msg := status
+	switch {
+	case json.Unmarshal(body, &e) == nil && e.Error != "":
+		if e.Error != http.StatusText(code) {
+			msg += ": " + e.Error
+		}
+		if e.Detail != "" {
+			msg += ": " + e.Detail
+		}
+	case len(bytes.TrimSpace(body)) > 0: // not the issuer's JSON: a proxy?
+		b := bytes.TrimSpace(body)
+		if len(b) > 200 {
+			b = append(b[:200:200], "…"...)
+		}
+		msg += fmt.Sprintf(" (not an issuer answer: %q)", b)
+	}
+	hint := map[int]string{
+		http.StatusUnauthorized:          "the issuer does not know this credential: check --token-file, or --cert and --key",
+		http.StatusForbidden:             "the credential is not of the perso role",
+		http.StatusRequestEntityTooLarge: "the batch is over the issuer's --max-batch: split it or raise the limit",
+		http.StatusUnprocessableEntity:   "the batch does not match its manifest or is for another issuer key: nothing was imported",
+	}[code]
+	if hint != "" {
+		return fmt.Errorf("upload refused: %s (%s)", msg, hint)
+	}
+	return fmt.Errorf("upload refused: %s", msg)
+}
+
+// explainTLS says, for an error verifying the issuer's certificate, which
+// roots it was checked against.
+func explainTLS(err error, ca string) error {
+	var ua x509.UnknownAuthorityError
+	var he x509.HostnameError
+	var ci x509.CertificateInvalidError
+	var cv *tls.CertificateVerificationError
+	if !errors.As(err, &ua) && !errors.As(err, &he) && !errors.As(err, &ci) && !errors.As(err, &cv) {
+		return err
+	}
+	roots := "the system's roots (give --ca)"
+	if ca != "" {
+		roots = "--ca " + ca
+	}
+	return fmt.Errorf("TLS: the issuer's certificate is not trusted by %s: %w", roots, err)
 }
