@@ -2,6 +2,8 @@ package perso_test
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -59,5 +61,36 @@ func TestStatsRender(t *testing.T) {
 	}
 	if n != strings.Count(out, "\n") {
 		t.Errorf("Render returned %d lines for %d", n, strings.Count(out, "\n"))
+	}
+}
+
+// Off a terminal the display writes one plain summary line per change of
+// the counters, without cursor movements.
+func TestProgressPlain(t *testing.T) {
+	f, err := os.Create(filepath.Join(t.TempDir(), "progress"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := perso.NewStats()
+	p := perso.StartProgress(f, s, 2)
+	s.Card("r0", "b101", "personalized")
+	s.Card("r1", "b102", "personalized")
+	p.Stop()
+	f.Close()
+	out, err := os.ReadFile(f.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(out), "\x1b") {
+		t.Errorf("escape codes in plain progress: %q", out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if !strings.Contains(lines[len(lines)-1], "2/2 locked") {
+		t.Errorf("last line %q, want the final count 2/2", lines[len(lines)-1])
+	}
+	for i := 1; i < len(lines); i++ {
+		if lines[i] == lines[i-1] {
+			t.Errorf("line repeated: %q", lines[i])
+		}
 	}
 }

@@ -33,18 +33,16 @@ func Encapsulate(p Profile, k *IssuerKey, rand io.Reader) (s, c []byte, err erro
 		if err != nil {
 			return nil, nil, err
 		}
-		return r.FillBytes(make([]byte, k.RSA.Size())), rsaRaw(k.RSA, r), nil
+		s = r.FillBytes(make([]byte, k.RSA.Size()))
+		c, err := EncryptSecret(p, k, s, rand)
+		return s, c, err
 	case RSAOAEP:
 		s = make([]byte, OAEPSecretLen)
 		if _, err := io.ReadFull(rand, s); err != nil {
 			return nil, nil, fmt.Errorf("draw r: %w", err)
 		}
-		// EncryptOAEP reads exactly the 20-byte seed from rand.
-		c, err := rsa.EncryptOAEP(sha1.New(), rand, k.RSA, s, nil)
-		if err != nil {
-			return nil, nil, fmt.Errorf("RSA-OAEP encrypt: %w", err)
-		}
-		return s, c, nil
+		c, err := EncryptSecret(p, k, s, rand)
+		return s, c, err
 	case ECDHP256:
 		eph, err := drawP256(rand)
 		if err != nil {
@@ -57,6 +55,52 @@ func Encapsulate(p Profile, k *IssuerKey, rand io.Reader) (s, c []byte, err erro
 		return z, eph.PublicKey().Bytes(), nil
 	}
 	return nil, nil, fmt.Errorf("profile %s: unknown transport", p.Name)
+}
+
+// ErrNoEncryption: the profile's transport does not encrypt S (ECDH: S is
+// the shared secret Z, which only the ephemeral key and the issuer's key
+// can make), so there is no c to compute from a given S.
+var ErrNoEncryption = errors.New("the transport does not encrypt S: c cannot be made from S")
+
+// EncryptSecret is the card's step 3 for a given S: c, the encryption of S
+// to the issuer key k under profile p (docs/PROTOCOL.md §3.2). Encapsulate
+// is "draw S, then EncryptSecret"; this half alone serves whoever must
+// carry a known S to an issuer — the tests' and the demo's active insider
+// (paper Fig. 2) re-encrypting the S it opened under its own key.
+//
+//   - rsa-raw: S is I2OSP(r, k) with k the modulus length; r must be below
+//     n. c = I2OSP(r^e mod n, k). Deterministic; rand is not read.
+//   - rsa-oaep: S is 32 bytes; c = RSAES-OAEP(SHA-1, MGF1-SHA-1, empty
+//     label), whose 20-byte seed is read from rand.
+//   - ecdh-p256: ErrNoEncryption.
+func EncryptSecret(p Profile, k *IssuerKey, s []byte, rand io.Reader) ([]byte, error) {
+	if err := k.Fits(p); err != nil {
+		return nil, err
+	}
+	switch p.Transport {
+	case RSARaw:
+		if len(s) != k.RSA.Size() {
+			return nil, fmt.Errorf("rsa-raw: S is %d bytes, want %d (the modulus length)", len(s), k.RSA.Size())
+		}
+		r := new(big.Int).SetBytes(s)
+		if r.Cmp(k.RSA.N) >= 0 {
+			return nil, errors.New("rsa-raw: S is not below the RSA modulus")
+		}
+		return rsaRaw(k.RSA, r), nil
+	case RSAOAEP:
+		if len(s) != OAEPSecretLen {
+			return nil, fmt.Errorf("rsa-oaep: S is %d bytes, want %d", len(s), OAEPSecretLen)
+		}
+		// EncryptOAEP reads exactly the 20-byte seed from rand.
+		c, err := rsa.EncryptOAEP(sha1.New(), rand, k.RSA, s, nil)
+		if err != nil {
+			return nil, fmt.Errorf("RSA-OAEP encrypt: %w", err)
+		}
+		return c, nil
+	case ECDHP256:
+		return nil, fmt.Errorf("profile %s: %w", p.Name, ErrNoEncryption)
+	}
+	return nil, fmt.Errorf("profile %s: unknown transport", p.Name)
 }
 
 // drawRSARaw draws r uniformly from [2, n-1) by rejection: k bytes at a
