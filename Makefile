@@ -5,7 +5,7 @@ GO      ?= go
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the build, the tests and the demo need.
 DEBS    := gcc pkg-config libpcsclite-dev pcscd vsmartcard-vpcd opensc \
-           softhsm2 libnss3 libnss3-tools openssl util-linux mount postgresql-15
+           softhsm2 libnss3 libnss3-tools openssl util-linux mount postgresql-15 curl
 FUZZTIME ?= 10s
 
 .PHONY: all deps build test vet fuzz demo bench clean
@@ -23,9 +23,9 @@ deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-## build: bin/issuer, bin/perso, bin/vcard
+## build: bin/issuer, bin/perso, bin/vcard, and bin/insider (an attack tool for the demo)
 build:
-	$(GO) build -o bin/ ./cmd/issuer ./cmd/perso ./cmd/vcard
+	$(GO) build -o bin/ ./cmd/issuer ./cmd/perso ./cmd/vcard ./cmd/insider
 
 vet:
 	$(GO) vet ./...
@@ -39,7 +39,9 @@ fuzz:
 	$(GO) test ./card -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME) -fuzzminimizetime 1s
 	$(GO) test ./issuer -run '^$$' -fuzz FuzzParseRecord -fuzztime $(FUZZTIME) -fuzzminimizetime 1s
 
-## demo: the main job end to end on embedded defaults; artifacts in demo-out/
+## demo: the main job end to end, then the active insider (Fig. 2); artifacts in demo-out/.
+## Settings from the environment or the command line, e.g. make demo DEMO_TOKEN=nss
+## (NSS softokn, rsa-raw-sha1), DEMO_CARDS=20, DEMO_ATTACKED=3: see scripts/demo.sh --help.
 demo: deps build
 	./scripts/demo.sh
 

@@ -1,141 +1,353 @@
 #!/usr/bin/env bash
-# make demo: the main job end to end on embedded defaults.
+# make demo: the main job end to end, then the active insider of the
+# paper's Fig. 2, on embedded defaults. Everything it makes stays in
+# DEMO_OUT (demo-out/).
 #
-# 1. Issuer: a fresh SoftHSM2 token in demo-out/token; the issuer key and
-#    the KEK are generated in it (the KEK marked trusted by the security
-#    officer); the public key is exported with its fingerprint.
-# 2. Card bureau: a private pcscd with vsmartcard's vpcd driver; blank
-#    virtual cards fed one after another into its reader; the perso
-#    station personalizes each under the issuer public key and writes the
-#    batch (Id, c) before locking the card.
-# 3. Issuer: the station uploads the batch to the issuer service (TLS,
-#    bearer token); the token derives every card's K_I from its c and
-#    wraps it under the KEK; each card then answers a fresh challenge and its MAC is
-#    verified in the token.
-# K_I exists only in the cards (their state files) and inside the token.
+#  1. Issuer: a throwaway token in demo-out/token — SoftHSM2 by default, an
+#     NSS softokn database with --nss — and the example key ceremony run on
+#     it (issuer keys, KEK and a transcript signed in the token; verified).
+#  2. Card bureau: a private pcscd with vsmartcard's vpcd driver and its
+#     two readers; DEMO_CARDS blank virtual cards fed into them by two
+#     feeders; the perso station personalizes them over both readers under
+#     the issuer public key (live display on a terminal, a line per card
+#     otherwise) and writes the batch (Id, c) and its manifest.
+#  3. Issuer: the service (TLS, bearer tokens stored hashed, SQLite store)
+#     imports the batch the station uploads — the token derives and wraps
+#     every K_I in-token — and then authenticates every card through its
+#     API: challenge, the card's AES-CMAC, verified in the token.
+#  4. Active insider (paper Fig. 2): a station that sends DEMO_ATTACKED
+#     more cards its own key PK′, re-encrypts what it learns under the
+#     genuine PK and uploads a batch that looks genuine. The issuer imports
+#     it; the cards then fail authentication --max-failures times and end
+#     blocked, while the honest cards stay active.
+#  5. A summary table. The script exits non-zero unless every honest card
+#     authenticated and every attacked card is blocked.
 #
-# Settings (environment): DEMO_CARDS (5), DEMO_PROFILE (rsa-oaep-aes),
-# DEMO_OUT (demo-out). Everything the run makes is left in DEMO_OUT.
+# K_I exists only in the cards (their state files) and inside the token:
+# the e2e test (e2e/demo_test.go) searches every other file of the run.
+#
+# Usage: scripts/demo.sh [--nss]
+# Settings (environment):
+#   DEMO_TOKEN     softhsm2 (default) or nss (same as --nss): NSS softokn
+#                  with the paper-exact SHA-1 profile rsa-raw-sha1 and
+#                  examples/ceremony-nss.yaml
+#   DEMO_CARDS     honest cards (20)       DEMO_ATTACKED  attacked cards (3)
+#   DEMO_PROFILE   softhsm2: rsa-oaep-aes (or ecdh-p256-aes);
+#                  nss: rsa-raw-sha1 (or rsa-oaep-sha1, ecdh-p256-x963)
+#   DEMO_OUT       output directory (demo-out), emptied first
+#   BIN            directory of the issuer, perso, vcard, insider binaries (bin)
+#   DEMO_TIMEOUT   longest run of one station, in seconds (120)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cards=${DEMO_CARDS:-5}
-profile=${DEMO_PROFILE:-rsa-oaep-aes}
+t0=$(date +%s.%N)
+token_kind=${DEMO_TOKEN:-softhsm2}
+for arg in "$@"; do
+	case $arg in
+	--nss) token_kind=nss ;;
+	--softhsm2) token_kind=softhsm2 ;;
+	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+	*) echo "demo.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
+	esac
+done
+cards=${DEMO_CARDS:-20}
+attacked=${DEMO_ATTACKED:-3}
 out=${DEMO_OUT:-demo-out}
-case $profile in
-	ecdh-*) kind=p256 ;;
-	*) kind=rsa2048 ;;
+bin=$(cd "${BIN:-bin}" 2>/dev/null && pwd) || bin=${BIN:-bin}
+for c in issuer perso vcard insider; do
+	[ -x "$bin/$c" ] || { echo "demo.sh: no $bin/$c: run make build (make demo does)" >&2; exit 1; }
+done
+station_timeout=${DEMO_TIMEOUT:-120}
+max_failures=3 # the issuer blocks a card after this many failures in a row
+for n in "$cards" "$attacked" "$station_timeout"; do
+	[[ $n =~ ^[1-9][0-9]*$ ]] || { echo "demo.sh: DEMO_CARDS, DEMO_ATTACKED and DEMO_TIMEOUT must be positive integers" >&2; exit 2; }
+done
+
+# Token family → ceremony script, default profile, and which of the
+# ceremony's keys serves the profile.
+case $token_kind in
+softhsm2)
+	ceremony_script=examples/ceremony-softhsm2.yaml
+	profile=${DEMO_PROFILE:-rsa-oaep-aes}
+	kek=kek-2026
+	case $profile in
+	rsa-oaep-aes) key=issuer-2026-rsa kind=rsa2048 ;;
+	ecdh-p256-aes) key=issuer-2026-ec kind=p256 ;;
+	*) echo "demo.sh: SoftHSM2 runs rsa-oaep-aes and ecdh-p256-aes in-token, not $profile (try --nss)" >&2; exit 2 ;;
+	esac
+	;;
+nss)
+	ceremony_script=examples/ceremony-nss.yaml
+	profile=${DEMO_PROFILE:-rsa-raw-sha1}
+	kek=kek-2026-nss
+	case $profile in
+	rsa-raw-sha1 | rsa-oaep-sha1) key=issuer-2026-nss-rsa kind=rsa2048 ;;
+	ecdh-p256-x963) key=issuer-2026-nss-ec kind=p256 ;;
+	*) echo "demo.sh: $ceremony_script makes keys for rsa-raw-sha1, rsa-oaep-sha1 and ecdh-p256-x963, not $profile" >&2; exit 2 ;;
+	esac
+	;;
+*) echo "demo.sh: DEMO_TOKEN must be softhsm2 or nss, got $token_kind" >&2; exit 2 ;;
 esac
 
 rm -rf "$out"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+mkdir -p "$out/logs" "$out/api" "$out/station" "$out/insider" "$out/cards"
 # pcscd's socket path must stay short (sun_path is 108 bytes).
 pcdir=$(mktemp -d /tmp/bp-pcscd.XXXXXX)
-pids=()
+pids=() # every background process, for the trap
 cleanup() {
+	local rc=$?
 	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 	wait 2>/dev/null || true
-	cp "$pcdir"/*.log "$out"/ 2>/dev/null || true
+	cp "$pcdir"/*.log "$out/logs/" 2>/dev/null || true
 	rm -rf "$pcdir"
+	if [ "$rc" != 0 ]; then
+		echo "demo.sh: failed (exit $rc); logs in $out/logs" >&2
+	fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-echo "== issuer: SoftHSM2 token, keys generated in it"
-mkdir -p "$out/token/objects"
-sed "s|@TOKENDIR@|$out/token/objects|" softhsm-config/softhsm2.conf.in >"$out/token/softhsm2.conf"
-export SOFTHSM2_CONF="$out/token/softhsm2.conf"
-# Demo PINs; a real ceremony reads them from the operators.
-printf 'demo-user-pin' >"$out/token/user.pin"
-printf 'demo-so-pin' >"$out/token/so.pin"
-softhsm2-util --init-token --free --label blindperso-demo \
-	--pin "$(cat "$out/token/user.pin")" --so-pin "$(cat "$out/token/so.pin")" >/dev/null
-export BLINDPERSO_TOKEN="pkcs11:token=blindperso-demo?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$out/token/user.pin"
-bin/issuer probe >"$out/probe.txt"
-if ! grep -q "^$profile.*runnable" "$out/probe.txt" || grep -q "^$profile.*not runnable" "$out/probe.txt"; then
+# wait_for PID...: wait for background processes that should end on their
+# own (card feeders), killing them after 15 s.
+wait_for() {
+	local p
+	for _ in $(seq 150); do
+		for p in "$@"; do kill -0 "$p" 2>/dev/null && break; done
+		kill -0 "$p" 2>/dev/null || break
+		sleep 0.1
+	done
+	for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+}
+
+# feed LOGNAME CARD...: feed the cards into the two readers, alternately,
+# with one feeder per reader; the feeders' PIDs go to $feeders.
+feed() {
+	local name=$1 i
+	shift
+	local even=() odd=()
+	for ((i = 1; i <= $#; i++)); do
+		if ((i % 2)); then even+=("${!i}"); else odd+=("${!i}"); fi
+	done
+	feeders=()
+	"$bin/vcard" feed --reader "$addr0" "${even[@]}" 2>"$out/logs/feed-$name-0.log" &
+	feeders+=($!)
+	pids+=($!)
+	if [ ${#odd[@]} -gt 0 ]; then
+		"$bin/vcard" feed --reader "$addr1" "${odd[@]}" 2>"$out/logs/feed-$name-1.log" &
+		feeders+=($!)
+		pids+=($!)
+	fi
+}
+
+# api METHOD PATH ROLE: a request to the issuer API with ROLE's bearer
+# token (read by curl from a header file, never on a command line).
+api() {
+	curl -fsS --cacert "$out/api/server.pem" -H @"$out/api/$3.header" -X "$1" "$url$2"
+}
+
+# json_field FIELD: the first "FIELD": value of the (indented) JSON on
+# stdin. (No "| head" after a producer anywhere: with pipefail, its
+# SIGPIPE would fail the script.)
+json_field() {
+	sed -n -E "/\"$1\": */{s/.*\"$1\": *(\"([^\"]*)\"|([^,}]*)).*/\2\3/p;q}"
+}
+
+echo "== issuer: $token_kind token in $out/token, keys generated in it"
+mkdir -p "$out/token"
+case $token_kind in
+softhsm2)
+	mkdir -p "$out/token/objects"
+	sed "s|@TOKENDIR@|$out/token/objects|" softhsm-config/softhsm2.conf.in >"$out/token/softhsm2.conf"
+	export SOFTHSM2_CONF="$out/token/softhsm2.conf"
+	# Demo PINs; a real ceremony reads them from the operators.
+	printf 'demo-user-pin' >"$out/token/user.pin"
+	printf 'demo-so-pin' >"$out/token/so.pin"
+	softhsm2-util --init-token --free --label blindperso-demo \
+		--pin "$(cat "$out/token/user.pin")" --so-pin "$(cat "$out/token/so.pin")" >/dev/null
+	export BLINDPERSO_TOKEN="pkcs11:token=blindperso-demo?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:$out/token/user.pin"
+	export BLINDPERSO_SO_PIN_FILE="$out/token/so.pin"
+	;;
+nss)
+	# An NSS softokn database with an empty password: its "NSS Certificate
+	# DB" token needs no login (docs/HSM.md).
+	certutil -N -d "sql:$out/token" --empty-password
+	nss_module=
+	for m in /usr/lib/*/libsoftokn3.so /usr/lib/libsoftokn3.so; do
+		[ -e "$m" ] && { nss_module=$m; break; }
+	done
+	[ -n "$nss_module" ] || { echo "demo.sh: libsoftokn3.so not found (make deps installs libnss3)" >&2; exit 1; }
+	export BLINDPERSO_TOKEN="pkcs11:token=NSS%20Certificate%20DB?module-path=$nss_module&x-nss-configdir=$out/token"
+	;;
+esac
+"$bin/issuer" probe >"$out/probe.txt" 2>"$out/logs/probe.log"
+if ! grep -q "^$profile .*runnable" "$out/probe.txt" || grep -q "^$profile .*not runnable" "$out/probe.txt"; then
 	cat "$out/probe.txt"
-	echo "profile $profile cannot run in-token on SoftHSM2" >&2
+	echo "demo.sh: profile $profile cannot run in-token on this $token_kind token" >&2
 	exit 1
 fi
-echo "== key ceremony: examples/ceremony-softhsm2.yaml"
-export BLINDPERSO_SO_PIN_FILE="$out/token/so.pin" CEREMONY_OUT="$out/ceremony"
-bin/issuer ceremony run examples/ceremony-softhsm2.yaml >"$out/ceremony.log" 2>&1 ||
-	{ cat "$out/ceremony.log"; exit 1; }
-bin/issuer ceremony verify "$out/ceremony/transcript.json" | sed 's/^/   /'
-case $kind in
-	p256) key=issuer-2026-ec ;;
-	*) key=issuer-2026-rsa ;;
-esac
-kek=kek-2026
+echo "   probe: $(grep "^$profile " "$out/probe.txt" | sed -E 's/ +/ /')"
+
+echo "== key ceremony: $ceremony_script"
+export CEREMONY_OUT="$out/ceremony"
+"$bin/issuer" ceremony run "$ceremony_script" >"$out/logs/ceremony.log" 2>&1 ||
+	{ cat "$out/logs/ceremony.log"; exit 1; }
+tkey=$(sed -n 's/.*signing key sha256 \([0-9a-f]\{64\}\).*/\1/p' "$out/logs/ceremony.log" | tail -1)
+"$bin/issuer" ceremony verify --expect-key-fingerprint "$tkey" "$out/ceremony/transcript.json" >"$out/ceremony/verify.txt" 2>&1 ||
+	{ cat "$out/ceremony/verify.txt"; exit 1; }
+sed 's/^/   /' "$out/ceremony/verify.txt"
 cp "$out/ceremony/$key.pub.pem" "$out/issuer.pub.pem"
-fp=$(bin/issuer fingerprint "$out/issuer.pub.pem")
-echo "   issuer key $key ($kind) sha256 $fp; KEK $kek (trusted); transcript $out/ceremony/transcript.json"
+fp=$("$bin/issuer" fingerprint "$out/issuer.pub.pem")
+echo "   issuer key $key ($kind) sha256 $fp; KEK $kek; profile $profile"
 
-echo "== private pcscd with a vpcd reader"
-bin/vcard pcscd --dir "$pcdir" >"$out/pcscd.out" 2>&1 &
+echo "== card bureau: private pcscd with two vpcd readers"
+"$bin/vcard" pcscd --dir "$pcdir" >"$out/logs/pcscd.out" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do grep -q '^slot 1' "$out/pcscd.out" && break; sleep 0.1; done
-grep -q '^slot 1' "$out/pcscd.out" || { cat "$out/pcscd.out"; exit 1; }
-export "$(head -1 "$out/pcscd.out")"
-addr=$(awk '/^slot 0/ {print $3}' "$out/pcscd.out")
-reader=$(sed -n 's/^slot 0: [^ ]* "\(.*\)"$/\1/p' "$out/pcscd.out")
-echo "   reader \"$reader\" (vpcd at $addr), $PCSCLITE_CSOCK_NAME"
+for _ in $(seq 200); do grep -q '^slot 1' "$out/logs/pcscd.out" && break; sleep 0.1; done
+grep -q '^slot 1' "$out/logs/pcscd.out" || { cat "$out/logs/pcscd.out"; exit 1; }
+export "$(head -1 "$out/logs/pcscd.out")" # PCSCLITE_CSOCK_NAME=…
+addr0=$(awk '/^slot 0:/ {print $3}' "$out/logs/pcscd.out")
+addr1=$(awk '/^slot 1:/ {print $3}' "$out/logs/pcscd.out")
+reader0=$(sed -n 's/^slot 0: [^ ]* "\(.*\)"$/\1/p' "$out/logs/pcscd.out")
+reader1=$(sed -n 's/^slot 1: [^ ]* "\(.*\)"$/\1/p' "$out/logs/pcscd.out")
+echo "   \"$reader0\" (vpcd $addr0), \"$reader1\" (vpcd $addr1); $PCSCLITE_CSOCK_NAME"
 
-echo "== manufacture $cards blank virtual cards"
-bin/vcard manufacture --dir "$out/cards" --count "$cards" >/dev/null
-bin/vcard feed --reader "$addr" "$out"/cards/*.json 2>"$out/vcard.log" &
-pids+=($!)
+echo "== $cards blank virtual cards, fed into both readers"
+"$bin/vcard" manufacture --dir "$out/cards/honest" --count "$cards" --first-id B100000000000001 >/dev/null
+honest=("$out"/cards/honest/*.json)
+feed honest "${honest[@]}"
 
-echo "== perso station: profile $profile"
-start=$(date +%s.%N)
-bin/perso run --issuer-key "$out/issuer.pub.pem" --profile "$profile" \
-	--expect-fingerprint "$fp" --reader "$reader" --count "$cards" \
-	--batch "$out/batch.ndjson" --station demo --progress off 2>"$out/perso.log"
+echo "== perso station: $profile over both readers (progress below; log $out/logs/perso.log)"
+t1=$(date +%s.%N)
+timeout --foreground --signal=INT "$station_timeout" "$bin/perso" run --issuer-key "$out/issuer.pub.pem" --profile "$profile" \
+	--expect-fingerprint "$fp" --reader "$reader0" --reader "$reader1" --count "$cards" \
+	--batch "$out/station/batch.ndjson" --station demo-station --progress on --log "$out/logs/perso.log"
+wait_for "${feeders[@]}"
+personalized=$(grep -c . "$out/station/batch.ndjson" || true)
+echo "   $personalized cards locked in $(awk -v a="$t1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s;" \
+	"batch $out/station/batch.ndjson, manifest beside it"
+head -4 "$out/station/batch.ndjson" | sed -E 's/.*"id":"([^"]+)","c":"([^"]+)".*"reader":"([^"]+)".*/\1 \2 \3/' |
+	awk '{ r = $0; sub(/^[^ ]+ [^ ]+ /, "", r)
+		printf "   %s  c = %s…%s (%d bytes)  %s\n", $1, substr($2, 1, 16), substr($2, length($2) - 7), length($2) / 2, r }'
+[ "$personalized" -gt 4 ] && echo "   … $((personalized - 4)) more"
 
-echo "== (Id, c) per card: $out/batch.ndjson, manifest $out/batch.ndjson.manifest.json"
-sed -E 's/.*"id":"([^"]+)","c":"([^"]+)".*/\1  \2/' "$out/batch.ndjson" |
-	awk '{ printf "   %s  %s…%s (%d bytes)\n", $1, substr($2, 1, 24), substr($2, length($2)-7), length($2)/2 }'
-
-echo "== issuer: derive and wrap every K_I in the token"
-# The issuer service: TLS with a throwaway certificate, a bearer token of
-# the perso role (stored only hashed), the SQLite store under demo-out.
-mkdir -p "$out/api"
+echo "== issuer service: TLS, bearer tokens (stored hashed), SQLite store"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
 	-keyout "$out/api/server.key" -out "$out/api/server.pem" -subj /CN=localhost \
 	-addext "subjectAltName=DNS:localhost,IP:127.0.0.1" 2>/dev/null
-head -c 32 /dev/urandom | base64 >"$out/api/perso.token"
-echo "perso $(bin/issuer serve token-hash <"$out/api/perso.token")" >"$out/api/tokens"
-port=$((20000 + RANDOM % 20000))
-bin/issuer serve --addr "127.0.0.1:$port" --tls-cert "$out/api/server.pem" --tls-key "$out/api/server.key" \
-	--tokens "$out/api/tokens" --key "$key" --kek "$kek" --db "$out/issuer-data" 2>"$out/issuer-serve.log" &
-serve=$!
-pids+=($serve)
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-echo "   issuer service at https://127.0.0.1:$port; the station uploads its batch"
-bin/perso upload --url "https://127.0.0.1:$port" --batch "$out/batch.ndjson" \
-	--ca "$out/api/server.pem" --token-file "$out/api/perso.token" >"$out/import.json"
-imported=$(grep -o '"imported": *[0-9]*' "$out/import.json" | head -1 | grep -o '[0-9]*$')
-echo "   $imported cards imported into the store $out/issuer-data/issuer.db (report: $out/import.json)"
-# One process per SoftHSM2 token: the service stops before the CLI below
-# opens the token.
-kill "$serve"
-wait "$serve" 2>/dev/null || true
-
-echo "== issuer: challenge every card, verify its MAC in the token"
-ok=0
-for c in "$out"/cards/*.json; do
-	id=$(bin/vcard status "$c" | sed -E 's/.*"id":"([^"]+)".*/\1/')
-	ch=$(bin/issuer cards challenge "$id" --db "$out/issuer-data")
-	mac=$(bin/vcard authenticate --challenge "$ch" "$c")
-	if res=$(bin/issuer cards verify "$id" --challenge "$ch" --mac "$mac" \
-		--key "$key" --kek "$kek" --db "$out/issuer-data" 2>>"$out/verify.log"); then
-		ok=$((ok + 1))
-	fi
-	echo "   $id  challenge $ch  MAC $mac  $res"
+: >"$out/api/tokens"
+for role in perso verifier admin; do
+	head -c 32 /dev/urandom | base64 >"$out/api/$role.token"
+	printf 'Authorization: Bearer %s\n' "$(cat "$out/api/$role.token")" >"$out/api/$role.header"
+	"$bin/issuer" serve token-hash --role "$role" <"$out/api/$role.token" >>"$out/api/tokens"
 done
-end=$(date +%s.%N)
+chmod 600 "$out"/api/*.token "$out"/api/*.header
+for _ in 1 2 3 4 5; do
+	port=$((20000 + RANDOM % 20000))
+	url=https://127.0.0.1:$port
+	"$bin/issuer" serve --addr "127.0.0.1:$port" --tls-cert "$out/api/server.pem" --tls-key "$out/api/server.key" \
+		--tokens "$out/api/tokens" --key "$key" --kek "$kek" --db "$out/issuer-data" \
+		--max-failures "$max_failures" 2>>"$out/logs/issuer-serve.log" &
+	serve=$!
+	for _ in $(seq 100); do
+		curl -fsS --cacert "$out/api/server.pem" "$url/healthz" >/dev/null 2>&1 && break
+		kill -0 "$serve" 2>/dev/null || break
+		sleep 0.1
+	done
+	kill -0 "$serve" 2>/dev/null && break # else the port was taken: another one
+done
+kill -0 "$serve" 2>/dev/null || { cat "$out/logs/issuer-serve.log"; exit 1; }
+pids+=($serve)
+echo "   $url (key $key, KEK $kek, --max-failures $max_failures)"
+if [ "$token_kind" = nss ]; then
+	# NSS's database takes several processes at once (SoftHSM2's file
+	# store does not: there, the service is the token's only process).
+	"$bin/issuer" probe >"$out/probe-while-serving.txt" 2>>"$out/logs/probe.log"
+	echo "   NSS: the CLI opens the token while the service runs (issuer probe: ok)"
+fi
+echo "   the station uploads its batch"
+"$bin/perso" upload --url "$url" --batch "$out/station/batch.ndjson" \
+	--ca "$out/api/server.pem" --token-file "$out/api/perso.token" >"$out/api/import-station.json"
+imported=$(json_field imported <"$out/api/import-station.json")
+echo "   $imported cards imported: the token derived and wrapped each K_I in-token (report $out/api/import-station.json)"
 
-printf '== %d cards personalized, %d K_I derived and wrapped in-token, %d of %d authenticated in-token, %.1f s; artifacts in %s\n' \
-	"$(grep -c . "$out/batch.ndjson")" "$imported" "$ok" "$cards" \
-	"$(awk -v a="$start" -v b="$end" 'BEGIN { print b - a }')" "$out"
-[ "$ok" = "$cards" ]
+echo "== issuer: authenticate every card through the API (challenge, card's MAC, verified in the token)"
+"$bin/vcard" authenticate --issuer "$url" --ca "$out/api/server.pem" --token-file "$out/api/verifier.token" \
+	"${honest[@]}" >"$out/api/auth-honest.txt" 2>>"$out/logs/auth.log" || true
+ok=$(grep -c ' ok$' "$out/api/auth-honest.txt" || true)
+head -4 "$out/api/auth-honest.txt" | sed 's/^/   /'
+[ "$cards" -gt 4 ] && echo "   … $((cards - 4)) more (all in $out/api/auth-honest.txt)"
+echo "   $ok of $cards cards authenticated"
+
+echo "== active insider (paper Fig. 2): a station that sends $attacked more cards its own key PK′"
+"$bin/vcard" manufacture --dir "$out/cards/attacked" --count "$attacked" --first-id A100000000000001 >/dev/null
+victims=("$out"/cards/attacked/*.json)
+"$bin/insider" keygen --kind "$kind" --issuer-key "$out/issuer.pub.pem" \
+	--out "$out/insider/attacker.pem" --pub-out "$out/insider/attacker.pub.pem" | sed 's/^/   /'
+feed attacked "${victims[@]}"
+timeout --foreground --signal=INT "$station_timeout" "$bin/insider" run --attacker-key "$out/insider/attacker.pem" \
+	--issuer-key "$out/issuer.pub.pem" --profile "$profile" --reader "$reader0" --reader "$reader1" \
+	--count "$attacked" --batch "$out/insider/batch.ndjson" --station demo-station --progress on \
+	--log "$out/logs/insider.log"
+wait_for "${feeders[@]}"
+forged=$(grep -c . "$out/insider/batch.ndjson" || true)
+case $profile in
+ecdh-*) how="forwarded c′ (a Diffie-Hellman secret cannot be re-encrypted)" ;;
+*) how="opened c′ with its key, re-encrypted S under PK" ;;
+esac
+echo "   $forged cards locked under PK′; the insider $how;"
+echo "   its manifest names the genuine key: $(json_field issuer_fingerprint <"$out/insider/batch.ndjson.manifest.json")"
+"$bin/perso" upload --url "$url" --batch "$out/insider/batch.ndjson" \
+	--ca "$out/api/server.pem" --token-file "$out/api/perso.token" >"$out/api/import-insider.json"
+imported_forged=$(json_field imported <"$out/api/import-insider.json")
+echo "   the issuer imports the forged batch: $imported_forged cards (report $out/api/import-insider.json)"
+
+echo "== issuer: authenticate the attacked cards until they are blocked"
+echo "   (each card holds KDF(S, B(PK′)); the issuer's token derived KDF(S, B(PK)))"
+for try in $(seq "$max_failures") last; do
+	"$bin/vcard" authenticate --issuer "$url" --ca "$out/api/server.pem" --token-file "$out/api/verifier.token" \
+		"${victims[@]}" 2>>"$out/logs/auth.log" | sed "s/^/try $try: /" >>"$out/api/auth-attacked.txt" || true
+done
+for v in "${victims[@]}"; do
+	id=$(basename "$v" .json)
+	id=${id#card-}
+	echo "   $id: $(grep " $id " "$out/api/auth-attacked.txt" | cut -d' ' -f4- | paste -sd, | sed 's/,/, /g; s/not-active/then no challenge/')"
+done
+
+echo "== issuer API (admin): card states"
+caught=0 active=0
+for c in "${victims[@]}" "${honest[@]}"; do
+	id=$(basename "$c" .json)
+	id=${id#card-}
+	api GET "/v1/cards/$id" admin >"$out/api/card-$id.json" || true
+	state=$(json_field state <"$out/api/card-$id.json")
+	case $c in
+	*/attacked/*)
+		[ "$state" = blocked ] && caught=$((caught + 1))
+		echo "   $id  $state  ($(json_field state_reason <"$out/api/card-$id.json"))"
+		;;
+	*) [ "$state" = active ] && active=$((active + 1)) ;;
+	esac
+done
+echo "   honest cards active: $active of $cards"
+
+t9=$(date +%s.%N)
+result=PASS
+[ "$personalized" = "$cards" ] && [ "$imported" = "$cards" ] && [ "$ok" = "$cards" ] && [ "$active" = "$cards" ] &&
+	[ "$forged" = "$attacked" ] && [ "$caught" = "$attacked" ] || result=FAIL
+{
+	echo "== summary: $token_kind token, profile $profile"
+	printf '   %-48s %s\n' \
+		"cards personalized (honest station)" "$personalized of $cards" \
+		"imported by the issuer (K_I derived in-token)" "$imported" \
+		"authenticated in-token (honest)" "$ok of $cards" \
+		"attacked (personalized under the insider's key)" "$forged of $attacked" \
+		"attacked, imported all the same" "$imported_forged" \
+		"attacked and caught (blocked)" "$caught of $attacked" \
+		"honest cards still active" "$active of $cards" \
+		"time taken" "$(awk -v a="$t0" -v b="$t9" 'BEGIN { printf "%.1f s", b - a }')" \
+		"result" "$result"
+	echo "   artifacts: $out"
+} | tee "$out/summary.txt"
+[ "$result" = PASS ]

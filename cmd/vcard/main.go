@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/big"
@@ -196,19 +197,59 @@ and reader names, then runs until SIGINT/SIGTERM.`,
 }
 
 func authenticateCmd() *cobra.Command {
-	var challenge string
+	var challenge, issuerURL, ca, tokenFile, cert, key string
+	var asJSON bool
 	c := &cobra.Command{
-		Use:   "authenticate --challenge HEX CARD.json",
-		Short: "Send AUTHENTICATE to a locked card, in process, and print its MAC in hex",
-		Long: `Act as a terminal for the card whose state is in CARD.json: SELECT, then
-AUTHENTICATE with the 16-byte --challenge; print the card's AES-CMAC
-answer (docs/PROTOCOL.md §4). The issuer checks it with issuer cards verify.`,
-		Example: `  vcard authenticate --challenge $(openssl rand -hex 16) cards/card-B100000000000001.json`,
-		Args:    cobra.ExactArgs(1),
+		Use:   "authenticate (--challenge HEX CARD.json | --issuer URL [--ca F] (--token-file F | --cert F --key F) CARD.json...)",
+		Short: "Have a locked card answer a challenge: locally, or through the issuer's API",
+		Long: `Act as a terminal for the card whose state is in CARD.json (docs/PROTOCOL.md §4).
+
+Local mode (--challenge): SELECT, then AUTHENTICATE with the 16-byte
+challenge; print the card's AES-CMAC answer in hex. The issuer checks it
+with issuer cards verify.
+
+Issuer mode (--issuer): for each card, ask the issuer's API for a challenge
+for the card's Id (POST /v1/cards/{id}/challenge), have the card answer,
+and post the MAC (POST /v1/cards/{id}/verify), where the issuer's token
+checks it. Credentials of the verifier role: --token-file (a bearer token)
+or --cert/--key (a client certificate whose subject OU is "verifier");
+--ca is the CA of the issuer's TLS certificate. One line per card:
+
+  ID ok                      the MAC verified
+  ID failed N                wrong MAC (or a challenge the issuer refused); N failures in a row
+  ID blocked N               wrong MAC, and the limit is reached: the card is now blocked
+  ID refused N               the card was already blocked or in conflict
+  ID not-active              the issuer gives the card no challenge (blocked or in conflict)
+
+(--json: one JSON object per card instead.) The exit status is 0 only if
+every card's MAC verified.`,
+		Example: `  vcard authenticate --challenge $(openssl rand -hex 16) cards/card-B100000000000001.json
+  vcard authenticate --issuer https://issuer.internal:8443 --ca server.pem \
+      --token-file verifier.token cards/*.json`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			switch {
+			case (challenge == "") == (issuerURL == ""):
+				return errors.New("give either --challenge (local) or --issuer (through the issuer's API)")
+			case challenge != "" && len(args) != 1:
+				return fmt.Errorf("--challenge takes exactly one CARD.json, got %d", len(args))
+			case len(args) == 0:
+				return errors.New("name at least one CARD.json")
+			}
+			return nil
+		},
 	}
-	c.Flags().StringVar(&challenge, "challenge", "", "the issuer's challenge, 32 hex digits (required)")
-	c.MarkFlagRequired("challenge")
+	f := c.Flags()
+	f.StringVar(&challenge, "challenge", "", "local mode: the issuer's challenge, 32 hex digits")
+	f.StringVar(&issuerURL, "issuer", "", "issuer mode: the issuer API's base URL, https://host:port")
+	f.StringVar(&ca, "ca", "", "issuer mode: CA certificate(s) (PEM) of the issuer's TLS certificate")
+	f.StringVar(&tokenFile, "token-file", "", "issuer mode: file holding a bearer token of the verifier role")
+	f.StringVar(&cert, "cert", "", "issuer mode: client certificate (PEM), subject OU verifier")
+	f.StringVar(&key, "key", "", "issuer mode: client private key (PEM)")
+	f.BoolVar(&asJSON, "json", false, "issuer mode: one JSON object per card")
 	c.RunE = func(cmd *cobra.Command, args []string) error {
+		if issuerURL != "" {
+			return authenticateIssuer(cmd, issuerURL, ca, tokenFile, cert, key, asJSON, args)
+		}
 		ch, err := hex.DecodeString(challenge)
 		if err != nil || len(ch) != protocol.ChallengeLen {
 			return fmt.Errorf("--challenge must be %d bytes of hex, got %q", protocol.ChallengeLen, challenge)
@@ -229,4 +270,39 @@ answer (docs/PROTOCOL.md §4). The issuer checks it with issuer cards verify.`,
 		return nil
 	}
 	return c
+}
+
+// authenticateIssuer runs issuer mode over every card and fails unless
+// every MAC verified.
+func authenticateIssuer(cmd *cobra.Command, url, ca, tokenFile, cert, key string, asJSON bool, cards []string) error {
+	cl, err := vcard.NewIssuerClient(url, ca, tokenFile, cert, key)
+	if err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	enc := json.NewEncoder(out)
+	bad := 0
+	for _, path := range cards {
+		res, err := vcard.Authenticate(cmd.Context(), cl, path)
+		if err != nil {
+			return err
+		}
+		if !res.OK() {
+			bad++
+		}
+		switch {
+		case asJSON:
+			if err := enc.Encode(res); err != nil {
+				return err
+			}
+		case res.Result == "ok" || res.Result == vcard.ResultNotActive:
+			fmt.Fprintf(out, "%X %s\n", []byte(res.ID), res.Result)
+		default:
+			fmt.Fprintf(out, "%X %s %d\n", []byte(res.ID), res.Result, res.FailedAuth)
+		}
+	}
+	if bad > 0 {
+		return fmt.Errorf("%d of %d cards did not authenticate", bad, len(cards))
+	}
+	return nil
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/ebfe/scard"
 
 	"blindperso/card"
+	"blindperso/hsm/hsmtest"
 	"blindperso/internal/pcscd"
 	"blindperso/internal/vcard"
 	"blindperso/internal/vpcd"
@@ -24,7 +25,11 @@ import (
 
 var daemon *pcscd.Daemon
 
-func TestMain(m *testing.M) { os.Exit(pcscd.RunTests(m, &daemon)) }
+func TestMain(m *testing.M) {
+	code := pcscd.RunTests(m, &daemon)
+	hsmtest.Cleanup()
+	os.Exit(code)
+}
 
 func need(t testing.TB) {
 	t.Helper()
