@@ -76,13 +76,6 @@ func (s *Stats) Error(reader string, err error) {
 	}
 }
 
-// Locked is the number of cards locked so far.
-func (s *Stats) Locked() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.locked
-}
-
 // Render writes the display: a summary line, a line per reader, the last
 // errors. count is the target (0: none).
 func (s *Stats) Render(w io.Writer, count int) int {
