@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"io/fs"
 	"os"
@@ -19,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/card"
+	"blindperso/card/cardtest"
 	"blindperso/issuer"
 	"blindperso/protocol"
 )
@@ -137,21 +138,15 @@ func cardKeys(t *testing.T, out string) (honest, attacked map[string][]byte) {
 		}
 		keys := map[string][]byte{}
 		for _, p := range paths {
-			b, err := os.ReadFile(p)
+			a, err := card.Open(p)
 			if err != nil {
 				t.Fatal(err)
 			}
-			var st struct {
-				ID protocol.Hex `json:"id"`
-				KI protocol.Hex `json:"k_i"`
-			}
-			if err := json.Unmarshal(b, &st); err != nil {
-				t.Fatal(err)
-			}
-			if len(st.KI) != protocol.KeySize {
+			ki := cardtest.KI(t, p)
+			if len(ki) != protocol.KeySize {
 				t.Fatalf("%s holds no K_I: was it personalized?", p)
 			}
-			keys[hex.EncodeToString(st.ID)] = st.KI
+			keys[hex.EncodeToString(a.ID())] = ki
 		}
 		return keys
 	}
@@ -211,13 +206,8 @@ func scanForKeys(out string, keyMaps ...map[string][]byte) (found, scanned []str
 	var forms []form
 	for _, m := range keyMaps {
 		for id, ki := range m {
-			h := hex.EncodeToString(ki)
-			for enc, s := range map[string]string{
-				"raw": string(ki), "hex": h, "HEX": strings.ToUpper(h),
-				"base64": base64.StdEncoding.EncodeToString(ki), "base64 raw": base64.RawStdEncoding.EncodeToString(ki),
-				"base64url": base64.URLEncoding.EncodeToString(ki), "base64url raw": base64.RawURLEncoding.EncodeToString(ki),
-			} {
-				forms = append(forms, form{id, enc, []byte(s)})
+			for enc, b := range cardtest.Encodings(ki) {
+				forms = append(forms, form{id, enc, b})
 			}
 		}
 	}

@@ -431,33 +431,6 @@ func (a *API) storeError(w http.ResponseWriter, r *http.Request, err error) {
 
 // Batches.
 
-// BatchDetail is a batch report with its rejects and conflicts (as
-// issuer import --json prints it).
-type BatchDetail struct {
-	BatchReport
-	RejectList   []Reject         `json:"reject_list"`
-	ConflictList []ConflictRecord `json:"conflict_list"`
-}
-
-func (a *API) detail(ctx context.Context, rep BatchReport) (BatchDetail, error) {
-	d := BatchDetail{BatchReport: rep, RejectList: []Reject{}, ConflictList: []ConflictRecord{}}
-	rj, err := a.cfg.Store.Rejects(ctx, rep.ID)
-	if err != nil {
-		return d, err
-	}
-	cs, err := a.cfg.Store.Conflicts(ctx, rep.ID)
-	if err != nil {
-		return d, err
-	}
-	if rj != nil {
-		d.RejectList = rj
-	}
-	if cs != nil {
-		d.ConflictList = cs
-	}
-	return d, nil
-}
-
 // upload takes multipart/form-data with a part "manifest" (the station's
 // FILE.manifest.json) followed by a part "batch" (the NDJSON file),
 // spools the batch to the upload directory, imports it and answers the
@@ -569,7 +542,7 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 	a.m.conflicts.Add(float64(rep.Conflicts))
 	a.log.Info("batch imported", "batch", rep.ID, "records", rep.Records, "imported", rep.Imported,
 		"duplicates", rep.Duplicates, "conflicts", rep.Conflicts, "rejects", rep.Rejects)
-	d, err := a.detail(ctx, rep)
+	d, err := Detail(ctx, a.cfg.Store, rep)
 	if err != nil {
 		a.storeError(w, r, err)
 		return
@@ -588,7 +561,7 @@ func (a *API) batch(w http.ResponseWriter, r *http.Request) {
 		a.storeError(w, r, err)
 		return
 	}
-	d, err := a.detail(r.Context(), rep)
+	d, err := Detail(r.Context(), a.cfg.Store, rep)
 	if err != nil {
 		a.storeError(w, r, err)
 		return

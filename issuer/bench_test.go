@@ -29,6 +29,7 @@ import (
 	"time"
 
 	"blindperso/card"
+	"blindperso/card/cardtest"
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
 	"blindperso/perso"
@@ -675,6 +676,7 @@ func (m *cardMaker) card(path string, i int) perso.Record {
 		return perso.Record{}
 	}
 	if m.keep[i] {
+		// Made on a worker goroutine: Errorf, not cardtest.KI's Fatal.
 		raw, err := os.ReadFile(path)
 		var st struct {
 			KI protocol.Hex `json:"k_i"`
@@ -862,21 +864,11 @@ func BenchmarkIssuerVerify(b *testing.B) {
 				b.Fatal(err)
 			}
 			for i, rec := range recs {
-				raw, err := os.ReadFile(applets[i].Path())
-				if err != nil {
-					b.Fatal(err)
-				}
-				var st struct {
-					KI protocol.Hex `json:"k_i"`
-				}
-				if err := json.Unmarshal(raw, &st); err != nil {
-					b.Fatal(err)
-				}
 				sc, err := s.Card(ctx, rec.ID)
 				if err != nil {
 					b.Fatal(err)
 				}
-				cards = append(cards, vc{rec.ID, st.KI, sc.CardKey})
+				cards = append(cards, vc{rec.ID, cardtest.KI(b, applets[i].Path()), sc.CardKey})
 			}
 			auth := &Authenticator{Verifier: is, Store: s}
 			for _, w := range benchWorkers {

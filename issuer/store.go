@@ -132,6 +132,35 @@ type BatchReport struct {
 	Updated    time.Time       `json:"updated"`
 }
 
+// BatchDetail is a batch report with its rejects and conflicts, as the
+// API's batch report and issuer import/batches show --json give it.
+type BatchDetail struct {
+	BatchReport
+	RejectList   []Reject         `json:"reject_list"`
+	ConflictList []ConflictRecord `json:"conflict_list"`
+}
+
+// Detail reads rep's rejects and conflicts from st; the lists are empty,
+// never nil, so that JSON shows [] rather than null.
+func Detail(ctx context.Context, st Store, rep BatchReport) (BatchDetail, error) {
+	d := BatchDetail{BatchReport: rep, RejectList: []Reject{}, ConflictList: []ConflictRecord{}}
+	rj, err := st.Rejects(ctx, rep.ID)
+	if err != nil {
+		return d, err
+	}
+	cs, err := st.Conflicts(ctx, rep.ID)
+	if err != nil {
+		return d, err
+	}
+	if rj != nil {
+		d.RejectList = rj
+	}
+	if cs != nil {
+		d.ConflictList = cs
+	}
+	return d, nil
+}
+
 // ConflictRecord is a second c for a known card Id.
 type ConflictRecord struct {
 	CardID  protocol.Hex `json:"card_id"`

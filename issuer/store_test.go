@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io/fs"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"blindperso/card"
+	"blindperso/card/cardtest"
 	"blindperso/hsm"
 	"blindperso/perso"
 	"blindperso/protocol"
@@ -58,17 +58,11 @@ type vcard struct {
 
 func (c vcard) ki(t *testing.T) []byte {
 	t.Helper()
-	b, err := os.ReadFile(c.a.Path())
-	if err != nil {
-		t.Fatal(err)
+	ki := cardtest.KI(t, c.a.Path())
+	if len(ki) != protocol.KeySize {
+		t.Fatalf("card state %s: k_i %x", c.a.Path(), ki)
 	}
-	var st struct {
-		KI protocol.Hex `json:"k_i"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil || len(st.KI) != 16 {
-		t.Fatalf("card state %s: k_i %x, %v", c.a.Path(), []byte(st.KI), err)
-	}
-	return st.KI
+	return ki
 }
 
 func makeCards(t *testing.T, is *Issuer, p protocol.Profile, ids ...byte) []vcard {
@@ -214,8 +208,8 @@ func TestStoreImportIdempotent(t *testing.T) {
 	}
 }
 
-// assertNoKI searches every file of the store for any card's K_I, raw and
-// in hex.
+// assertNoKI searches every file of the store for any card's K_I, in
+// every encoding of cardtest.Encodings.
 func assertNoKI(t *testing.T, kind, dir string, cards []vcard) {
 	t.Helper()
 	if kind == "postgres" {
@@ -223,8 +217,9 @@ func assertNoKI(t *testing.T, kind, dir string, cards []vcard) {
 	}
 	var needles [][]byte
 	for _, c := range cards {
-		ki := c.ki(t)
-		needles = append(needles, ki, []byte(hex.EncodeToString(ki)), []byte(strings.ToUpper(hex.EncodeToString(ki))))
+		for _, e := range cardtest.Encodings(c.ki(t)) {
+			needles = append(needles, e)
+		}
 	}
 	n := 0
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {

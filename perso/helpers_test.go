@@ -3,18 +3,16 @@ package perso_test
 import (
 	"bytes"
 	"context"
-	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 
 	"blindperso/card"
+	"blindperso/card/cardtest"
 	"blindperso/perso"
 	"blindperso/protocol"
 )
@@ -141,23 +139,6 @@ func checkFinal(t testing.TB, batch string, cards []string) []perso.Record {
 	return recs
 }
 
-// cardKI reads K_I from a virtual card's state file: only a test may, and
-// only to check that the station never wrote it.
-func cardKI(t testing.TB, path string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st struct {
-		KI protocol.Hex `json:"k_i"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.KI
-}
-
 // checkNoSecret asserts that no card's K_I appears, raw, in hex or in
 // base64, in any file under dirs or in the extra texts (logs).
 func checkNoSecret(t testing.TB, cards []string, files []string, texts ...string) {
@@ -175,16 +156,13 @@ func checkNoSecret(t testing.TB, cards []string, files []string, texts ...string
 	}
 	checked := 0
 	for _, p := range cards {
-		ki := cardKI(t, p)
+		ki := cardtest.KI(t, p)
 		if len(ki) == 0 {
 			continue
 		}
 		checked++
-		forms := [][]byte{ki, []byte(hex.EncodeToString(ki)), []byte(strings.ToUpper(hex.EncodeToString(ki))),
-			[]byte(base64.StdEncoding.EncodeToString(ki)), []byte(base64.RawStdEncoding.EncodeToString(ki)),
-			[]byte(base64.URLEncoding.EncodeToString(ki)), []byte(base64.RawURLEncoding.EncodeToString(ki))}
 		for i, h := range hay {
-			for _, f := range forms {
+			for _, f := range cardtest.Encodings(ki) {
 				if bytes.Contains(h, f) {
 					t.Errorf("K_I of card %s found in station output #%d", p, i)
 				}

@@ -100,36 +100,22 @@ looks; see docs/ISSUER.md).`,
 		if err != nil {
 			return err
 		}
-		rejects, err := st.Rejects(ctx, b.ID)
-		if err != nil {
-			return err
-		}
-		conflicts, err := st.Conflicts(ctx, b.ID)
+		d, err := issuer.Detail(ctx, st, b)
 		if err != nil {
 			return err
 		}
 		if asJSON {
-			if rejects == nil {
-				rejects = []issuer.Reject{}
-			}
-			if conflicts == nil {
-				conflicts = []issuer.ConflictRecord{}
-			}
-			return printJSON(cmd, struct {
-				issuer.BatchReport
-				RejectList   []issuer.Reject         `json:"reject_list"`
-				ConflictList []issuer.ConflictRecord `json:"conflict_list"`
-			}{b, rejects, conflicts})
+			return printJSON(cmd, d)
 		}
 		w := cmd.OutOrStdout()
 		fmt.Fprintf(w, "batch     %s\nstatus    %s%s\n", b.ID, b.Status, paren(b.Reason))
 		fmt.Fprintf(w, "counts    %d records: %d imported, %d duplicates, %d conflicts, %d rejected\n",
 			b.Records, b.Imported, b.Duplicates, b.Conflicts, b.Rejects)
 		fmt.Fprintf(w, "manifest  %s\n", b.Manifest)
-		for _, r := range rejects {
+		for _, r := range d.RejectList {
 			fmt.Fprintf(w, "line %d: rejected: %s\n", r.Line, r.Reason)
 		}
-		for _, k := range conflicts {
+		for _, k := range d.ConflictList {
 			fmt.Fprintf(w, "line %d: CONFLICT: card %X stored with another c\n", k.Line, []byte(k.CardID))
 		}
 		return nil

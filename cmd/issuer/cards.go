@@ -112,35 +112,19 @@ conflicted. See docs/ISSUER.md.
 		if err != nil {
 			return err
 		}
-		rejects, err := st.Rejects(ctx, rep.ID)
-		if err != nil {
-			return err
-		}
-		conflicts, err := st.Conflicts(ctx, rep.ID)
+		d, err := issuer.Detail(ctx, st, rep)
 		if err != nil {
 			return err
 		}
 		if asJSON {
-			if rejects == nil {
-				rejects = []issuer.Reject{}
-			}
-			if conflicts == nil {
-				conflicts = []issuer.ConflictRecord{}
-			}
-			enc := json.NewEncoder(cmd.OutOrStdout())
-			enc.SetIndent("", "  ")
-			if err := enc.Encode(struct {
-				issuer.BatchReport
-				RejectList   []issuer.Reject         `json:"reject_list"`
-				ConflictList []issuer.ConflictRecord `json:"conflict_list"`
-			}{rep, rejects, conflicts}); err != nil {
+			if err := printJSON(cmd, d); err != nil {
 				return err
 			}
 		} else {
-			for _, r := range rejects {
+			for _, r := range d.RejectList {
 				fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: rejected: %s\n", batch, r.Line, r.Reason)
 			}
-			for _, k := range conflicts {
+			for _, k := range d.ConflictList {
 				fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: CONFLICT: card %X is stored with another c (possible active attack or double personalization); the stored key is kept\n", batch, k.Line, []byte(k.CardID))
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "batch %s: %d records: %d cards imported, %d duplicates, %d conflicts, %d rejected\n",
@@ -504,16 +488,9 @@ conflict that should stay out of service. Undo with issuer cards unblock.`,
 		if strings.TrimSpace(reason) == "" {
 			return errors.New("--reason must say why")
 		}
-		st, err := openStore(cmd.Context())
-		if err != nil {
-			return err
-		}
-		defer st.Close()
-		card, err := st.BlockCard(cmd.Context(), id, reason, time.Now())
-		if err != nil {
-			return cardErr(err)
-		}
-		return printCard(cmd, card, asJSON)
+		return setCardState(cmd, id, openStore, asJSON, func(st issuer.Store, id []byte) (issuer.StoredCard, error) {
+			return st.BlockCard(cmd.Context(), id, reason, time.Now())
+		})
 	}
 	return c
 }
@@ -540,16 +517,25 @@ unblocking a card blocked by failed verifications, find out why it failed
 		if err != nil {
 			return err
 		}
-		st, err := openStore(cmd.Context())
-		if err != nil {
-			return err
-		}
-		defer st.Close()
-		card, err := st.UnblockCard(cmd.Context(), id, reason, time.Now())
-		if err != nil {
-			return cardErr(err)
-		}
-		return printCard(cmd, card, asJSON)
+		return setCardState(cmd, id, openStore, asJSON, func(st issuer.Store, id []byte) (issuer.StoredCard, error) {
+			return st.UnblockCard(cmd.Context(), id, reason, time.Now())
+		})
 	}
 	return c
+}
+
+// setCardState is block and unblock: open the store, change card id
+// with set, print the card.
+func setCardState(cmd *cobra.Command, id []byte, openStore func(context.Context) (issuer.Store, error), asJSON bool,
+	set func(issuer.Store, []byte) (issuer.StoredCard, error)) error {
+	st, err := openStore(cmd.Context())
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	card, err := set(st, id)
+	if err != nil {
+		return cardErr(err)
+	}
+	return printCard(cmd, card, asJSON)
 }

@@ -7,7 +7,6 @@ import (
 	"crypto/rsa"
 	"crypto/sha1"
 	"crypto/x509"
-	"encoding/json"
 	"encoding/pem"
 	"fmt"
 	"math/big"
@@ -17,6 +16,7 @@ import (
 	"testing"
 
 	"blindperso/card"
+	"blindperso/card/cardtest"
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
 	"blindperso/internal/insider"
@@ -55,21 +55,6 @@ func loadKey(t testing.TB, name string) *insider.Key {
 		t.Fatal(err)
 	}
 	return k
-}
-
-func cardKI(t testing.TB, path string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st struct {
-		KI protocol.Hex `json:"k_i"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil {
-		t.Fatal(err)
-	}
-	return st.KI
 }
 
 func manufacture(t testing.TB, dir string, n int) []string {
@@ -197,7 +182,7 @@ func TestForgedBatchLooksGenuine(t *testing.T) {
 				if !ok {
 					t.Fatalf("card %x not in the batch", a.ID())
 				}
-				ki := cardKI(t, path)
+				ki := cardtest.KI(t, path)
 				if p.Transport == protocol.ECDHP256 {
 					continue // c′ forwarded; nothing to open in software
 				}
