@@ -22,14 +22,7 @@ func TestSessionCopy(t *testing.T) {
 	for name, tok := range openBoth(t, 2) {
 		t.Run(name, func(t *testing.T) {
 			p := protocol.ECDHP256AES
-			key, err := tok.GenerateIssuerKey(ctx, KindP256, uniqueLabel("copy-ec"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			kek, err := tok.GenerateKEK(ctx, uniqueLabel("copy-kek"), soPIN(tok))
-			if err != nil {
-				t.Fatal(err)
-			}
+			key, kek := p256Keys(t, tok, "copy-ec")
 			skc, kekc := key.SessionCopy(), kek.SessionCopy()
 			// Every session of the pool (2) uses the copies made in one.
 			var handles [2][2]pkcs11.ObjectHandle
@@ -107,7 +100,7 @@ func TestSessionCopy(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			err = tok.With(ctx, func(s Session) error {
+			err := tok.With(ctx, func(s Session) error {
 				for i, h := range handles[0] {
 					if _, err := s.P.GetAttributeValue(s.H, h, []*pkcs11.Attribute{attr(pkcs11.CKA_TOKEN, nil)}); !IsRV(err, pkcs11.CKR_OBJECT_HANDLE_INVALID) {
 						t.Errorf("copy %d after Destroy: %v, want CKR_OBJECT_HANDLE_INVALID", i, err)
@@ -184,14 +177,7 @@ func TestSessionCopyRecovery(t *testing.T) {
 		}
 		defer tok.Close()
 		p := protocol.ECDHP256AES
-		key, err := tok.GenerateIssuerKey(ctx, KindP256, uniqueLabel("copy-rec"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		kek, err := tok.GenerateKEK(ctx, uniqueLabel("copy-rec-kek"), soPIN(tok))
-		if err != nil {
-			t.Fatal(err)
-		}
+		key, kek := p256Keys(t, tok, "copy-rec")
 		skc, kekc := key.SessionCopy(), kek.SessionCopy()
 		imp := func() error {
 			card := newSoftCard(t, p, key.Public)
@@ -251,14 +237,7 @@ func TestRecycle(t *testing.T) {
 		t.Fatal("SoftHSM2 is not marked as keeping destroyed objects")
 	}
 	p := protocol.ECDHP256AES
-	key, err := tok.GenerateIssuerKey(ctx, KindP256, uniqueLabel("recycle"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kek, err := tok.GenerateKEK(ctx, uniqueLabel("recycle-kek"), soPIN(tok))
-	if err != nil {
-		t.Fatal(err)
-	}
+	key, kek := p256Keys(t, tok, "recycle")
 	skc, kekc := key.SessionCopy(), kek.SessionCopy()
 	cards := []softCard{newSoftCard(t, p, key.Public), newSoftCard(t, p, key.Public)}
 	gen := tok.mod.gen.Load()
@@ -323,4 +302,20 @@ func TestRecycle(t *testing.T) {
 	if err := nss.Recycle(); err != nil || nss.mod.gen.Load() != ngen {
 		t.Errorf("NSS recycled: %v, generation %d → %d", err, ngen, nss.mod.gen.Load())
 	}
+}
+
+// p256Keys generates a P-256 issuer key and a trusted KEK in tok, with
+// labels made unique from prefix.
+func p256Keys(t *testing.T, tok *Token, prefix string) (*IssuerKeyRef, *KEKRef) {
+	t.Helper()
+	ctx := context.Background()
+	key, err := tok.GenerateIssuerKey(ctx, KindP256, uniqueLabel(prefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kek, err := tok.GenerateKEK(ctx, uniqueLabel(prefix+"-kek"), soPIN(tok))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key, kek
 }
