@@ -141,7 +141,7 @@ func BenchmarkImport(b *testing.B) {
 				bare := bareStep[p.Transport]
 				bareOp := func(s Session, i int) error {
 					in := chainInput{c: cards[i%len(cards)].c}
-					h, err := bare.run(s, key.sk, &in, false)
+					h, err := bare.run(s, key.sk, &in, false, bare.lenByWrap(s.M))
 					if err != nil {
 						return err
 					}
@@ -208,7 +208,7 @@ func BenchmarkImportTokenObjects(b *testing.B) {
 				return err
 			}
 			in := chainInput{c: cards[i%len(cards)].c}
-			h, err := bare.run(s, sk, &in, false)
+			h, err := bare.run(s, sk, &in, false, bare.lenByWrap(s.M))
 			if err != nil {
 				return err
 			}

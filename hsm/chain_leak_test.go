@@ -209,7 +209,7 @@ func TestDeriveRejectsBeforeTheToken(t *testing.T) {
 		{"c not on the curve", protocol.ECDHP256AES, key.pub.SPKI, notPoint},
 	} {
 		before := len(tt.sessionObjects(t))
-		_, err := DeriveCardKey(tt.session(), c.p, key.sk, c.spki, c.c)
+		_, err := DeriveCardKey(tt.session(), c.p, key.sk, tt.kek, c.spki, c.c)
 		if err == nil {
 			t.Errorf("%s: accepted", c.name)
 			continue

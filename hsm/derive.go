@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"sync"
 
 	"github.com/miekg/pkcs11"
 
@@ -43,7 +42,13 @@ import (
 //     (Mechanisms.EnforcesWrapWithTrusted), so there the guarantee rests
 //     on K_I being a short-lived session object of the issuer's own
 //     session, wrapped and destroyed at once (ImportCard).
-func DeriveCardKey(s Session, p protocol.Profile, sk pkcs11.ObjectHandle, issuerSPKI, c []byte) (pkcs11.ObjectHandle, error) {
+//
+// kek is the trusted KEK, used only on tokens that do not report the
+// length of an unwrapped key (Mechanisms.UnwrapLenSilent: SoftHSM2): there
+// S is unwrapped extractable-only-under-trusted-keys and its length is
+// read from the size of its RFC 3394 wrap under kek, which is discarded.
+// Elsewhere kek may be 0.
+func DeriveCardKey(s Session, p protocol.Profile, sk, kek pkcs11.ObjectHandle, issuerSPKI, c []byte) (pkcs11.ObjectHandle, error) {
 	chain, err := chainFor(p)
 	if err != nil {
 		return 0, fmt.Errorf("derive K_I: %w", err)
@@ -60,7 +65,7 @@ func DeriveCardKey(s Session, p protocol.Profile, sk pkcs11.ObjectHandle, issuer
 	base := sk
 	var owned pkcs11.ObjectHandle // base, when this call made it
 	for i, st := range chain {
-		h, err := st.run(s, base, &in, i == len(chain)-1)
+		h, err := st.run(s, base, &in, i == len(chain)-1, st.lenByWrap(s.M))
 		if err != nil {
 			h = 0 // never destroy what a failed call may have written there
 		}
@@ -71,7 +76,7 @@ func DeriveCardKey(s Session, p protocol.Profile, sk pkcs11.ObjectHandle, issuer
 			owned = 0
 		}
 		if err == nil && st.wantLen != 0 {
-			err = checkValueLen(s, h, st.wantLen, len(c))
+			err = checkLen(s, st, kek, h, len(c))
 		}
 		if err != nil {
 			if h != 0 {
@@ -116,7 +121,9 @@ func (in *chainInput) get(i input) []byte {
 }
 
 // run makes the step's PKCS#11 call on base and returns the new object.
-func (st step) run(s Session, base pkcs11.ObjectHandle, in *chainInput, final bool) (pkcs11.ObjectHandle, error) {
+// extractable makes an intermediate extractable (under trusted keys only),
+// for lenByWrap.
+func (st step) run(s Session, base pkcs11.ObjectHandle, in *chainInput, final, extractable bool) (pkcs11.ObjectHandle, error) {
 	m, mem, err := st.mechanism(in)
 	if err != nil {
 		return 0, err
@@ -124,10 +131,10 @@ func (st step) run(s Session, base pkcs11.ObjectHandle, in *chainInput, final bo
 	defer mem.free() // after the call: the module reads it during the call
 	switch st.op {
 	case opUnwrap:
-		h, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{m}, base, in.get(st.data), st.template(final))
+		h, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{m}, base, in.get(st.data), st.template(s.M, final, extractable))
 		return h, Call("C_UnwrapKey", m, err)
 	case opDerive:
-		h, err := s.P.DeriveKey(s.H, []*pkcs11.Mechanism{m}, base, st.template(final))
+		h, err := s.P.DeriveKey(s.H, []*pkcs11.Mechanism{m}, base, st.template(s.M, final, extractable))
 		return h, Call("C_DeriveKey", m, err)
 	}
 	return 0, fmt.Errorf("unknown step operation %d", st.op)
@@ -158,24 +165,25 @@ func (st step) mechanism(in *chainInput) (m *pkcs11.Mechanism, mem *cMem, err er
 
 // template is the attribute template of the object the step makes; see
 // DeriveCardKey for the reasons. final marks the step that makes K_I.
-func (st step) template(final bool) []*pkcs11.Attribute {
+// Every object states SecretUnwrapTemplate's attributes (the issuer key
+// requires them of S) and is read-only (sessionLocked).
+func (st step) template(m *Mechanisms, final, extractable bool) []*pkcs11.Attribute {
 	t := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, st.keyType),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, final),
-		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, !final),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, false),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, false),
-		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, final || extractable),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP_WITH_TRUSTED, true),
 	}
 	if final {
-		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_WRAP_WITH_TRUSTED, true))
+		t = append(t, usages(secretUsages)...)
+	} else {
+		t = append(t, usages(secretUsages, pkcs11.CKA_DERIVE)...)
+	}
+	if st.op == opUnwrap {
+		t = append(t, sessionLocked...)
 	}
 	if st.valueLen != 0 {
 		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, st.valueLen))
@@ -183,38 +191,52 @@ func (st step) template(final bool) []*pkcs11.Attribute {
 	return t
 }
 
-// checkValueLen reads CKA_VALUE_LEN — the length, which is not sensitive,
-// never the value — and requires want bytes (lenOfC: lenC bytes).
-//
-// SoftHSM2 2.6.1 sets CKA_VALUE_LEN only on keys it generates or derives:
-// an unwrapped key reports 0. Such a token cannot be asked, the check is
-// skipped, and after the first 0 it is not asked again (the call costs
-// 15 µs there, 2 % of an import). This is a conformance check, not a
-// security one: whoever made c knows S anyway.
-func checkValueLen(s Session, h pkcs11.ObjectHandle, want, lenC int) error {
-	if _, silent := valueLenSilent.Load(s.M); silent {
-		return nil
-	}
+// lenByWrap reports whether the step's object has its length checked by
+// a wrap under the KEK: an unwrap step with a required length, on a token
+// that reports CKA_VALUE_LEN 0 for unwrapped keys.
+func (st step) lenByWrap(m *Mechanisms) bool {
+	return st.op == opUnwrap && st.wantLen != 0 && m != nil && m.UnwrapLenSilent
+}
+
+// checkLen requires the step's new object h to be wantLen bytes (lenOfC:
+// lenC bytes), without reading it. Where the token reports CKA_VALUE_LEN
+// (the length, which is not sensitive) that is read; where it reports 0
+// (SoftHSM2 for unwrapped keys) h is wrapped under the trusted kek with
+// RFC 3394 key wrap (CKM_AES_KEY_WRAP, the same code on every token),
+// whose output is 8 bytes longer than the key, or refused when the key is
+// not a multiple of 8 bytes; the wrapped bytes are dropped. An OAEP c
+// that carries 16 or 48 bytes instead of 32 is refused on every token.
+func checkLen(s Session, st step, kek, h pkcs11.ObjectHandle, lenC int) error {
+	want := st.wantLen
 	if want == lenOfC {
 		want = lenC
+	}
+	if st.lenByWrap(s.M) {
+		if kek == 0 {
+			return errors.New("the token does not report the length of an unwrapped key: the KEK is needed to check it")
+		}
+		m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP, nil)
+		w, err := s.P.WrapKey(s.H, []*pkcs11.Mechanism{m}, kek, h)
+		if IsRV(err, pkcs11.CKR_KEY_SIZE_RANGE) || IsRV(err, pkcs11.CKR_DATA_LEN_RANGE) || IsRV(err, pkcs11.CKR_KEY_NOT_WRAPPABLE) && want%8 == 0 {
+			return fmt.Errorf("the token made a secret that is not %d bytes: c does not carry a secret of this profile (%w)", want, Call("C_WrapKey", m, err))
+		}
+		if err != nil {
+			return fmt.Errorf("check the length of the new object by a wrap under the KEK: %w", Call("C_WrapKey", m, err))
+		}
+		if len(w) != want+8 {
+			return fmt.Errorf("the token made a %d-byte secret, want %d: c does not carry a secret of this profile", len(w)-8, want)
+		}
+		return nil
 	}
 	got, err := valueLen(s, h)
 	if err != nil {
 		return fmt.Errorf("read the length of the new object: %w", err)
-	}
-	if got == 0 {
-		valueLenSilent.Store(s.M, true)
-		return nil
 	}
 	if got != uint64(want) {
 		return fmt.Errorf("the token made a %d-byte secret, want %d: c does not carry a secret of this profile", got, want)
 	}
 	return nil
 }
-
-// valueLenSilent holds the mechanism tables (one per open Token) of
-// tokens that report CKA_VALUE_LEN 0 for unwrapped keys.
-var valueLenSilent sync.Map // *Mechanisms → true
 
 func valueLen(s Session, h pkcs11.ObjectHandle) (uint64, error) {
 	a, err := s.P.GetAttributeValue(s.H, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, nil)})

@@ -47,4 +47,15 @@ type Mechanisms struct {
 	// EnforcesWrapWithTrusted: the token refuses to wrap a key that has
 	// CKA_WRAP_WITH_TRUSTED under a key that is not CKA_TRUSTED.
 	EnforcesWrapWithTrusted bool
+	// KnowsCopyable: the token accepts CKA_COPYABLE (PKCS#11 2.40) in a
+	// key template. NSS softokn 3.87 answers CKR_GENERAL_ERROR to it.
+	KnowsCopyable bool
+	// KnowsDeriveTemplate: the token accepts CKA_DERIVE_TEMPLATE (PKCS#11
+	// 3.0). Neither SoftHSM2 2.6.1 (CKR_ATTRIBUTE_TYPE_INVALID) nor NSS
+	// softokn 3.87 (CKR_GENERAL_ERROR) does.
+	KnowsDeriveTemplate bool
+	// UnwrapLenSilent: the token reports CKA_VALUE_LEN 0 for a key made by
+	// C_UnwrapKey (SoftHSM2 2.6.1), so the length of an unwrapped S is
+	// checked by wrapping S under the trusted KEK instead (derive.go).
+	UnwrapLenSilent bool
 }

@@ -58,18 +58,6 @@ const (
 // ecParamsP256 is CKA_EC_PARAMS for P-256: the DER OID prime256v1.
 var ecParamsP256 = []byte{0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07}
 
-// KEKUnwrapTemplate is the CKA_UNWRAP_TEMPLATE of a KEK made by
-// GenerateKEK on a token that enforces CKA_WRAP_WITH_TRUSTED: every key
-// unwrapped under the KEK is sensitive and not extractable, so a stored
-// K_I, once unwrapped, can be used (C_Verify) but never wrapped again
-// under a key of the user's choosing. An unwrap template under such a KEK
-// must contain each of these attributes with this value: SoftHSM2
-// answers CKR_TEMPLATE_INCONSISTENT to a template that omits one.
-var KEKUnwrapTemplate = map[uint]bool{
-	pkcs11.CKA_SENSITIVE:   true,
-	pkcs11.CKA_EXTRACTABLE: false,
-}
-
 // handleCache remembers the handle of a token object for the module
 // generation it was found in; after a re-initialization it finds the
 // object again by its template.
@@ -153,40 +141,49 @@ func (k *KEKRef) Handle(s Session) (pkcs11.ObjectHandle, error) {
 func attr(typ uint, v any) *pkcs11.Attribute { return pkcs11.NewAttribute(typ, v) }
 
 // issuerKeyTemplates returns the public and private templates of a new
-// issuer key pair. The private key does exactly one thing: C_UnwrapKey
-// (RSA: the card's c becomes a secret-key object) or C_DeriveKey (EC:
-// ECDH). It never decrypts — C_Decrypt would put S on the host — and
-// never signs. The public object is only a holder of the public
-// attributes we export: the token never uses it.
-func issuerKeyTemplates(kind, label string, id []byte, exponent int) (mech uint, pub, priv []*pkcs11.Attribute, err error) {
+// issuer key pair (docs/HSM.md §6). The private key does exactly one
+// thing: C_UnwrapKey (RSA: the card's c becomes S, a secret-key object
+// that must match SecretUnwrapTemplate) or C_DeriveKey (EC: ECDH). It
+// never decrypts — C_Decrypt would put S on the host — and never signs.
+// The public object only holds the public attributes we export: every
+// usage is false. Both are read-only. ts receives the C memory of the
+// array attributes; the caller frees it after the call.
+func issuerKeyTemplates(kind, label string, id []byte, m *Mechanisms, ts *templates) (mech uint, pub, priv []*pkcs11.Attribute, err error) {
 	common := func(class uint) []*pkcs11.Attribute {
-		return []*pkcs11.Attribute{
+		return append([]*pkcs11.Attribute{
 			attr(pkcs11.CKA_CLASS, class), attr(pkcs11.CKA_TOKEN, true),
 			attr(pkcs11.CKA_LABEL, label), attr(pkcs11.CKA_ID, id),
-		}
+		}, locked(m, false)...)
 	}
-	pub = append(common(pkcs11.CKO_PUBLIC_KEY), attr(pkcs11.CKA_PRIVATE, false),
-		attr(pkcs11.CKA_VERIFY, false), attr(pkcs11.CKA_DERIVE, false))
+	pub = append(append(common(pkcs11.CKO_PUBLIC_KEY), attr(pkcs11.CKA_PRIVATE, false)), usages(publicUsages)...)
 	priv = append(common(pkcs11.CKO_PRIVATE_KEY), attr(pkcs11.CKA_PRIVATE, true),
-		attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false),
-		attr(pkcs11.CKA_SIGN, false), attr(pkcs11.CKA_DECRYPT, false))
+		attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false))
 	switch kind {
 	case KindRSA2048, KindRSA3072:
 		bits := 2048
 		if kind == KindRSA3072 {
 			bits = 3072
 		}
+		ut, err := ts.add(pkcs11.CKA_UNWRAP_TEMPLATE, SecretUnwrapTemplate)
+		if err != nil {
+			return 0, nil, nil, err
+		}
 		pub = append(pub, attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
 			attr(pkcs11.CKA_MODULUS_BITS, bits),
-			attr(pkcs11.CKA_PUBLIC_EXPONENT, big.NewInt(int64(exponent)).Bytes()),
-			attr(pkcs11.CKA_ENCRYPT, false), attr(pkcs11.CKA_WRAP, false), attr(pkcs11.CKA_VERIFY_RECOVER, false))
-		priv = append(priv, attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-			attr(pkcs11.CKA_UNWRAP, true), attr(pkcs11.CKA_DERIVE, false), attr(pkcs11.CKA_SIGN_RECOVER, false))
+			attr(pkcs11.CKA_PUBLIC_EXPONENT, big.NewInt(int64(m.RSAExponent)).Bytes()))
+		priv = append(append(priv, attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA), ut), usages(privateUsages, pkcs11.CKA_UNWRAP)...)
 		return pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, pub, priv, nil
 	case KindP256:
 		pub = append(pub, attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC), attr(pkcs11.CKA_EC_PARAMS, ecParamsP256))
-		priv = append(priv, attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC),
-			attr(pkcs11.CKA_DERIVE, true), attr(pkcs11.CKA_UNWRAP, false))
+		priv = append(append(priv, attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC)), usages(privateUsages, pkcs11.CKA_DERIVE)...)
+		if m.KnowsDeriveTemplate {
+			// K_I (x963) or Z (aes) as the chain makes them.
+			dt, err := ts.add(pkcs11.CKA_DERIVE_TEMPLATE, SecretUnwrapTemplate)
+			if err != nil {
+				return 0, nil, nil, err
+			}
+			priv = append(priv, dt)
+		}
 		return pkcs11.CKM_EC_KEY_PAIR_GEN, pub, priv, nil
 	}
 	return 0, nil, nil, fmt.Errorf("unknown key kind %q (want %s, %s or %s)", kind, KindRSA2048, KindRSA3072, KindP256)
@@ -202,7 +199,9 @@ func (t *Token) GenerateIssuerKey(ctx context.Context, kind, label string) (*Iss
 		return nil, errors.New("generate issuer key: empty label")
 	}
 	id := newID()
-	mech, pubT, privT, err := issuerKeyTemplates(kind, label, id, t.mech.RSAExponent)
+	var ts templates
+	defer ts.free()
+	mech, pubT, privT, err := issuerKeyTemplates(kind, label, id, t.mech, &ts)
 	if err != nil {
 		return nil, fmt.Errorf("generate issuer key %q: %w", label, err)
 	}
@@ -383,18 +382,15 @@ func ulongAttr(b []byte) (uint, error) {
 	return 0, fmt.Errorf("CK_ULONG attribute of %d bytes", len(b))
 }
 
-// kekAttrs is the KEK: AES-256, a private token object, sensitive,
-// never extractable, wrap and unwrap only.
-func kekAttrs(label string, id []byte, token, private bool) []*pkcs11.Attribute {
-	return []*pkcs11.Attribute{
+// kekAttrs is the KEK: AES-256, sensitive, never extractable, wrap and
+// unwrap only, with KEKUnwrapTemplate (unwrapT).
+func kekAttrs(label string, id []byte, token, private bool, unwrapT *pkcs11.Attribute) []*pkcs11.Attribute {
+	return append([]*pkcs11.Attribute{
 		attr(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
 		attr(pkcs11.CKA_VALUE_LEN, 32), attr(pkcs11.CKA_TOKEN, token), attr(pkcs11.CKA_PRIVATE, private),
 		attr(pkcs11.CKA_LABEL, label), attr(pkcs11.CKA_ID, id),
-		attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false),
-		attr(pkcs11.CKA_WRAP, true), attr(pkcs11.CKA_UNWRAP, true),
-		attr(pkcs11.CKA_ENCRYPT, false), attr(pkcs11.CKA_DECRYPT, false),
-		attr(pkcs11.CKA_SIGN, false), attr(pkcs11.CKA_VERIFY, false), attr(pkcs11.CKA_DERIVE, false),
-	}
+		attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false), unwrapT,
+	}, usages(secretUsages, pkcs11.CKA_WRAP, pkcs11.CKA_UNWRAP)...)
 }
 
 func kekFind(label string, id []byte) []*pkcs11.Attribute {
@@ -441,8 +437,13 @@ func (t *Token) GenerateKEK(ctx context.Context, label, soPIN string) (*KEKRef, 
 			if err := labelFree(s, label); err != nil {
 				return err
 			}
+			ut, err := newCKATemplate(pkcs11.CKA_UNWRAP_TEMPLATE, KEKUnwrapTemplate)
+			if err != nil {
+				return err
+			}
+			defer ut.free()
 			m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)
-			h, err := s.P.GenerateKey(s.H, []*pkcs11.Mechanism{m}, kekAttrs(label, ref.ID, true, true))
+			h, err := s.P.GenerateKey(s.H, []*pkcs11.Mechanism{m}, append(kekAttrs(label, ref.ID, true, true, ut.attr), locked(t.mech, false)...))
 			if err != nil {
 				return Call("C_GenerateKey", m, err)
 			}
@@ -463,13 +464,18 @@ func (t *Token) trustedKEK(ps *pooled, ref *KEKRef, soPIN string) error {
 	if err := labelFree(s, ref.Label); err != nil {
 		return err
 	}
-	unwrapT, free, err := boolTemplate(KEKUnwrapTemplate)
+	ut, err := newCKATemplate(pkcs11.CKA_UNWRAP_TEMPLATE, KEKUnwrapTemplate)
 	if err != nil {
 		return err
 	}
-	defer free()
-	tmpl := append(kekAttrs(ref.Label, ref.ID, false, false),
-		attr(pkcs11.CKA_TRUSTED, true), attr(pkcs11.CKA_UNWRAP_TEMPLATE, unwrapT))
+	defer ut.free()
+	// Modifiable and copyable for the moment it lives: SoftHSM2 refuses
+	// every changing copy of a read-only object, and the user's copy
+	// below makes it read-only (CKA_MODIFIABLE may go from true to false
+	// in a copy). CKA_COPYABLE cannot be cleared in a copy there
+	// (CKR_ATTRIBUTE_READ_ONLY): the KEK stays copyable, but only
+	// unchanged (`issuer probe`, path kek-copy-*).
+	tmpl := append(kekAttrs(ref.Label, ref.ID, false, false, ut.attr), attr(pkcs11.CKA_TRUSTED, true))
 	m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)
 	var tmp pkcs11.ObjectHandle
 	err = t.asSO(ps, soPIN, func(s Session) error {
@@ -483,7 +489,7 @@ func (t *Token) trustedKEK(ps *pooled, ref *KEKRef, soPIN string) error {
 		}
 		return err
 	}
-	h, err := s.P.CopyObject(s.H, tmp, []*pkcs11.Attribute{attr(pkcs11.CKA_TOKEN, true), attr(pkcs11.CKA_PRIVATE, true)})
+	h, err := s.P.CopyObject(s.H, tmp, []*pkcs11.Attribute{attr(pkcs11.CKA_TOKEN, true), attr(pkcs11.CKA_PRIVATE, true), attr(pkcs11.CKA_MODIFIABLE, false)})
 	if derr := s.P.DestroyObject(s.H, tmp); derr != nil && err == nil {
 		err = Call("C_DestroyObject", nil, derr)
 	}

@@ -288,7 +288,8 @@ func checkTrustedKEK(t *testing.T, tok *Token, kek *KEKRef) {
 		if !IsRV(err, pkcs11.CKR_TEMPLATE_INCONSISTENT) {
 			t.Errorf("unwrap as an extractable key: %v, want CKR_TEMPLATE_INCONSISTENT", err)
 		}
-		k, err := s.P.UnwrapKey(s.H, wm, h, blob, append(base, attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false)))
+		k, err := s.P.UnwrapKey(s.H, wm, h, blob, append(append(base[:3:3], attr(pkcs11.CKA_EXTRACTABLE, false), attr(pkcs11.CKA_SENSITIVE, true),
+			attr(pkcs11.CKA_WRAP_WITH_TRUSTED, true)), usages(secretUsages, pkcs11.CKA_VERIFY)...))
 		if err != nil {
 			t.Errorf("unwrap with KEKUnwrapTemplate: %v", err)
 		} else {

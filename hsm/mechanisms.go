@@ -60,6 +60,8 @@ var vendors = []vendor{
 		KeyWrapRFC5649:          pkcs11.CKM_AES_KEY_WRAP_PAD,
 		RSAExponent:             3,
 		EnforcesWrapWithTrusted: true,
+		KnowsCopyable:           true,
+		UnwrapLenSilent:         true,
 	}},
 	{"Mozilla Foundation", "NSS 3", Mechanisms{
 		Name:           "NSS softokn",

@@ -47,8 +47,9 @@ const copySuffix = " (session copy)"
 
 // copyChecks are the attributes a session copy must keep as they are on
 // the original (CKA_TOKEN aside, which must be false).
-var copyChecks = []uint{pkcs11.CKA_PRIVATE, pkcs11.CKA_SENSITIVE, pkcs11.CKA_EXTRACTABLE,
-	pkcs11.CKA_DECRYPT, pkcs11.CKA_SIGN, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE, pkcs11.CKA_WRAP}
+var copyChecks = []uint{pkcs11.CKA_PRIVATE, pkcs11.CKA_SENSITIVE, pkcs11.CKA_EXTRACTABLE, pkcs11.CKA_MODIFIABLE,
+	pkcs11.CKA_DECRYPT, pkcs11.CKA_SIGN, pkcs11.CKA_SIGN_RECOVER, pkcs11.CKA_UNWRAP, pkcs11.CKA_DERIVE,
+	pkcs11.CKA_ENCRYPT, pkcs11.CKA_VERIFY, pkcs11.CKA_WRAP}
 
 // SessionCopy returns a session copy of the issuer key (made on first
 // use). The caller destroys it with Destroy when done with the key.

@@ -38,21 +38,19 @@ type SigningKey struct {
 }
 
 // signingKeyTemplates: the private key signs and does nothing else; the
-// public object only holds the public attributes we export.
-func signingKeyTemplates(label string, id []byte) (pub, priv []*pkcs11.Attribute) {
+// public object only holds the public attributes we export (transcripts
+// are verified on the host). Both are read-only.
+func signingKeyTemplates(label string, id []byte, m *Mechanisms) (pub, priv []*pkcs11.Attribute) {
 	common := func(class uint) []*pkcs11.Attribute {
-		return []*pkcs11.Attribute{
+		return append([]*pkcs11.Attribute{
 			attr(pkcs11.CKA_CLASS, class), attr(pkcs11.CKA_TOKEN, true), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC),
 			attr(pkcs11.CKA_LABEL, label), attr(pkcs11.CKA_ID, id),
-		}
+		}, locked(m, false)...)
 	}
-	pub = append(common(pkcs11.CKO_PUBLIC_KEY), attr(pkcs11.CKA_PRIVATE, false),
-		attr(pkcs11.CKA_EC_PARAMS, ecParamsP256), attr(pkcs11.CKA_VERIFY, true),
-		attr(pkcs11.CKA_DERIVE, false), attr(pkcs11.CKA_ENCRYPT, false), attr(pkcs11.CKA_WRAP, false))
-	priv = append(common(pkcs11.CKO_PRIVATE_KEY), attr(pkcs11.CKA_PRIVATE, true),
-		attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false),
-		attr(pkcs11.CKA_SIGN, true), attr(pkcs11.CKA_DERIVE, false),
-		attr(pkcs11.CKA_DECRYPT, false), attr(pkcs11.CKA_UNWRAP, false))
+	pub = append(append(common(pkcs11.CKO_PUBLIC_KEY), attr(pkcs11.CKA_PRIVATE, false),
+		attr(pkcs11.CKA_EC_PARAMS, ecParamsP256)), usages(publicUsages)...)
+	priv = append(append(common(pkcs11.CKO_PRIVATE_KEY), attr(pkcs11.CKA_PRIVATE, true),
+		attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false)), usages(privateUsages, pkcs11.CKA_SIGN)...)
 	return pub, priv
 }
 
@@ -65,7 +63,7 @@ func (t *Token) GenerateSigningKey(ctx context.Context, label string) (*SigningK
 	id := newID()
 	k := &SigningKey{Label: label, ID: id, tok: t}
 	k.priv.find = privateKeyFind(label, id)
-	pubT, privT := signingKeyTemplates(label, id)
+	pubT, privT := signingKeyTemplates(label, id, t.mech)
 	err := t.With(ctx, func(s Session) error {
 		pubH, privH, err := generatePair(s, pkcs11.CKM_EC_KEY_PAIR_GEN, label, id, pubT, privT)
 		if err != nil {

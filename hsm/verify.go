@@ -117,22 +117,22 @@ func cmacSignCompare(s Session, ki pkcs11.ObjectHandle, msg, mac []byte) (bool, 
 }
 
 // macKeyTemplate is the template of K_I unwrapped for one check: verify
-// only (or sign only, for tokens without CMAC verification). No
-// CKA_VALUE_LEN: C_UnwrapKey takes the length from the blob.
+// only (or sign only, for tokens without CMAC verification), never
+// extractable, and KEKUnwrapTemplate's attributes stated (the KEK
+// requires them). No CKA_VALUE_LEN: C_UnwrapKey takes the length from the
+// blob.
 func macKeyTemplate(sign bool) []*pkcs11.Attribute {
-	return []*pkcs11.Attribute{
+	use := uint(pkcs11.CKA_VERIFY)
+	if sign {
+		use = pkcs11.CKA_SIGN
+	}
+	return append(append([]*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_VERIFY, !sign),
-		pkcs11.NewAttribute(pkcs11.CKA_SIGN, sign),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, false),
-		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_DERIVE, false),
-	}
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP_WITH_TRUSTED, true),
+	}, usages(secretUsages, use)...), sessionLocked...)
 }

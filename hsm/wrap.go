@@ -65,7 +65,7 @@ const wrappedKILen = 8 + protocol.KeySize
 // ImportCard is the issuer's import of one card: derive K_I from c in the
 // token, wrap it under kek, destroy it. Only the wrapped blob comes out.
 func ImportCard(s Session, p protocol.Profile, sk, kek pkcs11.ObjectHandle, issuerSPKI, c []byte) (Blob, error) {
-	ki, err := DeriveCardKey(s, p, sk, issuerSPKI, c)
+	ki, err := DeriveCardKey(s, p, sk, kek, issuerSPKI, c)
 	if err != nil {
 		return Blob{}, err
 	}

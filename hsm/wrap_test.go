@@ -109,7 +109,7 @@ func TestWrapWithTrusted(t *testing.T) {
 			defer s.P.DestroyObject(s.H, untrusted)
 			key := tt.generateIssuerKey(t, true)
 			card := newSoftCard(t, protocol.ECDHP256AES, key.pub)
-			ki, err := DeriveCardKey(s, protocol.ECDHP256AES, key.sk, key.pub.SPKI, card.c)
+			ki, err := DeriveCardKey(s, protocol.ECDHP256AES, key.sk, 0, key.pub.SPKI, card.c)
 			if err != nil {
 				t.Fatal(err)
 			}
