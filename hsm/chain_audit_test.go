@@ -61,7 +61,7 @@ var (
 	}
 	wantIntermediate = mergeAttrs(wantCommon, map[uint]any{pkcs11.CKA_EXTRACTABLE: false, pkcs11.CKA_DERIVE: true,
 		pkcs11.CKA_WRAP_WITH_TRUSTED: true})
-	wantCardKey      = mergeAttrs(wantCommon, map[uint]any{
+	wantCardKey = mergeAttrs(wantCommon, map[uint]any{
 		pkcs11.CKA_KEY_TYPE: uint64(pkcs11.CKK_AES), pkcs11.CKA_VALUE_LEN: uint64(protocol.KeySize),
 		pkcs11.CKA_EXTRACTABLE: true, pkcs11.CKA_DERIVE: false, pkcs11.CKA_WRAP_WITH_TRUSTED: true,
 	})

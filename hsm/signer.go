@@ -38,8 +38,10 @@ type SigningKey struct {
 }
 
 // signingKeyTemplates: the private key signs and does nothing else; the
-// public object only holds the public attributes we export (transcripts
-// are verified on the host). Both are read-only.
+// public key only verifies (transcripts are verified on the host, but
+// NSS softokn's pairwise consistency test at generation signs and
+// verifies, and answers CKR_KEY_TYPE_INCONSISTENT without CKA_VERIFY).
+// Both are read-only.
 func signingKeyTemplates(label string, id []byte, m *Mechanisms) (pub, priv []*pkcs11.Attribute) {
 	common := func(class uint) []*pkcs11.Attribute {
 		return append([]*pkcs11.Attribute{
@@ -48,7 +50,7 @@ func signingKeyTemplates(label string, id []byte, m *Mechanisms) (pub, priv []*p
 		}, locked(m, false)...)
 	}
 	pub = append(append(common(pkcs11.CKO_PUBLIC_KEY), attr(pkcs11.CKA_PRIVATE, false),
-		attr(pkcs11.CKA_EC_PARAMS, ecParamsP256)), usages(publicUsages)...)
+		attr(pkcs11.CKA_EC_PARAMS, ecParamsP256)), usages(publicUsages, pkcs11.CKA_VERIFY)...)
 	priv = append(append(common(pkcs11.CKO_PRIVATE_KEY), attr(pkcs11.CKA_PRIVATE, true),
 		attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false)), usages(privateUsages, pkcs11.CKA_SIGN)...)
 	return pub, priv
