@@ -58,4 +58,10 @@ type Mechanisms struct {
 	// C_UnwrapKey (SoftHSM2 2.6.1), so the length of an unwrapped S is
 	// checked by wrapping S under the trusted KEK instead (derive.go).
 	UnwrapLenSilent bool
+	// OpenPaths are the ways out that a holder of the user PIN still has
+	// on this token with keys made as the ceremony makes them, because the
+	// token lacks the control that would close them (package pinholder's
+	// path IDs, as `issuer probe` measures them; its tests hold this list
+	// equal to what the token does). nil: not measured.
+	OpenPaths []string
 }

@@ -526,6 +526,10 @@ func (t *Token) FindKEK(ctx context.Context, label string) (*KEKRef, error) {
 	return ref, nil
 }
 
+// ckAttributeSize is sizeof(CK_ATTRIBUTE) here: the length of an array
+// attribute's value is this times its number of attributes.
+var ckAttributeSize = int(C.sizeof_bp_keys_attribute)
+
 // boolTemplate lays out an array attribute value (CKA_UNWRAP_TEMPLATE) of
 // CK_BBOOL attributes in C memory, which miekg/pkcs11 v1.1.2 cannot
 // marshal: the outer array's bytes go in the attribute (miekg copies

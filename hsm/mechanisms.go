@@ -62,6 +62,9 @@ var vendors = []vendor{
 		EnforcesWrapWithTrusted: true,
 		KnowsCopyable:           true,
 		UnwrapLenSilent:         true,
+		// No CKA_DERIVE_TEMPLATE, derived keys do not inherit
+		// sensitivity, and C_DigestKey takes sensitive keys.
+		OpenPaths: []string{"s-derive-extractable", "s-digest-key", "ec-derive-extractable"},
 	}},
 	{"Mozilla Foundation", "NSS 3", Mechanisms{
 		Name:           "NSS softokn",
@@ -72,6 +75,16 @@ var vendors = []vendor{
 		// from its mechanism list (`issuer probe`, NSS 3.87).
 		UnlistedButWorking: []uint{pkcs11.CKM_CONCATENATE_BASE_AND_DATA, pkcs11.CKM_SHA1_KEY_DERIVATION,
 			pkcs11.CKM_AES_ECB_ENCRYPT_DATA},
+		// NSS softokn 3.87 wraps keys whose CKA_EXTRACTABLE is false,
+		// ignores CKA_UNWRAP_TEMPLATE, does not enforce
+		// CKA_WRAP_WITH_TRUSTED, knows no CKA_COPYABLE and makes a copy
+		// modifiable on request: only attribute changes on the original
+		// are refused.
+		OpenPaths: []string{"kek-copy-decrypt", "kek-copy-modifiable", "kek-wrap-under-own-key",
+			"blob-unwrap-extractable", "blob-unwrap-wrap-under-own-key", "blob-wrap-under-own-trusted-key",
+			"sk-copy-decrypt", "sk-copy-modifiable", "sk-wrap-under-own-key",
+			"s-unwrap-extractable", "s-unwrap-encrypt", "s-unwrap-wrap-under-own-key", "s-derive-extractable", "s-digest-key",
+			"ec-derive-extractable", "ec-wrap-under-own-key", "transcript-copy-extractable", "transcript-wrap-under-own-key"},
 	}},
 }
 
@@ -97,6 +110,7 @@ func MechanismsFor(manufacturer, model string) *Mechanisms {
 
 func cloneMechanisms(m Mechanisms) *Mechanisms {
 	m.UnlistedButWorking = append([]uint(nil), m.UnlistedButWorking...)
+	m.OpenPaths = append([]string(nil), m.OpenPaths...)
 	return &m
 }
 

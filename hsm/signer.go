@@ -139,6 +139,10 @@ func (k *SigningKey) export(s Session, pubH pkcs11.ObjectHandle) error {
 	return nil
 }
 
+// Handle returns the private key's handle for use in s (see
+// IssuerKeyRef.Handle).
+func (k *SigningKey) Handle(s Session) (pkcs11.ObjectHandle, error) { return k.priv.get(k.tok, s) }
+
 // Public returns the *ecdsa.PublicKey.
 func (k *SigningKey) Public() crypto.PublicKey { return k.pub }
 

@@ -1,0 +1,36 @@
+package hsm
+
+import (
+	"context"
+
+	"github.com/miekg/pkcs11"
+)
+
+// MakeOldStyleKeys makes an RSA issuer key pair labelled label and a KEK
+// labelled kekLabel with the templates this project used until
+// 2026-11-28: a few usages stated, nothing read-only, no unwrap
+// templates. Only tests and the demo's weak-key check use it: it is how a
+// deployment made then looks to Audit and to `issuer serve`.
+func MakeOldStyleKeys(ctx context.Context, tok *Token, label, kekLabel string) error {
+	return tok.With(ctx, func(s Session) error {
+		id := newID()
+		c := func(class uint) []*pkcs11.Attribute {
+			return []*pkcs11.Attribute{attr(pkcs11.CKA_CLASS, class), attr(pkcs11.CKA_TOKEN, true), attr(pkcs11.CKA_LABEL, label), attr(pkcs11.CKA_ID, id)}
+		}
+		pub := append(c(pkcs11.CKO_PUBLIC_KEY), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA), attr(pkcs11.CKA_MODULUS_BITS, 2048),
+			attr(pkcs11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}), attr(pkcs11.CKA_VERIFY, false))
+		priv := append(c(pkcs11.CKO_PRIVATE_KEY), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA), attr(pkcs11.CKA_PRIVATE, true),
+			attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false), attr(pkcs11.CKA_UNWRAP, true),
+			attr(pkcs11.CKA_DECRYPT, false), attr(pkcs11.CKA_SIGN, false))
+		m := pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil)
+		if _, _, err := s.P.GenerateKeyPair(s.H, []*pkcs11.Mechanism{m}, pub, priv); err != nil {
+			return Call("C_GenerateKeyPair", m, err)
+		}
+		m = pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)
+		_, err := s.P.GenerateKey(s.H, []*pkcs11.Mechanism{m}, []*pkcs11.Attribute{
+			attr(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES), attr(pkcs11.CKA_VALUE_LEN, 32),
+			attr(pkcs11.CKA_TOKEN, true), attr(pkcs11.CKA_PRIVATE, true), attr(pkcs11.CKA_LABEL, kekLabel), attr(pkcs11.CKA_ID, newID()),
+			attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false), attr(pkcs11.CKA_WRAP, true), attr(pkcs11.CKA_UNWRAP, true)})
+		return Call("C_GenerateKey", m, err)
+	})
+}
