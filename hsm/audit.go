@@ -169,4 +169,3 @@ func auditKeyObject(s Session, what, label, fix string, h pkcs11.ObjectHandle, w
 	}
 	return out, nil
 }
-

@@ -80,7 +80,7 @@ func TestAudit(t *testing.T) {
 func oldStyleKeys(t *testing.T, tok *Token) (*IssuerKeyRef, *KEKRef) {
 	t.Helper()
 	label, kekLabel := uniqueLabel("old-rsa"), uniqueLabel("old-kek")
-	if err := MakeOldStyleKeys(context.Background(), tok, label, kekLabel); err != nil {
+	if err := MakeOldStyleKeys(context.Background(), tok, label, kekLabel, soPIN(tok)); err != nil {
 		t.Fatal(err)
 	}
 	k, err := tok.FindIssuerKey(context.Background(), label)

@@ -181,7 +181,12 @@ nss)
 	export BLINDPERSO_TOKEN="pkcs11:token=NSS%20Certificate%20DB?module-path=$nss_module&x-nss-configdir=$out/token"
 	;;
 esac
-"$bin/issuer" probe >"$out/probe.txt" 2>"$out/logs/probe.log"
+# The probe, then the PIN-holder matrix: throwaway keys made as the
+# ceremony makes them, attacked with the user PIN (the SO PIN, where the
+# token needs it, marks the throwaway KEK trusted as the ceremony does).
+"$bin/issuer" probe ${BLINDPERSO_SO_PIN_FILE:+--so-pin-file "$BLINDPERSO_SO_PIN_FILE"} >"$out/probe.txt" 2>"$out/logs/probe.log"
+pin_closed=$(sed -n 's/^closed \([0-9]*\) of \([0-9]*\).*/\1 of \2/p' "$out/probe.txt")
+pin_open=$(sed -n 's/^open  \([^:]*\):.*/\1/p' "$out/probe.txt" | paste -sd, -)
 if ! grep -q "^$profile .*runnable" "$out/probe.txt" || grep -q "^$profile .*not runnable" "$out/probe.txt"; then
 	cat "$out/probe.txt"
 	echo "demo.sh: profile $profile cannot run in-token on this $token_kind token" >&2
@@ -263,7 +268,7 @@ echo "   $url (key $key, KEK $kek, --max-failures $max_failures)"
 if [ "$token_kind" = nss ]; then
 	# NSS's database takes several processes at once (SoftHSM2's file
 	# store does not: there, the service is the token's only process).
-	"$bin/issuer" probe >"$out/probe-while-serving.txt" 2>>"$out/logs/probe.log"
+	"$bin/issuer" probe --no-attack >"$out/probe-while-serving.txt" 2>>"$out/logs/probe.log"
 	echo "   NSS: the CLI opens the token while the service runs (issuer probe: ok)"
 fi
 echo "   the station uploads its batch"
@@ -346,6 +351,8 @@ result=PASS
 		"attacked, imported all the same" "$imported_forged" \
 		"attacked and caught (blocked)" "$caught of $attacked" \
 		"honest cards still active" "$active of $cards" \
+		"PIN holder's ways out the token closed" "$pin_closed (issuer probe)" \
+		"still open (the token cannot close them)" "${pin_open:-none}" \
 		"time taken" "$(awk -v a="$t0" -v b="$t9" 'BEGIN { printf "%.1f s", b - a }')" \
 		"result" "$result"
 	echo "   artifacts: $out"

@@ -17,9 +17,14 @@ import (
 )
 
 // issuerFlags adds --key and --kek and returns a function that opens the
-// token and finds both keys in it.
-func issuerFlags(c *cobra.Command) func(ctx context.Context, sessions int) (*issuer.Issuer, error) {
+// token and finds both keys in it. gated commands (import, serve) also
+// audit the keys and refuse weak ones (weakKeyGate).
+func issuerFlags(c *cobra.Command, gated bool) func(ctx context.Context, sessions int) (*issuer.Issuer, error) {
 	open := tokenFlag(c)
+	gate := func(context.Context, *issuer.Issuer) error { return nil }
+	if gated {
+		gate = weakKeyGate(c)
+	}
 	key := c.Flags().String("key", "", "label of the issuer key in the token (required)")
 	kek := c.Flags().String("kek", "", "label of the KEK in the token (required)")
 	c.MarkFlagRequired("key")
@@ -39,7 +44,12 @@ func issuerFlags(c *cobra.Command) func(ctx context.Context, sessions int) (*iss
 			tok.Close()
 			return nil, err
 		}
-		return &issuer.Issuer{Token: tok, Key: k, KEK: w}, nil
+		is := &issuer.Issuer{Token: tok, Key: k, KEK: w}
+		if err := gate(ctx, is); err != nil {
+			tok.Close()
+			return nil, err
+		}
+		return is, nil
 	}
 }
 
@@ -89,7 +99,7 @@ conflicted. See docs/ISSUER.md.
       --db postgres://issuer@db.internal/issuer --workers 4 --json`,
 		Args: cobra.NoArgs,
 	}
-	openIssuer := issuerFlags(c)
+	openIssuer := issuerFlags(c, true)
 	openStore := dbFlag(c)
 	c.Flags().StringVar(&batch, "batch", "", "station batch (NDJSON with its .manifest.json beside it)")
 	c.Flags().IntVar(&workers, "workers", 2, "token sessions working in parallel")
@@ -379,7 +389,7 @@ error (exit 1) that does not count against the card: get a new one.
       --key issuer-2026 --kek kek-1 --db /var/lib/blindperso-issuer`,
 		Args: cobra.ExactArgs(1),
 	}
-	openIssuer := issuerFlags(c)
+	openIssuer := issuerFlags(c, false)
 	openStore := dbFlag(c)
 	c.Flags().StringVar(&challenge, "challenge", "", "the challenge from issuer cards challenge, hex")
 	c.Flags().StringVar(&mac, "mac", "", "the card's 16-byte answer, hex")

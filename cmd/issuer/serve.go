@@ -62,7 +62,7 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
   echo "perso $(issuer serve token-hash < perso.token)" >> /etc/blindperso/tokens`,
 		Args: cobra.NoArgs,
 	}
-	openIssuer := issuerFlags(c)
+	openIssuer := issuerFlags(c, true)
 	openStore := dbFlag(c)
 	f := c.Flags()
 	f.StringVar(&addr, "addr", ":8443", "address to listen on")
