@@ -49,6 +49,8 @@ type runner struct {
 	files   map[string]*os.File
 	written map[string]bool
 	signer  *hsm.SigningKey
+	// rotFrom is the existing KEK of kek-rotation (found in preflight).
+	rotFrom *hsm.KEKRef
 }
 
 func (r *runner) now() string { return r.opt.Now().UTC().Format(time.RFC3339Nano) }
@@ -159,7 +161,16 @@ func (r *runner) preflight(ctx context.Context) (soPIN string, err error) {
 			r.logf("probe: profile %s %s", name, p.Verdict())
 		}
 	}
-	if s.KEK != nil && mech.EnforcesWrapWithTrusted {
+	if rot := s.KEKRotation; rot != nil {
+		if r.rotFrom, err = r.tok.FindKEK(ctx, rot.From); err != nil {
+			return "", fmt.Errorf("kek-rotation.from: %w (a rotation ceremony makes the next KEK for the one the card keys are under now; nothing was created)", err)
+		}
+		if mech.EnforcesWrapWithTrusted && !r.rotFrom.Trusted {
+			return "", fmt.Errorf("kek-rotation.from: KEK %q in token %q is not CKA_TRUSTED: it is not a KEK this issuer made (nothing was created)", rot.From, info.Label)
+		}
+		r.logf("kek-rotation: KEK %q found (the new KEK %q is made for issuer kek rotate)", rot.From, rot.To)
+	}
+	if (s.KEK != nil || s.KEKRotation != nil) && mech.EnforcesWrapWithTrusted {
 		if s.Token.SOPIN == nil {
 			return "", fmt.Errorf("token %q enforces CKA_WRAP_WITH_TRUSTED: the security officer must mark the KEK trusted; add token.so-pin (file or env) to the script", info.Label)
 		}
@@ -189,6 +200,9 @@ func (r *runner) labels() []string {
 	if r.s.KEK != nil {
 		l = append(l, r.s.KEK.Label)
 	}
+	if r.s.KEKRotation != nil {
+		l = append(l, r.s.KEKRotation.To)
+	}
 	return l
 }
 
@@ -209,6 +223,14 @@ func (r *runner) plan() {
 		} else {
 			say("generate KEK %q (AES-256); not marked trusted (the token does not enforce CKA_WRAP_WITH_TRUSTED)", s.KEK.Label)
 		}
+	}
+	if rot := s.KEKRotation; rot != nil {
+		trust := "not marked trusted (the token does not enforce CKA_WRAP_WITH_TRUSTED)"
+		if r.tok.Mechanisms().EnforcesWrapWithTrusted {
+			trust = fmt.Sprintf("the security officer (%s) marks it CKA_TRUSTED", s.Token.SOPIN.describe())
+		}
+		say("generate KEK %q (AES-256) as the rotation target of the existing KEK %q; %s (the re-wrap is issuer kek rotate --from %s --to %s, after the ceremony)",
+			rot.To, rot.From, trust, rot.From, rot.To)
 	}
 	say("write the pinned fingerprints to %s", filepath.Join(r.dir, s.FingerprintFile))
 	say("sign the transcript in the token and write %s", filepath.Join(r.dir, TranscriptFile))
@@ -308,6 +330,22 @@ func (r *runner) execute(ctx context.Context, soPIN string) error {
 		r.step("generate-kek", map[string]any{"label": kek.Label, "kind": "aes256", "so_pin_source": s.Token.SOPIN.describe()},
 			map[string]any{"cka_id": hex.EncodeToString(kek.ID), "trusted": kek.Trusted, "trust": by})
 		r.logf("KEK %q: AES-256, %s", kek.Label, by)
+	}
+	if rot := s.KEKRotation; rot != nil {
+		kek, err := r.tok.GenerateKEK(ctx, rot.To, soPIN)
+		if err != nil {
+			return err
+		}
+		by := "not marked (the token does not enforce CKA_WRAP_WITH_TRUSTED)"
+		if kek.Trusted {
+			by = "CKA_TRUSTED, set by the security officer"
+		}
+		r.step("generate-rotation-kek",
+			map[string]any{"from": rot.From, "to": rot.To, "kind": "aes256", "so_pin_source": s.Token.SOPIN.describe()},
+			map[string]any{"from_cka_id": hex.EncodeToString(r.rotFrom.ID), "from_trusted": r.rotFrom.Trusted,
+				"cka_id": hex.EncodeToString(kek.ID), "trusted": kek.Trusted, "trust": by,
+				"rewrap": fmt.Sprintf("issuer kek rotate --from %s --to %s (with the store; not part of the ceremony)", rot.From, rot.To)})
+		r.logf("rotation KEK %q: AES-256, %s; next: issuer kek rotate --from %s --to %s", kek.Label, by, rot.From, rot.To)
 	}
 	fh, err = r.write(s.FingerprintFile, pins.Bytes())
 	if err != nil {

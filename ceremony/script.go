@@ -46,6 +46,13 @@ type Script struct {
 	KEK        *struct {
 		Label string `yaml:"label"`
 	} `yaml:"kek"`
+	// KEKRotation, if set, generates the next KEK, To, as the target of
+	// a KEK rotation away from the existing KEK From: the ceremony checks
+	// From is in the token and generates To exactly as kek does (the SO
+	// marks it trusted where the token enforces CKA_WRAP_WITH_TRUSTED).
+	// The re-wrap itself needs the store and is not part of the ceremony:
+	// issuer kek rotate --from From --to To (docs/OPERATIONS.md).
+	KEKRotation *KEKRotation `yaml:"kek-rotation"`
 	// FingerprintFile is the file (in Output) of pinned fingerprints a
 	// card manufacturer masks into ROM (§4.4).
 	FingerprintFile string `yaml:"fingerprint-file"`
@@ -62,6 +69,13 @@ type Script struct {
 type PINSource struct {
 	File string `yaml:"file"`
 	Env  string `yaml:"env"`
+}
+
+// KEKRotation names the KEK blobs are under now (From, which must exist)
+// and the KEK the ceremony generates for them to move to (To).
+type KEKRotation struct {
+	From string `yaml:"from"`
+	To   string `yaml:"to"`
 }
 
 // IssuerKey is one issuer key pair to generate.
@@ -168,8 +182,8 @@ func (s *Script) check() error {
 	if s.Output == "" {
 		bad("output (a directory) is required")
 	}
-	if len(s.IssuerKeys) == 0 {
-		bad("issuer-keys: at least one issuer key is required")
+	if len(s.IssuerKeys) == 0 && s.KEKRotation == nil {
+		bad("issuer-keys: at least one issuer key is required (or kek-rotation, for a ceremony that makes only the next KEK)")
 	}
 	labels := map[string]string{}
 	label := func(where, l string) {
@@ -209,6 +223,19 @@ func (s *Script) check() error {
 	}
 	if s.KEK != nil {
 		label("kek", s.KEK.Label)
+	}
+	if r := s.KEKRotation; r != nil {
+		label("kek-rotation.to", r.To)
+		switch {
+		case r.From == "":
+			bad("kek-rotation.from is required: the label of the KEK the stored card keys are under now")
+		case !labelRE.MatchString(r.From):
+			bad("kek-rotation.from %q: use letters, digits, '.', '_' and '-'", r.From)
+		case r.From == r.To:
+			bad("kek-rotation: from and to are the same label %q: the new KEK needs a new label", r.From)
+		case labels[r.From] != "":
+			bad("kek-rotation.from %q is a label this ceremony creates (%s): it must name the KEK already in the token", r.From, labels[r.From])
+		}
 	}
 	if s.FingerprintFile == "" {
 		s.FingerprintFile = "pinned-fingerprints.txt"

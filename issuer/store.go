@@ -63,6 +63,8 @@ type Store interface {
 
 	// Card authentication (auth.go).
 	AuthStore
+	// KEK rotation (rotate.go).
+	KEKStore
 
 	Close() error
 }
@@ -737,6 +739,169 @@ func (s *sqlStore) Rejects(ctx context.Context, batch string) ([]Reject, error) 
 		}
 		r.Time = parseTime(t)
 		out = append(out, r)
+	}
+	return out, rows.Err()
+}
+
+// KEKStore is what KEK rotation (Rotate) needs of the store.
+type KEKStore interface {
+	// BlobsUnderKEK returns up to limit cards whose blob is wrapped under
+	// the KEK labelled kek, in Id order, with Ids after after (nil: from
+	// the first).
+	BlobsUnderKEK(ctx context.Context, kek string, after []byte, limit int) ([]CardBlob, error)
+	// ReplaceBlobs replaces, in one transaction, each card's blob by its
+	// re-wrap, but only where the row still holds the old blob under the
+	// KEK labelled from (compare-and-set): a row another run replaced
+	// already is left alone. replaced[i] says whether rs[i] was written.
+	ReplaceBlobs(ctx context.Context, from string, rs []BlobReplacement) (replaced []bool, err error)
+	// KEKCounts counts the stored blobs per KEK label.
+	KEKCounts(ctx context.Context) (map[string]int, error)
+}
+
+// CardBlob is a card's Id and its stored blob.
+type CardBlob struct {
+	ID   protocol.Hex `json:"id"`
+	Blob hsm.Blob     `json:"blob"`
+}
+
+// BlobReplacement is one card's blob re-wrapped under a new KEK: Old is
+// the wrapped bytes it replaces (under the from KEK), New the re-wrap
+// with its KEK label.
+type BlobReplacement struct {
+	ID  []byte
+	Old []byte
+	New hsm.Blob
+}
+
+func (s *sqlStore) BlobsUnderKEK(ctx context.Context, kek string, after []byte, limit int) ([]CardBlob, error) {
+	rows, err := s.db.QueryContext(ctx, s.d.q(`SELECT id, blob_scheme, blob_mechanism, blob_kek, blob_wrapped FROM cards
+		WHERE blob_kek = ? AND id > ? ORDER BY id LIMIT ?`), kek, hexID(after), limit)
+	if err != nil {
+		return nil, fmt.Errorf("store: blobs under KEK %q: %w", kek, err)
+	}
+	defer rows.Close()
+	var out []CardBlob
+	for rows.Next() {
+		var id, wrapped string
+		var mech int64
+		var c CardBlob
+		if err := rows.Scan(&id, &c.Blob.Scheme, &mech, &c.Blob.KEK, &wrapped); err != nil {
+			return nil, fmt.Errorf("store: blobs under KEK %q: %w", kek, err)
+		}
+		var e1, e2 error
+		c.ID, e1 = hex.DecodeString(id)
+		c.Blob.Wrapped, e2 = hex.DecodeString(wrapped)
+		if err := errors.Join(e1, e2); err != nil {
+			return nil, fmt.Errorf("store: card %s: %w", id, err)
+		}
+		c.Blob.Mechanism = uint(mech)
+		out = append(out, c)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("store: blobs under KEK %q: %w", kek, err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) ReplaceBlobs(ctx context.Context, from string, rs []BlobReplacement) ([]bool, error) {
+	for _, r := range rs {
+		if r.New.KEK == "" || r.New.KEK == from {
+			return nil, fmt.Errorf("store: card %X: the new blob's KEK label is %q (from %q)", r.ID, r.New.KEK, from)
+		}
+	}
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, fmt.Errorf("store: replace blobs: %w", err)
+	}
+	defer tx.Rollback()
+	x := &stmtCache{tx: tx, m: map[string]*sql.Stmt{}}
+	defer x.close()
+	t := now()
+	done := make([]bool, len(rs))
+	// One statement per up to replaceChunk cards whose new blobs share
+	// scheme, mechanism and KEK (a rotation's do): an UPDATE … FROM a
+	// VALUES list of (id, old, new) that returns the Ids it changed. Per
+	// card, a statement of its own was 20 µs of the writer's time on
+	// SQLite, more than the token's re-wrap on NSS softokn.
+	for i := 0; i < len(rs); {
+		j := i + 1
+		for j < len(rs) && j-i < replaceChunk && sameTarget(rs[i].New, rs[j].New) {
+			j++
+		}
+		if err := s.replaceChunk(ctx, x, from, t, rs[i:j], done[i:j]); err != nil {
+			return nil, err
+		}
+		i = j
+	}
+	if err := tx.Commit(); err != nil {
+		return nil, fmt.Errorf("store: replace blobs: %w", err)
+	}
+	return done, nil
+}
+
+// replaceChunk is the most cards one UPDATE of ReplaceBlobs names: three
+// parameters each, far below SQLite's and PostgreSQL's limits.
+const replaceChunk = 256
+
+func sameTarget(a, b hsm.Blob) bool {
+	return a.Scheme == b.Scheme && a.Mechanism == b.Mechanism && a.KEK == b.KEK
+}
+
+func (s *sqlStore) replaceChunk(ctx context.Context, x *stmtCache, from, t string, rs []BlobReplacement, done []bool) error {
+	nb := rs[0].New
+	args := []any{nb.Scheme, int64(nb.Mechanism), nb.KEK, t}
+	var q strings.Builder
+	q.WriteString(`UPDATE cards SET blob_scheme = ?, blob_mechanism = ?, blob_kek = ?, blob_wrapped = v.column3, updated_at = ? FROM (VALUES `)
+	at := make(map[string]int, len(rs))
+	for k, r := range rs {
+		if k > 0 {
+			q.WriteString(", ")
+		}
+		q.WriteString("(?, ?, ?)")
+		id := hexID(r.ID)
+		at[id] = k
+		args = append(args, id, hex.EncodeToString(r.Old), hex.EncodeToString(r.New.Wrapped))
+	}
+	q.WriteString(`) AS v WHERE cards.id = v.column1 AND cards.blob_kek = ? AND cards.blob_wrapped = v.column2 RETURNING id`)
+	args = append(args, from)
+	st, err := x.stmt(ctx, s.d.q(q.String()))
+	if err != nil {
+		return fmt.Errorf("store: replace blobs: %w", err)
+	}
+	rows, err := st.QueryContext(ctx, args...)
+	if err != nil {
+		return fmt.Errorf("store: replace blobs: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return fmt.Errorf("store: replace blobs: %w", err)
+		}
+		if k, ok := at[id]; ok {
+			done[k] = true
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("store: replace blobs: %w", err)
+	}
+	return nil
+}
+
+func (s *sqlStore) KEKCounts(ctx context.Context) (map[string]int, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT blob_kek, COUNT(*) FROM cards GROUP BY blob_kek`)
+	if err != nil {
+		return nil, fmt.Errorf("store: blobs per KEK: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]int{}
+	for rows.Next() {
+		var k string
+		var n int
+		if err := rows.Scan(&k, &n); err != nil {
+			return nil, fmt.Errorf("store: blobs per KEK: %w", err)
+		}
+		out[k] = n
 	}
 	return out, rows.Err()
 }

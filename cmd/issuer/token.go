@@ -6,11 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strings"
 
 	"github.com/spf13/cobra"
 
 	"blindperso/hsm"
+	"blindperso/pinholder"
 )
 
 // Environment variables the token commands read.
@@ -49,10 +49,10 @@ func tokenFlag(c *cobra.Command) func(sessions int) (*hsm.Token, error) {
 }
 
 func probeCmd() *cobra.Command {
-	var asJSON bool
+	var asJSON, noAttack bool
 	c := &cobra.Command{
-		Use:   "probe --token URI [--json]",
-		Short: "Say which profiles a PKCS#11 token can run entirely in the token",
+		Use:   "probe --token URI [--so-pin-file FILE] [--json]",
+		Short: "Say which profiles a token runs in-token, and what a holder of its user PIN can take out",
 		Long: `Read the token's mechanism list, try every step the in-token chains need
 on throwaway session objects (all destroyed afterwards; the token's keys
 are not touched), and print, per profile, "runnable" or "not runnable:
@@ -61,29 +61,67 @@ reported "runnable (by trial; not in mechanism list: …)". The probe also
 checks the RFC 5649 wrap mechanism of the token's table, the RSA exponent
 the token generates, and whether it enforces CKA_WRAP_WITH_TRUSTED.
 
+Then the PIN-holder matrix: throwaway keys are generated exactly as the
+key ceremony makes them (issuer keys, KEK, transcript key; destroyed at the
+end), a throwaway card is imported under them, and every way out an
+attacker with the user PIN and a generic PKCS#11 client knows is tried
+(set a usage on a key, copy it with another, unwrap c or a stored blob
+into a readable key, derive or digest into one, wrap under a key of one's
+own, make one's own trusted key, log in as SO with the user PIN, …). Each
+path is "closed" with the token's refusal or OPEN with what came out.
+On a token that enforces CKA_WRAP_WITH_TRUSTED (SoftHSM2) the throwaway
+KEK must be marked trusted by the security officer, as in the ceremony:
+give --so-pin-file (or $BLINDPERSO_SO_PIN), else the KEK paths are not
+tried. --no-attack skips the matrix (it writes throwaway token objects).
+
 ` + uriHelp,
-		Example: `  issuer probe --token 'pkcs11:token=issuer?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/blindperso/user.pin'
-  issuer probe --token "$BLINDPERSO_TOKEN" --json | jq '.profiles[] | select(.runnable) | .profile'`,
+		Example: `  issuer probe --token 'pkcs11:token=issuer?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/blindperso/user.pin' --so-pin-file so.pin
+  issuer probe --token "$BLINDPERSO_TOKEN" --json | jq '.profiles[] | select(.runnable) | .profile'
+  issuer probe --json --so-pin-file so.pin | jq '.pin_holder.results[] | select(.open) | .id'`,
 		Args: cobra.NoArgs,
 	}
 	open := tokenFlag(c)
+	readSOPIN := soPINFlag(c, "file holding the security officer's PIN, to make a trusted throwaway KEK for the PIN-holder matrix")
 	c.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON, for scripts")
+	c.Flags().BoolVar(&noAttack, "no-attack", false, "only the profile matrix: do not run the PIN-holder adversary")
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
+		soPIN, err := readSOPIN()
+		if err != nil {
+			return err
+		}
 		tok, err := open(1)
 		if err != nil {
 			return err
 		}
 		defer tok.Close()
-		r, err := tok.Probe(context.Background())
+		ctx := context.Background()
+		r, err := tok.Probe(ctx)
 		if err != nil {
 			return err
+		}
+		var ph *pinholder.Report
+		if !noAttack {
+			uri := c.Flags().Lookup("token").Value.String()
+			if uri == "" {
+				uri = os.Getenv(envToken)
+			}
+			if ph, err = probeWithPINHolder(ctx, tok, uri, soPIN); err != nil {
+				return err
+			}
 		}
 		if asJSON {
 			enc := json.NewEncoder(cmd.OutOrStdout())
 			enc.SetIndent("", "  ")
-			return enc.Encode(r)
+			return enc.Encode(struct {
+				*hsm.ProbeReport
+				PINHolder *pinholder.Report `json:"pin_holder,omitempty"`
+			}{r, ph})
 		}
-		return r.WriteText(cmd.OutOrStdout())
+		if err := r.WriteText(cmd.OutOrStdout()); err != nil || ph == nil {
+			return err
+		}
+		fmt.Fprintln(cmd.OutOrStdout())
+		return ph.WriteText(cmd.OutOrStdout())
 	}
 	return c
 }
@@ -180,60 +218,6 @@ fingerprint goes to stderr.
 			return err
 		}
 		return os.WriteFile(out, key.PublicKeyPEM(), 0o644)
-	}
-	return c
-}
-
-func kekCmd() *cobra.Command {
-	var label, soPINFile string
-	c := &cobra.Command{
-		Use:   "kek --token URI --label L [--so-pin-file FILE]",
-		Short: "Generate the key-encryption key under which K_I is stored",
-		Long: `Generate the KEK in the token: AES-256, a private token object,
-sensitive, never extractable, wrap and unwrap only.
-
-On a token that enforces CKA_WRAP_WITH_TRUSTED (SoftHSM2; see 'issuer
-probe') every K_I can leave the token only wrapped under a key the
-security officer marked CKA_TRUSTED, so this needs the SO PIN: from
---so-pin-file FILE, or from $BLINDPERSO_SO_PIN. Never on the command line.
-The SO generates the KEK, trusted, as a session object; the user copies it
-into a private token object, and the original is destroyed. Such a KEK
-also forces every key unwrapped under it to be sensitive and not
-extractable. Other tokens do not need the SO PIN.
-
-` + uriHelp,
-		Example: `  issuer kek --token "$BLINDPERSO_TOKEN" --label kek-2026 --so-pin-file /etc/blindperso/so.pin
-  BLINDPERSO_SO_PIN="$(cat /run/secrets/so-pin)" issuer kek --label kek-2026`,
-		Args: cobra.NoArgs,
-	}
-	open := tokenFlag(c)
-	c.Flags().StringVar(&label, "label", "", "CKA_LABEL of the KEK (unique in the token)")
-	c.Flags().StringVar(&soPINFile, "so-pin-file", "", "file holding the security officer's PIN (default $"+envSOPIN+")")
-	c.MarkFlagRequired("label")
-	c.RunE = func(cmd *cobra.Command, _ []string) error {
-		soPIN := os.Getenv(envSOPIN)
-		if soPINFile != "" {
-			b, err := os.ReadFile(soPINFile)
-			if err != nil {
-				return fmt.Errorf("SO PIN: %w", err)
-			}
-			soPIN = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
-		}
-		tok, err := open(1)
-		if err != nil {
-			return err
-		}
-		defer tok.Close()
-		kek, err := tok.GenerateKEK(context.Background(), label, soPIN)
-		if err != nil {
-			return err
-		}
-		trust := "not trusted (the token does not enforce CKA_WRAP_WITH_TRUSTED)"
-		if kek.Trusted {
-			trust = "CKA_TRUSTED, set by the security officer"
-		}
-		fmt.Fprintf(cmd.OutOrStdout(), "KEK %q generated in token %q: AES-256, %s\n", label, tok.Info().Label, trust)
-		return nil
 	}
 	return c
 }
