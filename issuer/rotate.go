@@ -91,7 +91,7 @@ const (
 	// the writer at once: one channel operation per chunk, not per card.
 	rotateChunk = 32
 	// rotateGroup is the most blobs replaced in one transaction.
-	rotateGroup = 256
+	rotateGroup = 1024
 	// maxFailures is how many failures the result lists.
 	maxFailures = 1000
 )
@@ -186,7 +186,7 @@ func (r *rotation) run(ctx context.Context) error {
 	}()
 
 	jobs := make(chan []CardBlob, 2*n)
-	out := make(chan rotated, 2*n+rotateGroup/rotateChunk)
+	out := make(chan rotated, 2*n+2*rotateGroup/rotateChunk)
 	// The reader: pages of cards under the old KEK, in Id order from a
 	// cursor, cut into chunks. A card re-wrapped meanwhile is under the
 	// new KEK and not read again; one in flight is behind the cursor.
