@@ -52,6 +52,7 @@ bench: deps
 	$(GO) test -run '^$$' -bench StationPCSC -benchtime 10x ./perso
 	$(GO) test -run '^$$' -bench 'IssuerImport$$' -benchtime 8000x ./issuer
 	$(GO) test -run '^$$' -bench IssuerVerify -benchtime 2000x ./issuer
+	$(GO) test -run '^$$' -bench KEKRotate -benchtime 8000x ./issuer
 	$(GO) test -run '^$$' -bench IssuerNaive -benchtime 1x ./issuer
 	@echo 'the 100k/1M-record import: BLINDPERSO_BENCH_BIG=1 $(GO) test -run ^$$ -bench IssuerImportBig -benchtime 1x -timeout 60m ./issuer'
 

@@ -102,6 +102,14 @@ func TestKEKRotationCeremonyRefusals(t *testing.T) {
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
 		}
 	}
+	// The example script parses.
+	t.Setenv("BLINDPERSO_TOKEN", soft.URI)
+	t.Setenv("BLINDPERSO_SO_PIN_FILE", "/nonexistent")
+	t.Setenv("CEREMONY_OUT", out)
+	ex, err := Load("../examples/ceremony-kek-rotation-softhsm2.yaml")
+	if err != nil || ex.KEKRotation == nil || ex.KEKRotation.From != "kek-2026" || ex.KEKRotation.To != "kek-2027" {
+		t.Fatalf("example: %+v %v", ex, err)
+	}
 	// A from KEK the token does not have: refused before anything is made.
 	n := count(t, soft.URI)
 	s, err := Parse([]byte(rotationScript(soft.URI, "file: /nonexistent", out, "no-such-kek", "kek-next")))

@@ -852,38 +852,55 @@ func (s *sqlStore) replaceChunk(ctx context.Context, x *stmtCache, from, t strin
 	args := []any{nb.Scheme, int64(nb.Mechanism), nb.KEK, t}
 	var q strings.Builder
 	q.WriteString(`UPDATE cards SET blob_scheme = ?, blob_mechanism = ?, blob_kek = ?, blob_wrapped = v.column3, updated_at = ? FROM (VALUES `)
-	at := make(map[string]int, len(rs))
 	for k, r := range rs {
 		if k > 0 {
 			q.WriteString(", ")
 		}
 		q.WriteString("(?, ?, ?)")
-		id := hexID(r.ID)
-		at[id] = k
-		args = append(args, id, hex.EncodeToString(r.Old), hex.EncodeToString(r.New.Wrapped))
+		args = append(args, hexID(r.ID), hex.EncodeToString(r.Old), hex.EncodeToString(r.New.Wrapped))
 	}
-	q.WriteString(`) AS v WHERE cards.id = v.column1 AND cards.blob_kek = ? AND cards.blob_wrapped = v.column2 RETURNING id`)
+	q.WriteString(`) AS v WHERE cards.id = v.column1 AND cards.blob_kek = ? AND cards.blob_wrapped = v.column2`)
 	args = append(args, from)
-	st, err := x.stmt(ctx, s.d.q(q.String()))
+	// In a savepoint: if not every row still holds its old blob (another
+	// run replaced some), the chunk is undone and redone card by card,
+	// which says exactly which rows this call wrote.
+	if _, err := x.tx.ExecContext(ctx, `SAVEPOINT replace_chunk`); err != nil {
+		return fmt.Errorf("store: replace blobs: %w", err)
+	}
+	res, err := s.exec(ctx, x, q.String(), args...)
 	if err != nil {
 		return fmt.Errorf("store: replace blobs: %w", err)
 	}
-	rows, err := st.QueryContext(ctx, args...)
+	n, err := res.RowsAffected()
 	if err != nil {
 		return fmt.Errorf("store: replace blobs: %w", err)
 	}
-	defer rows.Close()
-	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
-			return fmt.Errorf("store: replace blobs: %w", err)
-		}
-		if k, ok := at[id]; ok {
+	if int(n) == len(rs) {
+		for k := range done {
 			done[k] = true
 		}
+		_, err := x.tx.ExecContext(ctx, `RELEASE SAVEPOINT replace_chunk`)
+		return err
 	}
-	if err := rows.Err(); err != nil {
+	if _, err := x.tx.ExecContext(ctx, `ROLLBACK TO SAVEPOINT replace_chunk`); err != nil {
 		return fmt.Errorf("store: replace blobs: %w", err)
+	}
+	if _, err := x.tx.ExecContext(ctx, `RELEASE SAVEPOINT replace_chunk`); err != nil {
+		return fmt.Errorf("store: replace blobs: %w", err)
+	}
+	for k, r := range rs {
+		res, err := s.exec(ctx, x, `UPDATE cards SET blob_scheme = ?, blob_mechanism = ?, blob_kek = ?, blob_wrapped = ?, updated_at = ?
+			WHERE id = ? AND blob_kek = ? AND blob_wrapped = ?`,
+			r.New.Scheme, int64(r.New.Mechanism), r.New.KEK, hex.EncodeToString(r.New.Wrapped), t,
+			hexID(r.ID), from, hex.EncodeToString(r.Old))
+		if err != nil {
+			return fmt.Errorf("store: card %X: replace blob: %w", r.ID, err)
+		}
+		n, err := res.RowsAffected()
+		if err != nil {
+			return fmt.Errorf("store: card %X: replace blob: %w", r.ID, err)
+		}
+		done[k] = n == 1
 	}
 	return nil
 }

@@ -88,7 +88,7 @@ labelled NEW. For each card the token unwraps the stored blob under OLD
 into a session key that can do nothing but be wrapped again, wraps it
 under NEW (RFC 5649) and destroys it: K_I never leaves the token in the
 clear. The store replaces a blob only by its re-wrap, in transactions of
-up to 256 cards, and only where the card's blob is still the one under
+up to 1024 cards, and only where the card's blob is still the one under
 OLD: at any point, even after a crash or kill -9, every card is under
 exactly one of the two KEKs. Run it again to finish an interrupted
 rotation; a run with nothing left says "0 re-wrapped, N already under
