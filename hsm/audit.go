@@ -40,9 +40,20 @@ var policyAttrNames = map[uint]string{
 	pkcs11.CKA_UNWRAP_TEMPLATE: "CKA_UNWRAP_TEMPLATE", pkcs11.CKA_DERIVE_TEMPLATE: "CKA_DERIVE_TEMPLATE",
 }
 
-// AttrName is the CKA_ name of an attribute the key policy states.
+// otherAttrNames names attributes the audit does not compare.
+var otherAttrNames = map[uint]string{
+	pkcs11.CKA_CLASS: "CKA_CLASS", pkcs11.CKA_KEY_TYPE: "CKA_KEY_TYPE", pkcs11.CKA_TOKEN: "CKA_TOKEN",
+	pkcs11.CKA_VALUE_LEN: "CKA_VALUE_LEN", pkcs11.CKA_LOCAL: "CKA_LOCAL",
+	pkcs11.CKA_ALWAYS_SENSITIVE: "CKA_ALWAYS_SENSITIVE", pkcs11.CKA_NEVER_EXTRACTABLE: "CKA_NEVER_EXTRACTABLE",
+	pkcs11.CKA_WRAP_WITH_TRUSTED: "CKA_WRAP_WITH_TRUSTED",
+}
+
+// AttrName is the CKA_ name of an attribute this package sets or reads.
 func AttrName(t uint) string {
 	if n, ok := policyAttrNames[t]; ok {
+		return n
+	}
+	if n, ok := otherAttrNames[t]; ok {
 		return n
 	}
 	return fmt.Sprintf("CKA_0x%X", t)

@@ -41,15 +41,6 @@ func readAttrs(tb testing.TB, s Session, h pkcs11.ObjectHandle, types ...uint) m
 	return out
 }
 
-var attrNames = map[uint]string{
-	pkcs11.CKA_CLASS: "CKA_CLASS", pkcs11.CKA_KEY_TYPE: "CKA_KEY_TYPE", pkcs11.CKA_TOKEN: "CKA_TOKEN",
-	pkcs11.CKA_PRIVATE: "CKA_PRIVATE", pkcs11.CKA_SENSITIVE: "CKA_SENSITIVE", pkcs11.CKA_EXTRACTABLE: "CKA_EXTRACTABLE",
-	pkcs11.CKA_ALWAYS_SENSITIVE: "CKA_ALWAYS_SENSITIVE", pkcs11.CKA_NEVER_EXTRACTABLE: "CKA_NEVER_EXTRACTABLE",
-	pkcs11.CKA_DERIVE: "CKA_DERIVE", pkcs11.CKA_ENCRYPT: "CKA_ENCRYPT", pkcs11.CKA_DECRYPT: "CKA_DECRYPT",
-	pkcs11.CKA_SIGN: "CKA_SIGN", pkcs11.CKA_VERIFY: "CKA_VERIFY", pkcs11.CKA_WRAP: "CKA_WRAP", pkcs11.CKA_UNWRAP: "CKA_UNWRAP",
-	pkcs11.CKA_WRAP_WITH_TRUSTED: "CKA_WRAP_WITH_TRUSTED", pkcs11.CKA_VALUE_LEN: "CKA_VALUE_LEN",
-}
-
 // wantIntermediate and wantCardKey are the audited attributes of what a
 // chain makes. CKA_NEVER_EXTRACTABLE is checked separately: PKCS#11 makes
 // it false for every unwrapped key and inherits it on derivation.
@@ -92,7 +83,7 @@ func checkAttrs(tb testing.TB, what string, got, want map[uint]any) {
 	tb.Helper()
 	for t, w := range want {
 		if fmt.Sprint(got[t]) != fmt.Sprint(w) {
-			tb.Errorf("%s: %s = %v, want %v", what, attrNames[t], got[t], w)
+			tb.Errorf("%s: %s = %v, want %v", what, AttrName(t), got[t], w)
 		}
 	}
 }

@@ -52,16 +52,6 @@ func uniqueLabel(prefix string) string {
 // meaning the token may not know the attribute (CKR_ATTRIBUTE_TYPE_INVALID).
 type attrWant map[uint]bool
 
-var ckaNames = map[uint]string{
-	pkcs11.CKA_TOKEN: "CKA_TOKEN", pkcs11.CKA_PRIVATE: "CKA_PRIVATE", pkcs11.CKA_SENSITIVE: "CKA_SENSITIVE",
-	pkcs11.CKA_EXTRACTABLE: "CKA_EXTRACTABLE", pkcs11.CKA_ALWAYS_SENSITIVE: "CKA_ALWAYS_SENSITIVE",
-	pkcs11.CKA_NEVER_EXTRACTABLE: "CKA_NEVER_EXTRACTABLE", pkcs11.CKA_LOCAL: "CKA_LOCAL",
-	pkcs11.CKA_ENCRYPT: "CKA_ENCRYPT", pkcs11.CKA_DECRYPT: "CKA_DECRYPT", pkcs11.CKA_WRAP: "CKA_WRAP",
-	pkcs11.CKA_UNWRAP: "CKA_UNWRAP", pkcs11.CKA_SIGN: "CKA_SIGN", pkcs11.CKA_VERIFY: "CKA_VERIFY",
-	pkcs11.CKA_SIGN_RECOVER: "CKA_SIGN_RECOVER", pkcs11.CKA_VERIFY_RECOVER: "CKA_VERIFY_RECOVER",
-	pkcs11.CKA_DERIVE: "CKA_DERIVE", pkcs11.CKA_TRUSTED: "CKA_TRUSTED",
-}
-
 // auditObject checks the CK_BBOOL attributes of an object, one by one (a token
 // that does not know one answers for it alone). It never asks for
 // CKA_VALUE.
@@ -70,12 +60,12 @@ func auditObject(t *testing.T, s Session, h pkcs11.ObjectHandle, what string, w 
 	for typ, v := range w {
 		a, err := s.P.GetAttributeValue(s.H, h, []*pkcs11.Attribute{attr(typ, nil)})
 		if err != nil {
-			t.Errorf("%s: read %s: %v", what, ckaNames[typ], err)
+			t.Errorf("%s: read %s: %v", what, AttrName(typ), err)
 			continue
 		}
 		got := len(a[0].Value) == 1 && a[0].Value[0] != 0
 		if got != v {
-			t.Errorf("%s: %s = %v, want %v", what, ckaNames[typ], got, v)
+			t.Errorf("%s: %s = %v, want %v", what, AttrName(typ), got, v)
 		}
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -22,7 +21,7 @@ import (
 // "KEK rotation", is the runbook.
 
 func kekCmd() *cobra.Command {
-	var label, soPINFile string
+	var label string
 	c := &cobra.Command{
 		Use:   "kek --token URI --label L [--so-pin-file FILE]",
 		Short: "Generate the key-encryption key under which K_I is stored",
@@ -34,9 +33,13 @@ probe') every K_I can leave the token only wrapped under a key the
 security officer marked CKA_TRUSTED, so this needs the SO PIN: from
 --so-pin-file FILE, or from $BLINDPERSO_SO_PIN. Never on the command line.
 The SO generates the KEK, trusted, as a session object; the user copies it
-into a private token object, and the original is destroyed. Such a KEK
-also forces every key unwrapped under it to be sensitive and not
-extractable. Other tokens do not need the SO PIN.
+into a private, read-only token object, and the original is destroyed.
+
+Every KEK carries an unwrap template (docs/HSM.md §6): a key unwrapped
+under it is sensitive, can verify a MAC but not derive, encrypt, decrypt,
+sign, wrap or unwrap, and can leave the token again only under a trusted
+key (the next KEK, in issuer kek rotate). Other tokens do not need the SO
+PIN.
 
 ` + uriHelp,
 		Example: `  issuer kek --token "$BLINDPERSO_TOKEN" --label kek-2026 --so-pin-file /etc/blindperso/so.pin
@@ -45,16 +48,12 @@ extractable. Other tokens do not need the SO PIN.
 	}
 	open := tokenFlag(c)
 	c.Flags().StringVar(&label, "label", "", "CKA_LABEL of the KEK (unique in the token)")
-	c.Flags().StringVar(&soPINFile, "so-pin-file", "", "file holding the security officer's PIN (default $"+envSOPIN+")")
+	readSOPIN := soPINFlag(c, "file holding the security officer's PIN")
 	c.MarkFlagRequired("label")
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
-		soPIN := os.Getenv(envSOPIN)
-		if soPINFile != "" {
-			b, err := os.ReadFile(soPINFile)
-			if err != nil {
-				return fmt.Errorf("SO PIN: %w", err)
-			}
-			soPIN = strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+		soPIN, err := readSOPIN()
+		if err != nil {
+			return err
 		}
 		tok, err := open(1)
 		if err != nil {
