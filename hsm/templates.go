@@ -135,8 +135,9 @@ func StringDataMechanism(mech uint, data []byte) (*pkcs11.Mechanism, func(), err
 }
 
 // DestroyLabel destroys every object of the token labelled label (the
-// adversary's throwaway keys, a KEK no blob uses any more) and returns
-// how many it destroyed.
+// PIN-holder adversary's throwaway keys: a key pair shares its label) and
+// returns how many it destroyed. A KEK is destroyed by DestroyKEK, which
+// insists on exactly one.
 func (t *Token) DestroyLabel(ctx context.Context, label string) (int, error) {
 	n := 0
 	err := t.With(ctx, func(s Session) error {
