@@ -177,8 +177,7 @@ func issuerKeyTemplates(kind, label string, id []byte, m *Mechanisms, ts *templa
 		pub = append(pub, attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC), attr(pkcs11.CKA_EC_PARAMS, ecParamsP256))
 		priv = append(append(priv, attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_EC)), usages(privateUsages, pkcs11.CKA_DERIVE)...)
 		if m.KnowsDeriveTemplate {
-			// K_I (x963) or Z (aes) as the chain makes them.
-			dt, err := ts.add(pkcs11.CKA_DERIVE_TEMPLATE, SecretUnwrapTemplate)
+			dt, err := ts.add(pkcs11.CKA_DERIVE_TEMPLATE, DeriveTemplate)
 			if err != nil {
 				return 0, nil, nil, err
 			}

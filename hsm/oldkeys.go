@@ -9,8 +9,9 @@ import (
 // MakeOldStyleKeys makes an RSA issuer key pair labelled label and a KEK
 // labelled kekLabel with the templates this project used until
 // 2026-11-28: a few usages stated, nothing read-only, no unwrap
-// templates. Only tests and the demo's weak-key check use it: it is how a
-// deployment made then looks to Audit and to `issuer serve`.
+// templates. Tests use it (here and in cmd/issuer) to stand for a
+// deployment made then, as Audit and `issuer serve` see it; it needs the
+// package's SO login, so it cannot live in hsmtest.
 //
 // On a token that enforces CKA_WRAP_WITH_TRUSTED the KEK is made as it was
 // then: by the SO as a trusted session object with the unwrap template

@@ -73,6 +73,16 @@ var SecretUnwrapTemplate = map[uint]bool{
 	pkcs11.CKA_WRAP: false, pkcs11.CKA_UNWRAP: false,
 }
 
+// DeriveTemplate is the CKA_DERIVE_TEMPLATE of the EC issuer key, on a
+// token that accepts it (Mechanisms.KnowsDeriveTemplate): what ECDH makes
+// is Z (which derives K_I) or K_I itself (x963, which does not), so
+// CKA_DERIVE is left free; the rest is SecretUnwrapTemplate's.
+var DeriveTemplate = map[uint]bool{
+	pkcs11.CKA_SENSITIVE: true, pkcs11.CKA_WRAP_WITH_TRUSTED: true,
+	pkcs11.CKA_ENCRYPT: false, pkcs11.CKA_DECRYPT: false, pkcs11.CKA_SIGN: false, pkcs11.CKA_VERIFY: false,
+	pkcs11.CKA_WRAP: false, pkcs11.CKA_UNWRAP: false,
+}
+
 // KEKUnwrapTemplate is the KEK's CKA_UNWRAP_TEMPLATE: every key unwrapped
 // under the KEK is sensitive, can leave the token again only under a
 // CKA_TRUSTED key (the next KEK, in a rotation), and can verify a MAC but

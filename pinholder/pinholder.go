@@ -162,13 +162,14 @@ type refusal struct{ step, rv string }
 
 func (r *refusal) Error() string { return r.step + ": " + r.rv }
 
-// refused wraps a PKCS#11 error from an attack step as a refusal. Any
-// error with a return code is a refusal: the token said no.
+// refused wraps a PKCS#11 error from an attack step as a refusal: the
+// token said no. An invalid handle is not a refusal but a failure of the
+// run (a throwaway key was lost), and is reported as such.
 func refused(step string, err error) error {
 	if err == nil {
 		return nil
 	}
-	if rv, ok := hsm.RV(err); ok {
+	if rv, ok := hsm.RV(err); ok && !invalidHandle(uint(rv)) {
 		return &refusal{step: step, rv: rvName(rv)}
 	}
 	return fmt.Errorf("%s: %w", step, err)
@@ -289,6 +290,15 @@ func confirm(got, want []byte, what string) (string, error) {
 		return "", fmt.Errorf("the attack's output is not %s (%d bytes): the path is not what it seems", what, len(got))
 	}
 	return fmt.Sprintf("%s on the host (%d bytes, equal to the card's)", what, len(got)), nil
+}
+
+func invalidHandle(rv uint) bool {
+	switch rv {
+	case pkcs11.CKR_OBJECT_HANDLE_INVALID, pkcs11.CKR_KEY_HANDLE_INVALID, pkcs11.CKR_WRAPPING_KEY_HANDLE_INVALID,
+		pkcs11.CKR_UNWRAPPING_KEY_HANDLE_INVALID, pkcs11.CKR_SESSION_HANDLE_INVALID:
+		return true
+	}
+	return false
 }
 
 // rvName is CKR_… of a return code.
