@@ -270,19 +270,13 @@ func parallelOps(b *testing.B, w, n int, op func(i int) error) time.Duration {
 	return d
 }
 
-// bareImport is the baseline: the token's whole chain, hsm.ImportCard,
-// with the issuer's keys (is.handles: the session copies the importer
-// uses too), in a session of the issuer's token.
+// bareImport is the baseline: the token's whole chain, hsm.ImportCard
+// through the issuer's hsm.CardKeys (the keys and session copies the
+// importer uses too), in a session of the issuer's token.
 func bareImport(is *Issuer, p protocol.Profile, tmpl []perso.Record) func(i int) error {
 	return func(i int) error {
-		return is.Token.With(context.Background(), func(s hsm.Session) error {
-			sk, kek, err := is.handles(s)
-			if err != nil {
-				return err
-			}
-			_, err = hsm.ImportCard(s, p, sk, kek, is.Key.Public.SPKI, tmpl[i%len(tmpl)].C)
-			return err
-		})
+		_, err := is.cardKeys().Import(context.Background(), p, tmpl[i%len(tmpl)].C)
+		return err
 	}
 }
 
@@ -897,15 +891,8 @@ func BenchmarkIssuerVerify(b *testing.B) {
 					b.StopTimer()
 					bare := parallelOps(b, w, b.N, func(i int) error {
 						c := cards[i%len(cards)]
-						var ok bool
-						err := is.Token.With(ctx, func(s hsm.Session) error {
-							kek, err := is.kekHandle(s) // the KEK the issuer uses: its session copy
-							if err != nil {
-								return err
-							}
-							ok, err = hsm.VerifyCardMAC(s, kek, c.ck.Blob, c.id, chs[i], macs[i])
-							return err
-						})
+						// The KEK the issuer uses (its session copy, where made).
+						ok, err := is.cardKeys().Verify(ctx, c.ck.Blob, c.id, chs[i], macs[i])
 						if err == nil && !ok {
 							err = fmt.Errorf("card %x: MAC does not verify", c.id)
 						}

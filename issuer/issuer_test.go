@@ -110,10 +110,8 @@ func authenticate(t *testing.T, a *card.Applet, challenge []byte) []byte {
 // insider personalized under her own key (paper Fig. 2), whose S she then
 // re-encrypted to the issuer, never does.
 func TestImportAndAuthenticate(t *testing.T) {
-	// Recycle the token every other verification: imports and
+	// Recycle the token every other operation: imports and
 	// verifications go on across it (the session copies are made again).
-	defer func(n int64) { verifyRecycleEvery = n }(verifyRecycleEvery)
-	verifyRecycleEvery = 2
 	for _, tc := range []struct {
 		profile protocol.Profile
 		kind    string
@@ -124,6 +122,7 @@ func TestImportAndAuthenticate(t *testing.T) {
 		t.Run(tc.profile.Name, func(t *testing.T) {
 			ctx := context.Background()
 			is := newIssuer(t, tc.kind)
+			is.RecycleEvery = 2
 			for i := range 3 {
 				rec, a := personalize(t, tc.profile, is.Key.Public.SPKI, byte(i))
 				ck, err := is.Import(ctx, rec)

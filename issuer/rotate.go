@@ -7,10 +7,7 @@ import (
 	"log/slog"
 	"runtime"
 	"sync"
-	"sync/atomic"
 	"time"
-
-	"github.com/miekg/pkcs11"
 
 	"blindperso/hsm"
 	"blindperso/protocol"
@@ -41,7 +38,7 @@ type RotateOptions struct {
 	Log *slog.Logger
 
 	// page, group, groupWait and recycle replace rotatePage,
-	// rotateGroup, groupWait and recycleEvery (tests).
+	// rotateGroup, groupWait and hsm.DefaultRecycleEvery (tests).
 	page, group int
 	groupWait   time.Duration
 	recycle     int64
@@ -159,7 +156,7 @@ type rotation struct {
 	res      *RotateResult
 	start    time.Time
 
-	fromCopy, toCopy *hsm.SessionCopy
+	rw *hsm.Rewrapper
 }
 
 func (r *rotation) run(ctx context.Context) error {
@@ -171,19 +168,8 @@ func (r *rotation) run(ctx context.Context) error {
 	if page <= 0 {
 		page = rotatePage
 	}
-	recycle := r.opt.recycle
-	if recycle <= 0 {
-		recycle = recycleEvery
-	}
-	// Session copies of both KEKs, as the issuer uses (a token that
-	// refuses the copy, such as SoftHSM2 with CKA_COPYABLE false, gives
-	// the token objects).
-	r.fromCopy, r.toCopy = r.from.SessionCopy(), r.to.SessionCopy()
-	defer func() {
-		dctx := context.WithoutCancel(ctx)
-		r.fromCopy.Destroy(dctx)
-		r.toCopy.Destroy(dctx)
-	}()
+	r.rw = &hsm.Rewrapper{Token: r.tok, From: r.from, To: r.to, RecycleEvery: r.opt.recycle}
+	defer r.rw.Close(context.WithoutCancel(ctx))
 
 	jobs := make(chan []CardBlob, 2*n)
 	out := make(chan rotated, 2*n+2*rotateGroup/rotateChunk)
@@ -214,7 +200,6 @@ func (r *rotation) run(ctx context.Context) error {
 			}
 		}
 	}()
-	var handled atomic.Int64
 	var wg sync.WaitGroup
 	for range n {
 		wg.Add(1)
@@ -230,20 +215,12 @@ func (r *rotation) run(ctx context.Context) error {
 				}
 				rt := rotated{cards: cs, blobs: make([]hsm.Blob, len(cs)), errs: make([]error, len(cs))}
 				for i, c := range cs {
-					b, err := r.rewrap(ctx, c)
-					if err != nil && rotateFatal(err) {
+					b, err := r.rw.Rewrap(ctx, c.Blob)
+					if err != nil && !errors.Is(err, hsm.ErrBadBlob) {
 						cancel(err)
 						break
 					}
 					rt.blobs[i], rt.errs[i] = b, err
-					if handled.Add(1)%recycle == 0 {
-						// SoftHSM2 keeps destroyed session objects until
-						// finalized (importer.go, recycleEvery).
-						if err := r.tok.Recycle(); err != nil {
-							cancel(err)
-							break
-						}
-					}
 				}
 				if ctx.Err() != nil {
 					continue
@@ -273,70 +250,6 @@ func (r *rotation) run(ctx context.Context) error {
 		return fmt.Errorf("the old KEK %q cannot re-wrap: %w", r.from.Label, hsm.ErrKEKNotRewrappable)
 	}
 	return err
-}
-
-// rewrap re-wraps one card's blob in the token.
-func (r *rotation) rewrap(ctx context.Context, c CardBlob) (hsm.Blob, error) {
-	if c.Blob.Scheme != hsm.WrapRFC5649 {
-		return hsm.Blob{}, blobError{fmt.Errorf("blob wrapped with %q, want %q", c.Blob.Scheme, hsm.WrapRFC5649)}
-	}
-	var nb hsm.Blob
-	err := r.tok.With(ctx, func(s hsm.Session) error {
-		fh, err := r.fromCopy.Handle(s)
-		if err != nil {
-			return err
-		}
-		th, err := r.toCopy.Handle(s)
-		if err != nil {
-			return err
-		}
-		nb, err = hsm.RewrapCardKey(s, fh, th, c.Blob)
-		return err
-	})
-	if err != nil && !rotateFatal(err) {
-		return hsm.Blob{}, blobError{fmt.Errorf("the blob does not unwrap under KEK %q (corrupt, or wrapped under another key): %w", r.from.Label, err)}
-	}
-	if err != nil {
-		return hsm.Blob{}, err
-	}
-	nb.KEK = r.to.Label
-	return nb, nil
-}
-
-// blobError is a failure about one blob, not about the token.
-type blobError struct{ error }
-
-func (e blobError) Unwrap() error { return e.error }
-
-// rotateFatal says whether a re-wrap error stops the rotation: every
-// error except those about the one blob (its scheme is not ours, or the
-// token's C_UnwrapKey finds it corrupt or not wrapped under the old KEK),
-// which count as that card's failure. A token that fails on every blob
-// thus reports every card, by Id and reason, rather than stopping.
-func rotateFatal(err error) bool {
-	var be blobError
-	if errors.As(err, &be) {
-		return false
-	}
-	if errors.Is(err, hsm.ErrKEKNotRewrappable) {
-		return true
-	}
-	rv, ok := hsm.RV(err)
-	var ce *hsm.CallError
-	if !ok || !errors.As(err, &ce) || ce.Call != "C_UnwrapKey" {
-		return true
-	}
-	switch uint(rv) {
-	case pkcs11.CKR_WRAPPED_KEY_INVALID, pkcs11.CKR_WRAPPED_KEY_LEN_RANGE,
-		pkcs11.CKR_ENCRYPTED_DATA_INVALID, pkcs11.CKR_ENCRYPTED_DATA_LEN_RANGE,
-		pkcs11.CKR_DATA_INVALID, pkcs11.CKR_DATA_LEN_RANGE,
-		// SoftHSM2 2.6.1's answer to a blob whose RFC 5649 integrity
-		// check fails (measured: a corrupt blob, or one under another
-		// KEK).
-		pkcs11.CKR_GENERAL_ERROR, pkcs11.CKR_FUNCTION_FAILED:
-		return false
-	}
-	return true
 }
 
 // write is the store writer: it takes the workers' chunks and replaces
