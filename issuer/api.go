@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"blindperso/perso"
+	"blindperso/protocol"
 )
 
 // The issuer's HTTP API (issuer serve; docs/ISSUER.md "HTTP API",
@@ -730,9 +731,9 @@ func (a *API) verify(w http.ResponseWriter, r *http.Request) {
 	}
 	ch, err1 := hex.DecodeString(body.Challenge)
 	mac, err2 := hex.DecodeString(body.MAC)
-	if err1 != nil || err2 != nil || len(ch) != ChallengeLen || len(mac) != MACLen {
+	if err1 != nil || err2 != nil || len(ch) != protocol.ChallengeLen || len(mac) != protocol.MACLen {
 		writeError(w, http.StatusBadRequest, "bad verification request",
-			fmt.Sprintf("challenge and mac are %d and %d bytes in hex", ChallengeLen, MACLen))
+			fmt.Sprintf("challenge and mac are %d and %d bytes in hex", protocol.ChallengeLen, protocol.MACLen))
 		return
 	}
 	res, err := a.auth.Verify(r.Context(), id, ch, mac)

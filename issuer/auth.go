@@ -20,10 +20,6 @@ import (
 // MaxFailures failures in a row (the paper's blacklist).
 
 const (
-	// ChallengeLen is the length of a challenge (docs/PROTOCOL.md §4).
-	ChallengeLen = 16
-	// MACLen is the length of a card's answer.
-	MACLen = 16
 	// DefaultChallengeTTL is how long a challenge can be answered.
 	DefaultChallengeTTL = 5 * time.Minute
 	// DefaultMaxFailures is the number of failed verifications in a row
@@ -191,7 +187,7 @@ func (a *Authenticator) Challenge(ctx context.Context, id []byte) (Challenge, er
 	if c.State != StateActive {
 		return Challenge{}, fmt.Errorf("card %X is %s%s: %w", id, c.State, reasonSuffix(c.StateReason), ErrCardNotActive)
 	}
-	ch := make([]byte, ChallengeLen)
+	ch := make([]byte, protocol.ChallengeLen)
 	if _, err := rand.Read(ch); err != nil {
 		return Challenge{}, err
 	}
@@ -221,11 +217,11 @@ func reasonSuffix(r string) string {
 // result (see AuthStore.Authenticate). A MAC that does not verify is a
 // result (OK false), not an error.
 func (a *Authenticator) Verify(ctx context.Context, id, challenge, mac []byte) (AuthResult, error) {
-	if len(challenge) != ChallengeLen {
-		return AuthResult{}, fmt.Errorf("challenge is %d bytes, want %d", len(challenge), ChallengeLen)
+	if len(challenge) != protocol.ChallengeLen {
+		return AuthResult{}, fmt.Errorf("challenge is %d bytes, want %d", len(challenge), protocol.ChallengeLen)
 	}
-	if len(mac) != MACLen {
-		return AuthResult{}, fmt.Errorf("MAC is %d bytes, want %d", len(mac), MACLen)
+	if len(mac) != protocol.MACLen {
+		return AuthResult{}, fmt.Errorf("MAC is %d bytes, want %d", len(mac), protocol.MACLen)
 	}
 	return a.Store.Authenticate(ctx, id, challenge, a.now(), a.maxFailures(), func(ck CardKey) (bool, error) {
 		return a.Verifier.Verify(ctx, ck, challenge, mac)
@@ -272,7 +268,7 @@ func (s *sqlStore) logAuth(ctx context.Context, x execer, id []byte, now time.Ti
 func (s *sqlStore) challengeError(ctx context.Context, x execer, id, challenge []byte, now time.Time) error {
 	var card string
 	var expires, used int64
-	err := x.QueryRowContext(ctx, s.d.q(`SELECT card_id, expires, used FROM challenges WHERE id = ?`),
+	err := s.queryRow(ctx, x, `SELECT card_id, expires, used FROM challenges WHERE id = ?`,
 		hex.EncodeToString(challenge)).Scan(&card, &expires, &used)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
@@ -330,7 +326,7 @@ func (s *sqlStore) authenticate(ctx context.Context, tx *sql.Tx, id, challenge [
 		}
 		return res, cerr, s.logAuth(ctx, tx, id, now, LogChallengeRefused, errors.Unwrap(cerr).Error())
 	}
-	card, err := scanCard(tx.QueryRowContext(ctx, s.d.q(`SELECT `+cardColumns+` FROM cards WHERE id = ?`), hexID(id)))
+	card, err := scanCard(s.queryRow(ctx, tx, `SELECT `+cardColumns+` FROM cards WHERE id = ?`, hexID(id)))
 	if err != nil {
 		return res, nil, err
 	}
@@ -357,7 +353,7 @@ func (s *sqlStore) authenticate(ctx context.Context, tx *sql.Tx, id, challenge [
 	if err != nil {
 		return res, nil, err
 	}
-	if err := tx.QueryRowContext(ctx, s.d.q(`SELECT state, failed_auth FROM cards WHERE id = ?`), hexID(id)).Scan(&res.State, &res.FailedAuth); err != nil {
+	if err := s.queryRow(ctx, tx, `SELECT state, failed_auth FROM cards WHERE id = ?`, hexID(id)).Scan(&res.State, &res.FailedAuth); err != nil {
 		return res, nil, err
 	}
 	switch {
@@ -388,7 +384,7 @@ func (s *sqlStore) BlockCard(ctx context.Context, id []byte, reason string, now 
 func (s *sqlStore) UnblockCard(ctx context.Context, id []byte, reason string, now time.Time) (StoredCard, error) {
 	return s.setState(ctx, id, now, LogAdminUnblock, reason, func(tx *sql.Tx, t string) (int64, error) {
 		var conflicts int
-		if err := tx.QueryRowContext(ctx, s.d.q(`SELECT COUNT(*) FROM conflicts WHERE card_id = ?`), hexID(id)).Scan(&conflicts); err != nil {
+		if err := s.queryRow(ctx, tx, `SELECT COUNT(*) FROM conflicts WHERE card_id = ?`, hexID(id)).Scan(&conflicts); err != nil {
 			return 0, err
 		}
 		state := StateActive
@@ -434,7 +430,7 @@ func (s *sqlStore) setState(ctx context.Context, id []byte, now time.Time, actio
 }
 
 func (s *sqlStore) AuthLog(ctx context.Context, id []byte, limit int) ([]AuthEntry, error) {
-	rows, err := s.db.QueryContext(ctx, s.d.q(`SELECT card_id, created_at, result, detail FROM auth_log WHERE card_id = ? ORDER BY at_ns DESC LIMIT ?`),
+	rows, err := s.query(ctx, s.db, `SELECT card_id, created_at, result, detail FROM auth_log WHERE card_id = ? ORDER BY at_ns DESC LIMIT ?`,
 		hexID(id), limit)
 	if err != nil {
 		return nil, fmt.Errorf("store: auth log of card %X: %w", id, err)

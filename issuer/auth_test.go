@@ -69,7 +69,7 @@ func TestAuthenticate(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if len(ch.Challenge) != ChallengeLen || ch.Expires.Sub(ch.Created) != DefaultChallengeTTL {
+				if len(ch.Challenge) != protocol.ChallengeLen || ch.Expires.Sub(ch.Created) != DefaultChallengeTTL {
 					t.Fatalf("challenge %+v", ch)
 				}
 				return ch.Challenge
@@ -434,7 +434,7 @@ func TestPurgeChallengesConcurrent(t *testing.T) {
 			importBatch(t, is, s1, path)
 			past := time.Now().Add(-48 * time.Hour)
 			for i := range total {
-				ch := make([]byte, ChallengeLen)
+				ch := make([]byte, protocol.ChallengeLen)
 				rand.Read(ch)
 				if err := s1.PutChallenge(ctx, Challenge{Challenge: ch, CardID: c.rec.ID, Created: past,
 					Expires: past.Add(time.Duration(i) * time.Second)}); err != nil {

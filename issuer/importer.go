@@ -627,7 +627,7 @@ func parseRecord(line []byte) (perso.Record, error) {
 
 // card handles one parsed record: its result is a reject or a card (new,
 // or found already stored or pending: then without a wrapped key, and
-// PutCard decides duplicate or conflict). Its error is not about the
+// PutResults decides duplicate or conflict). Its error is not about the
 // record: it stops the import.
 func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j job) (RecordResult, error) {
 	rec := j.rec

@@ -41,15 +41,12 @@ type Store interface {
 
 	// CardCHash returns the SHA-256 of the c stored for card id.
 	CardCHash(ctx context.Context, id []byte) (sum []byte, found bool, err error)
-	// PutCard stores a card unless its Id is known: then it is a
-	// Duplicate (same c) or a Conflict (another c, recorded in the
-	// conflicts table; the stored card is kept and its state set to
-	// conflict unless it is blocked).
-	PutCard(ctx context.Context, c StoredCard) (Outcome, error)
-	// PutReject records a refused record of a batch (once per line).
-	PutReject(ctx context.Context, batch string, line int, reason string) error
-	// PutResults applies many cards and rejects, in order, in one
-	// transaction: the importer's group commit.
+	// PutResults applies cards and rejects, in order, in one
+	// transaction: the importer's group commit. A card is stored unless
+	// its Id is known: then it is a Duplicate (same c) or a Conflict
+	// (another c, recorded in the conflicts table; the stored card is
+	// kept and its state set to conflict unless it is blocked). A reject
+	// is recorded once per batch line.
 	PutResults(ctx context.Context, rs []RecordResult) ([]Outcome, error)
 
 	Card(ctx context.Context, id []byte) (StoredCard, error)
@@ -69,7 +66,7 @@ type Store interface {
 	Close() error
 }
 
-// Outcome is what PutCard did with a card.
+// Outcome is what PutResults did with a card.
 type Outcome int
 
 const (
@@ -225,13 +222,30 @@ type sqlStore struct {
 
 func (s *sqlStore) Close() error { return s.db.Close() }
 
+// exec, queryRow and query are the only ways this package runs SQL: each
+// rewrites the placeholders for the dialect (? to $n for PostgreSQL), so
+// no statement can forget it (TestSQLThroughWrappers). Statements are
+// written with ?.
 func (s *sqlStore) exec(ctx context.Context, x execer, query string, args ...any) (sql.Result, error) {
 	return x.ExecContext(ctx, s.d.q(query), args...)
 }
 
+func (s *sqlStore) queryRow(ctx context.Context, x execer, query string, args ...any) *sql.Row {
+	return x.QueryRowContext(ctx, s.d.q(query), args...)
+}
+
+func (s *sqlStore) query(ctx context.Context, x querier, query string, args ...any) (*sql.Rows, error) {
+	return x.QueryContext(ctx, s.d.q(query), args...)
+}
+
+// execer is a *sql.DB, a *sql.Tx or a transaction's stmtCache.
 type execer interface {
 	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
 	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+type querier interface {
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 }
 
 // migrate applies the embedded migrations not yet in schema_version, all
@@ -248,15 +262,15 @@ func (s *sqlStore) migrate(ctx context.Context) error {
 	}
 	defer tx.Rollback()
 	if s.d.lock != "" {
-		if _, err := tx.ExecContext(ctx, s.d.lock); err != nil {
+		if _, err := s.exec(ctx, tx, s.d.lock); err != nil {
 			return fmt.Errorf("migrate: lock: %w", err)
 		}
 	}
-	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)`); err != nil {
+	if _, err := s.exec(ctx, tx, `CREATE TABLE IF NOT EXISTS schema_version (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)`); err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
 	var cur int
-	if err := tx.QueryRowContext(ctx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&cur); err != nil {
+	if err := s.queryRow(ctx, tx, `SELECT COALESCE(MAX(version), 0) FROM schema_version`).Scan(&cur); err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
 	latest := 0
@@ -275,7 +289,7 @@ func (s *sqlStore) migrate(ctx context.Context) error {
 			return err
 		}
 		for _, stmt := range splitSQL(string(body)) {
-			if _, err := tx.ExecContext(ctx, stmt); err != nil {
+			if _, err := s.exec(ctx, tx, stmt); err != nil {
 				return fmt.Errorf("migration %s: %w\n%s", base, err, stmt)
 			}
 		}
@@ -373,7 +387,7 @@ func (s *sqlStore) FinishBatch(ctx context.Context, id string) (BatchReport, err
 
 func (s *sqlStore) CardCHash(ctx context.Context, id []byte) ([]byte, bool, error) {
 	var h string
-	err := s.db.QueryRowContext(ctx, s.d.q(`SELECT c_sha256 FROM cards WHERE id = ?`), hexID(id)).Scan(&h)
+	err := s.queryRow(ctx, s.db, `SELECT c_sha256 FROM cards WHERE id = ?`, hexID(id)).Scan(&h)
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, false, nil
 	}
@@ -400,7 +414,7 @@ func (s *sqlStore) KnownCards(ctx context.Context, ids [][]byte) ([]bool, error)
 		args[i] = h
 	}
 	q := `SELECT id FROM cards WHERE id IN (?` + strings.Repeat(`, ?`, len(ids)-1) + `)`
-	rows, err := s.db.QueryContext(ctx, s.d.q(q), args...)
+	rows, err := s.query(ctx, s.db, q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("store: look up %d cards: %w", len(ids), err)
 	}
@@ -420,24 +434,8 @@ func (s *sqlStore) KnownCards(ctx context.Context, ids [][]byte) ([]bool, error)
 	return found, nil
 }
 
-func (s *sqlStore) PutCard(ctx context.Context, c StoredCard) (Outcome, error) {
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return 0, fmt.Errorf("store: card %X: %w", []byte(c.ID), err)
-	}
-	defer tx.Rollback()
-	out, err := s.putCard(ctx, tx, c)
-	if err == nil {
-		err = tx.Commit()
-	}
-	if err != nil {
-		return 0, fmt.Errorf("store: card %X: %w", []byte(c.ID), err)
-	}
-	return out, nil
-}
-
 // RecordResult is the store write of one batch record: its card (Card
-// set; PutCard's semantics) or its reject (Reason, PutReject's).
+// set) or its reject (Reason).
 type RecordResult struct {
 	Batch  string
 	Line   int
@@ -446,7 +444,7 @@ type RecordResult struct {
 }
 
 // PutResults applies rs, in order, in one transaction (the importer's
-// group commit): each card exactly as PutCard, each reject as PutReject.
+// group commit), each as Store.PutResults says.
 // Either all of rs is stored or, on an error, none of it; since every
 // write is idempotent, a lost group is redone by a rerun.
 func (s *sqlStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome, error) {
@@ -510,7 +508,7 @@ func (c *stmtCache) ExecContext(ctx context.Context, query string, args ...any) 
 func (c *stmtCache) QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row {
 	st, err := c.stmt(ctx, query)
 	if err != nil {
-		return c.tx.QueryRowContext(ctx, query, args...)
+		return c.tx.QueryRowContext(ctx, query, args...) // query is rewritten by the caller
 	}
 	return st.QueryRowContext(ctx, args...)
 }
@@ -527,14 +525,14 @@ func (s *sqlStore) putCard(ctx context.Context, tx execer, c StoredCard) (Outcom
 	// A line an earlier run rejected (a token that was unreachable then,
 	// or that refused c) is tried again; see known for what then.
 	var n int
-	if err := tx.QueryRowContext(ctx, s.d.q(`SELECT COUNT(*) FROM rejects WHERE batch_id = ? AND line = ?`), c.Batch, c.Line).Scan(&n); err != nil {
+	if err := s.queryRow(ctx, tx, `SELECT COUNT(*) FROM rejects WHERE batch_id = ? AND line = ?`, c.Batch, c.Line).Scan(&n); err != nil {
 		return 0, err
 	}
 	rejected := n > 0
 	if len(c.Blob.Wrapped) == 0 {
 		// Only the c hash: the caller knows the Id is stored.
 		var have string
-		err := tx.QueryRowContext(ctx, s.d.q(`SELECT c_sha256 FROM cards WHERE id = ?`), id).Scan(&have)
+		err := s.queryRow(ctx, tx, `SELECT c_sha256 FROM cards WHERE id = ?`, id).Scan(&have)
 		if errors.Is(err, sql.ErrNoRows) {
 			return 0, errors.New("card not stored and no wrapped key given")
 		}
@@ -559,7 +557,7 @@ func (s *sqlStore) putCard(ctx context.Context, tx execer, c StoredCard) (Outcom
 		return Imported, s.unreject(ctx, tx, c, rejected)
 	}
 	var have string
-	if err := tx.QueryRowContext(ctx, s.d.q(`SELECT c_sha256 FROM cards WHERE id = ?`), id).Scan(&have); err != nil {
+	if err := s.queryRow(ctx, tx, `SELECT c_sha256 FROM cards WHERE id = ?`, id).Scan(&have); err != nil {
 		return 0, err
 	}
 	return s.known(ctx, tx, c, id, ch, have, t, rejected)
@@ -598,15 +596,6 @@ func (s *sqlStore) unreject(ctx context.Context, tx execer, c StoredCard, reject
 	return err
 }
 
-func (s *sqlStore) PutReject(ctx context.Context, batch string, line int, reason string) error {
-	_, err := s.exec(ctx, s.db, `INSERT INTO rejects (batch_id, line, reason, created_at) VALUES (?, ?, ?, ?)
-		ON CONFLICT (batch_id, line) DO NOTHING`, batch, line, reason, now())
-	if err != nil {
-		return fmt.Errorf("store: reject batch %s line %d: %w", batch, line, err)
-	}
-	return nil
-}
-
 const cardColumns = `id, profile, issuer_key_label, issuer_fingerprint, blob_scheme, blob_mechanism, blob_kek, blob_wrapped,
 	c_sha256, batch_id, line, state, failed_auth, created_at, updated_at, state_reason`
 
@@ -633,7 +622,7 @@ func scanCard(r scanner) (StoredCard, error) {
 var _ = hsm.WrapRFC5649 // the blob columns hold an hsm.Blob
 
 func (s *sqlStore) Card(ctx context.Context, id []byte) (StoredCard, error) {
-	c, err := scanCard(s.db.QueryRowContext(ctx, s.d.q(`SELECT `+cardColumns+` FROM cards WHERE id = ?`), hexID(id)))
+	c, err := scanCard(s.queryRow(ctx, s.db, `SELECT `+cardColumns+` FROM cards WHERE id = ?`, hexID(id)))
 	if errors.Is(err, sql.ErrNoRows) {
 		return c, fmt.Errorf("card %X: %w", id, ErrNotFound)
 	}
@@ -648,7 +637,7 @@ func (s *sqlStore) Cards(ctx context.Context, state string) ([]StoredCard, error
 	if state != "" {
 		query, args = `SELECT `+cardColumns+` FROM cards WHERE state = ? ORDER BY id`, []any{state}
 	}
-	rows, err := s.db.QueryContext(ctx, s.d.q(query), args...)
+	rows, err := s.query(ctx, s.db, query, args...)
 	if err != nil {
 		return nil, fmt.Errorf("store: cards: %w", err)
 	}
@@ -676,7 +665,7 @@ func scanBatch(r scanner) (BatchReport, error) {
 }
 
 func (s *sqlStore) Batches(ctx context.Context) ([]BatchReport, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT `+batchColumns+` FROM batches ORDER BY created_at, id`)
+	rows, err := s.query(ctx, s.db, `SELECT `+batchColumns+` FROM batches ORDER BY created_at, id`)
 	if err != nil {
 		return nil, fmt.Errorf("store: batches: %w", err)
 	}
@@ -693,7 +682,7 @@ func (s *sqlStore) Batches(ctx context.Context) ([]BatchReport, error) {
 }
 
 func (s *sqlStore) Batch(ctx context.Context, id string) (BatchReport, error) {
-	b, err := scanBatch(s.db.QueryRowContext(ctx, s.d.q(`SELECT `+batchColumns+` FROM batches WHERE id = ?`), id))
+	b, err := scanBatch(s.queryRow(ctx, s.db, `SELECT `+batchColumns+` FROM batches WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return b, fmt.Errorf("batch %s: %w", id, ErrNotFound)
 	}
@@ -704,7 +693,7 @@ func (s *sqlStore) Batch(ctx context.Context, id string) (BatchReport, error) {
 }
 
 func (s *sqlStore) Conflicts(ctx context.Context, batch string) ([]ConflictRecord, error) {
-	rows, err := s.db.QueryContext(ctx, s.d.q(`SELECT card_id, c_sha256, batch_id, line, created_at FROM conflicts WHERE batch_id = ? ORDER BY line`), batch)
+	rows, err := s.query(ctx, s.db, `SELECT card_id, c_sha256, batch_id, line, created_at FROM conflicts WHERE batch_id = ? ORDER BY line`, batch)
 	if err != nil {
 		return nil, fmt.Errorf("store: conflicts: %w", err)
 	}
@@ -725,7 +714,7 @@ func (s *sqlStore) Conflicts(ctx context.Context, batch string) ([]ConflictRecor
 }
 
 func (s *sqlStore) Rejects(ctx context.Context, batch string) ([]Reject, error) {
-	rows, err := s.db.QueryContext(ctx, s.d.q(`SELECT batch_id, line, reason, created_at FROM rejects WHERE batch_id = ? ORDER BY line`), batch)
+	rows, err := s.query(ctx, s.db, `SELECT batch_id, line, reason, created_at FROM rejects WHERE batch_id = ? ORDER BY line`, batch)
 	if err != nil {
 		return nil, fmt.Errorf("store: rejects: %w", err)
 	}
@@ -774,8 +763,8 @@ type BlobReplacement struct {
 }
 
 func (s *sqlStore) BlobsUnderKEK(ctx context.Context, kek string, after []byte, limit int) ([]CardBlob, error) {
-	rows, err := s.db.QueryContext(ctx, s.d.q(`SELECT id, blob_scheme, blob_mechanism, blob_kek, blob_wrapped FROM cards
-		WHERE blob_kek = ? AND id > ? ORDER BY id LIMIT ?`), kek, hexID(after), limit)
+	rows, err := s.query(ctx, s.db, `SELECT id, blob_scheme, blob_mechanism, blob_kek, blob_wrapped FROM cards
+		WHERE blob_kek = ? AND id > ? ORDER BY id LIMIT ?`, kek, hexID(after), limit)
 	if err != nil {
 		return nil, fmt.Errorf("store: blobs under KEK %q: %w", kek, err)
 	}
@@ -864,7 +853,7 @@ func (s *sqlStore) replaceChunk(ctx context.Context, x *stmtCache, from, t strin
 	// In a savepoint: if not every row still holds its old blob (another
 	// run replaced some), the chunk is undone and redone card by card,
 	// which says exactly which rows this call wrote.
-	if _, err := x.tx.ExecContext(ctx, `SAVEPOINT replace_chunk`); err != nil {
+	if _, err := s.exec(ctx, x.tx, `SAVEPOINT replace_chunk`); err != nil {
 		return fmt.Errorf("store: replace blobs: %w", err)
 	}
 	res, err := s.exec(ctx, x, q.String(), args...)
@@ -879,13 +868,13 @@ func (s *sqlStore) replaceChunk(ctx context.Context, x *stmtCache, from, t strin
 		for k := range done {
 			done[k] = true
 		}
-		_, err := x.tx.ExecContext(ctx, `RELEASE SAVEPOINT replace_chunk`)
+		_, err := s.exec(ctx, x.tx, `RELEASE SAVEPOINT replace_chunk`)
 		return err
 	}
-	if _, err := x.tx.ExecContext(ctx, `ROLLBACK TO SAVEPOINT replace_chunk`); err != nil {
+	if _, err := s.exec(ctx, x.tx, `ROLLBACK TO SAVEPOINT replace_chunk`); err != nil {
 		return fmt.Errorf("store: replace blobs: %w", err)
 	}
-	if _, err := x.tx.ExecContext(ctx, `RELEASE SAVEPOINT replace_chunk`); err != nil {
+	if _, err := s.exec(ctx, x.tx, `RELEASE SAVEPOINT replace_chunk`); err != nil {
 		return fmt.Errorf("store: replace blobs: %w", err)
 	}
 	for k, r := range rs {
@@ -906,7 +895,7 @@ func (s *sqlStore) replaceChunk(ctx context.Context, x *stmtCache, from, t strin
 }
 
 func (s *sqlStore) KEKCounts(ctx context.Context) (map[string]int, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT blob_kek, COUNT(*) FROM cards GROUP BY blob_kek`)
+	rows, err := s.query(ctx, s.db, `SELECT blob_kek, COUNT(*) FROM cards GROUP BY blob_kek`)
 	if err != nil {
 		return nil, fmt.Errorf("store: blobs per KEK: %w", err)
 	}

@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/signal"
-	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -123,8 +121,7 @@ re-wrapped (it stays under OLD; the reason is printed).
 		if workers < 1 || workers > 64 {
 			return fmt.Errorf("--workers %d: want 1 to 64", workers)
 		}
-		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-		defer stop()
+		ctx := cmd.Context() // cancelled by SIGINT and SIGTERM (main)
 		st, err := openStore(ctx)
 		if err != nil {
 			return err

@@ -3,8 +3,11 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -12,7 +15,12 @@ import (
 )
 
 func main() {
-	if err := root().Execute(); err != nil {
+	// SIGINT and SIGTERM cancel the command's context: every command
+	// stops through it (an import between groups, serve gracefully).
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := root().ExecuteContext(ctx)
+	stop()
+	if err != nil {
 		os.Exit(1)
 	}
 }

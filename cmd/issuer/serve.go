@@ -10,10 +10,8 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -103,8 +101,7 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 				return err
 			}
 		}
-		ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-		defer stop()
+		ctx := cmd.Context() // cancelled by SIGINT and SIGTERM (main)
 		st, err := openStore(ctx)
 		if err != nil {
 			return err
