@@ -3,11 +3,13 @@ package card
 import (
 	"bytes"
 	"crypto"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/pem"
 	"errors"
+	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
@@ -411,5 +413,25 @@ func TestManufacture(t *testing.T) {
 	}
 	if _, err := Open(path); err == nil || !strings.Contains(err.Error(), "K_I") {
 		t.Fatalf("Open of a locked card without a key: %v", err)
+	}
+}
+
+// An RSA issuer key with an even modulus (no RSA key has one) is refused
+// as incorrect data, like any other key that is not an issuer key.
+func TestPersonalizeEvenModulus(t *testing.T) {
+	k, err := x509.ParsePKIXPublicKey(readSPKI(t, "../testdata/keys/rsa2048.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := *k.(*rsa.PublicKey)
+	pub.N = new(big.Int).Add(pub.N, big.NewInt(1))
+	spki, err := x509.MarshalPKIXPublicKey(&pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newCard(t, Options{})
+	selectApplet(t, a)
+	if _, sw := personalize(t, a, protocol.RSAOAEPAES, spki); sw != iso7816.SWWrongData {
+		t.Fatalf("even modulus: %v, want %v", sw, iso7816.SWWrongData)
 	}
 }

@@ -256,6 +256,9 @@ func (t *Token) lookup() (uint, pkcs11.TokenInfo, error) {
 		if err != nil {
 			continue // a token removed between the two calls
 		}
+		if ti.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 {
+			continue // SoftHSM2's free slot: no token to name
+		}
 		seen = append(seen, fmt.Sprintf("%q (serial %s)", ti.Label, ti.SerialNumber))
 		if (cfg.TokenLabel != "" && ti.Label != cfg.TokenLabel) || (cfg.Serial != "" && ti.SerialNumber != cfg.Serial) {
 			continue
@@ -263,7 +266,7 @@ func (t *Token) lookup() (uint, pkcs11.TokenInfo, error) {
 		return s, ti, nil
 	}
 	if len(seen) == 0 {
-		return 0, pkcs11.TokenInfo{}, fmt.Errorf("module %s has no token present", cfg.Module)
+		return 0, pkcs11.TokenInfo{}, fmt.Errorf("module %s has no initialized token (SoftHSM2: softhsm2-util --init-token --free --label LABEL)", cfg.Module)
 	}
 	// SoftHSM2 reads its token directory in C_Initialize: a token made
 	// since (softhsm2-util --init-token) is seen once every Token of

@@ -106,6 +106,9 @@ func TestOpenErrors(t *testing.T) {
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("error %q does not contain %q", err, tc.want)
 			}
+			if strings.Contains(err.Error(), `"" (serial`) {
+				t.Errorf("error lists SoftHSM2's free slot as a token: %v", err)
+			}
 			if strings.Contains(err.Error(), "0000-wrong") {
 				t.Errorf("error shows the PIN: %v", err)
 			}

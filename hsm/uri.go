@@ -57,6 +57,15 @@ var (
 // DIR (see NSSInitArgs).
 func ParseURI(uri string) (Config, error) {
 	var cfg Config
+	// The URI library's own words for a relative module path name an
+	// attribute ("module-name") the URI does not have: say it here.
+	if _, q, ok := strings.Cut(uri, "?"); ok {
+		if v, err := url.ParseQuery(strings.ReplaceAll(q, ";", "%3B")); err == nil {
+			if m := v.Get("module-path"); m != "" && !filepath.IsAbs(m) {
+				return cfg, fmt.Errorf("token URI: module-path %q must be an absolute path (for example /usr/lib/softhsm/libsofthsm2.so)", m)
+			}
+		}
+	}
 	u := pkcs11uri.New()
 	if err := u.Parse(uri); err != nil {
 		return cfg, fmt.Errorf("token URI: %w", err)

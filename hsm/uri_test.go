@@ -41,7 +41,7 @@ func TestParseURI(t *testing.T) {
 
 		{name: "pin-value", uri: "pkcs11:token=issuer" + mod + "&pin-value=1234", err: "PINs never go in argv or URIs"},
 		{name: "no module", uri: "pkcs11:token=issuer", err: "module-path"},
-		{name: "relative module", uri: "pkcs11:token=issuer?module-path=libsofthsm2.so", err: "absolute"},
+		{name: "relative module", uri: "pkcs11:token=issuer?module-path=libsofthsm2.so", err: `module-path "libsofthsm2.so" must be an absolute path`},
 		{name: "no token", uri: "pkcs11:" + mod, err: "token=LABEL or serial=SERIAL"},
 		{name: "typo", uri: "pkcs11:tokn=issuer" + mod, err: "unsupported attribute(s) tokn"},
 		{name: "object", uri: "pkcs11:token=issuer;object=k" + mod, err: "unsupported attribute(s) object"},

@@ -232,7 +232,7 @@ func (a *Authenticator) Verify(ctx context.Context, id, challenge, mac []byte) (
 
 func (s *sqlStore) PutChallenge(ctx context.Context, c Challenge) error {
 	_, err := s.exec(ctx, s.db, `INSERT INTO challenges (id, card_id, created_at, expires, used) VALUES (?, ?, ?, ?, 0)`,
-		hex.EncodeToString(c.Challenge), hexID(c.CardID), c.Created.UTC().Format(time.RFC3339Nano), c.Expires.UnixNano())
+		hex.EncodeToString(c.Challenge), hexID(c.CardID), formatTime(c.Created), c.Expires.UnixNano())
 	if err != nil {
 		return fmt.Errorf("store: challenge for card %X: %w", []byte(c.CardID), err)
 	}
@@ -260,7 +260,7 @@ func (s *sqlStore) PurgeChallenges(ctx context.Context, before time.Time, limit 
 
 func (s *sqlStore) logAuth(ctx context.Context, x execer, id []byte, now time.Time, result, detail string) error {
 	_, err := s.exec(ctx, x, `INSERT INTO auth_log (card_id, created_at, at_ns, result, detail) VALUES (?, ?, ?, ?, ?)`,
-		hexID(id), now.UTC().Format(time.RFC3339Nano), now.UnixNano(), result, detail)
+		hexID(id), formatTime(now), now.UnixNano(), result, detail)
 	return err
 }
 
@@ -339,7 +339,7 @@ func (s *sqlStore) authenticate(ctx context.Context, tx *sql.Tx, id, challenge [
 	if err != nil {
 		return res, nil, err
 	}
-	t := now.UTC().Format(time.RFC3339Nano)
+	t := formatTime(now)
 	if ok {
 		_, err = s.exec(ctx, tx, `UPDATE cards SET failed_auth = 0, updated_at = ? WHERE id = ? AND state = 'active'`, t, hexID(id))
 	} else {
@@ -409,7 +409,7 @@ func (s *sqlStore) setState(ctx context.Context, id []byte, now time.Time, actio
 		return StoredCard{}, fmt.Errorf("store: card %X: %w", id, err)
 	}
 	defer tx.Rollback()
-	n, err := update(tx, now.UTC().Format(time.RFC3339Nano))
+	n, err := update(tx, formatTime(now))
 	if err == nil && n == 1 {
 		err = s.logAuth(ctx, tx, id, now, action, reason)
 	}

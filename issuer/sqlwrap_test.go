@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestSQLThroughWrappers: outside sqlStore's exec, queryRow and query
@@ -44,5 +45,24 @@ func TestSQLThroughWrappers(t *testing.T) {
 				return true
 			})
 		}
+	}
+}
+
+// TestTimeTextSorts: the store's time text sorts as the times do.
+func TestTimeTextSorts(t *testing.T) {
+	base := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	ts := []time.Time{base, base.Add(100 * time.Millisecond), base.Add(time.Second), base.Add(time.Second + time.Nanosecond)}
+	for i := 1; i < len(ts); i++ {
+		a, b := formatTime(ts[i-1]), formatTime(ts[i])
+		if a >= b {
+			t.Errorf("%s sorts after %s", a, b)
+		}
+		if !parseTime(b).Equal(ts[i]) {
+			t.Errorf("%s reads back as %v", b, parseTime(b))
+		}
+	}
+	// The RFC3339Nano text of earlier versions is still read.
+	if !parseTime(base.Format(time.RFC3339Nano)).Equal(base) {
+		t.Error("RFC3339Nano text not read")
 	}
 }

@@ -322,7 +322,15 @@ func splitSQL(body string) []string {
 	return out
 }
 
-func now() string { return time.Now().UTC().Format(time.RFC3339Nano) }
+// timeText is how the store writes a time: UTC with all nine digits of
+// nanoseconds, so that text order is time order (RFC3339Nano drops
+// trailing zeros, and "…:00Z" sorts after "…:00.1Z"). parseTime reads
+// both forms.
+const timeText = "2006-01-02T15:04:05.000000000Z07:00"
+
+func formatTime(t time.Time) string { return t.UTC().Format(timeText) }
+
+func now() string { return formatTime(time.Now()) }
 
 func parseTime(s string) time.Time {
 	t, _ := time.Parse(time.RFC3339Nano, s)

@@ -52,6 +52,11 @@ func ParseIssuerKey(spki []byte) (*IssuerKey, error) {
 		if bits < MinRSABits || bits > MaxRSABits || bits%8 != 0 {
 			return nil, fmt.Errorf("issuer key: RSA modulus of %d bits (want a multiple of 8 from %d to %d)", bits, MinRSABits, MaxRSABits)
 		}
+		if pub.N.Bit(0) == 0 {
+			// A product of two odd primes is odd; Go's RSA refuses an
+			// even modulus at encryption.
+			return nil, errors.New("issuer key: RSA modulus is even (not a product of two odd primes)")
+		}
 		if pub.E < 3 || pub.E%2 == 0 {
 			return nil, fmt.Errorf("issuer key: RSA public exponent %d (want odd, at least 3)", pub.E)
 		}

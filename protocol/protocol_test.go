@@ -9,6 +9,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/hex"
+	"math/big"
 	"strings"
 	"testing"
 
@@ -107,6 +108,9 @@ func TestParseIssuerKey(t *testing.T) {
 		return b
 	}
 	good := der(&p256.PublicKey)
+	rsa2048, _ := rsa.GenerateKey(rand.Reader, 2048)
+	even := rsa2048.PublicKey
+	even.N = new(big.Int).Add(even.N, big.NewInt(1))
 	padded := append(bytes.Clone(good), 0)
 	for _, tc := range []struct {
 		name string
@@ -116,6 +120,7 @@ func TestParseIssuerKey(t *testing.T) {
 		{"garbage", []byte("hello"), "not a DER"},
 		{"trailing byte", padded, "not a DER"},
 		{"rsa-1024", der(&rsa1024.PublicKey), "RSA modulus of 1024 bits"},
+		{"even modulus", der(&even), "RSA modulus is even"},
 		{"p-384", der(&p384.PublicKey), "want P-256"},
 		{"p-256", good, ""},
 	} {

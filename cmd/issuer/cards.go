@@ -107,16 +107,16 @@ conflicted. See docs/ISSUER.md.
 	c.MarkFlagRequired("batch")
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
 		ctx := cmd.Context()
-		st, err := openStore(ctx)
-		if err != nil {
-			return err
-		}
-		defer st.Close()
 		is, err := openIssuer(ctx, workers)
 		if err != nil {
 			return err
 		}
 		defer is.Token.Close()
+		st, err := openStore(ctx) // after the token: a failing token leaves no new store
+		if err != nil {
+			return err
+		}
+		defer st.Close()
 		im := &issuer.Importer{Issuer: is, Store: st, Workers: workers, Log: slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))}
 		rep, err := im.ImportFile(ctx, batch)
 		if err != nil {
@@ -414,16 +414,16 @@ error (exit 1) that does not count against the card: get a new one.
 			return fmt.Errorf("--max-failures %d: must be at least 1", maxFailures)
 		}
 		ctx := cmd.Context()
-		st, err := openStore(ctx)
-		if err != nil {
-			return err
-		}
-		defer st.Close()
 		is, err := openIssuer(ctx, 1)
 		if err != nil {
 			return err
 		}
 		defer is.Token.Close()
+		st, err := openStore(ctx) // after the token: a failing token leaves no new store
+		if err != nil {
+			return err
+		}
+		defer st.Close()
 		a := &issuer.Authenticator{Verifier: is, Store: st, MaxFailures: maxFailures}
 		res, err := a.Verify(ctx, id, ch, m)
 		if err != nil {

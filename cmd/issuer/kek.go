@@ -122,16 +122,16 @@ re-wrapped (it stays under OLD; the reason is printed).
 			return fmt.Errorf("--workers %d: want 1 to 64", workers)
 		}
 		ctx := cmd.Context() // cancelled by SIGINT and SIGTERM (main)
-		st, err := openStore(ctx)
-		if err != nil {
-			return err
-		}
-		defer st.Close()
 		tok, err := open(workers)
 		if err != nil {
 			return err
 		}
 		defer tok.Close()
+		st, err := openStore(ctx) // after the token: a failing token leaves no new store
+		if err != nil {
+			return err
+		}
+		defer st.Close()
 		old, err := tok.FindKEK(ctx, from)
 		if err != nil {
 			return fmt.Errorf("--from: %w", err)
@@ -198,7 +198,12 @@ several stores use the token, rotate all of them first.
 	c.MarkFlagRequired("label")
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
 		ctx := cmd.Context()
-		st, err := openStore(ctx)
+		tok, err := open(1)
+		if err != nil {
+			return err
+		}
+		defer tok.Close()
+		st, err := openStore(ctx) // after the token: a failing token leaves no new store
 		if err != nil {
 			return err
 		}
@@ -210,11 +215,6 @@ several stores use the token, rotate all of them first.
 		if n := counts[label]; n > 0 {
 			return fmt.Errorf("refused: %d card keys in this store are wrapped under KEK %q; destroying it would lose them: move them first (issuer kek rotate --from %s --to NEW)", n, label, label)
 		}
-		tok, err := open(1)
-		if err != nil {
-			return err
-		}
-		defer tok.Close()
 		if err := tok.DestroyKEK(ctx, label); err != nil {
 			return err
 		}

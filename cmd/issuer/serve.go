@@ -102,16 +102,16 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 			}
 		}
 		ctx := cmd.Context() // cancelled by SIGINT and SIGTERM (main)
-		st, err := openStore(ctx)
-		if err != nil {
-			return err
-		}
-		defer st.Close()
 		is, err := openIssuer(ctx, workers+2)
 		if err != nil {
 			return err
 		}
 		defer is.Token.Close()
+		st, err := openStore(ctx) // after the token: a failing token leaves no new store
+		if err != nil {
+			return err
+		}
+		defer st.Close()
 		if uploadDir == "" {
 			uploadDir = defaultUploadDir(cmd.Flags().Lookup("db").Value.String())
 		}

@@ -73,3 +73,23 @@ func TestWeakKeysRefused(t *testing.T) {
 		t.Errorf("audit: %v\n%s", err, out)
 	}
 }
+
+// A command whose token cannot be opened creates no store.
+func TestFailingTokenCreatesNoStore(t *testing.T) {
+	ht := hsmtest.SoftHSM(t)
+	dir := t.TempDir()
+	db := filepath.Join(dir, "data")
+	bad := strings.Replace(ht.URI, "token="+ht.Label, "token=no-such-token", 1)
+	for _, args := range [][]string{
+		{"import", "--batch", filepath.Join(dir, "b.ndjson"), "--key", "k", "--kek", "k"},
+		{"cards", "verify", "AA", "--challenge", "00", "--mac", "00", "--key", "k", "--kek", "k"},
+		{"kek", "destroy", "--label", "k"},
+	} {
+		if _, err := runCmd(t, "", append(args, "--token", bad, "--db", db)...); err == nil {
+			t.Fatalf("issuer %v: no error", args)
+		}
+		if _, err := os.Stat(db); !os.IsNotExist(err) {
+			t.Fatalf("issuer %v made the store %s (%v)", args, db, err)
+		}
+	}
+}
