@@ -15,11 +15,9 @@ type issuerBinding struct {
 	block []byte
 }
 
-// bindings caches issuerBinding by profile and SPKI. An issuer has a few
-// keys, and parsing an RSA SubjectPublicKeyInfo and checking its
-// canonical form costs about 20 µs, 3 % of an RSA import on SoftHSM2; the
-// cache is bounded so that a caller feeding arbitrary SPKIs cannot grow
-// it without limit.
+// bindings caches issuerBinding by profile and SPKI: an issuer has a few
+// keys, and parsing one per import shows (docs/BENCHMARKS.md, "Where the
+// time went"). Bounded, so arbitrary SPKIs cannot grow it without limit.
 var bindings = struct {
 	sync.Mutex
 	m map[string]*issuerBinding

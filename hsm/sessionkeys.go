@@ -16,15 +16,13 @@ import (
 // usages, and for a KEK the same CKA_TRUSTED and unwrap template — and
 // dies with the session that made it at the latest.
 //
-// Why: SoftHSM2's file back end re-checks a token object's file on every
-// use, and NSS softokn reads a token key through its database; a session
-// object lives in memory. With the copies the import chain runs 1.2×
-// (RSA) to 1.6× (ECDH) faster on SoftHSM2 and 1.3× to 1.7× on NSS
-// softokn (docs/BENCHMARKS.md, "Issuer import").
+// Why: a session object lives in memory, a token object is read through
+// the token's store on every use (docs/BENCHMARKS.md, "Issuer import").
 //
 // Handle falls back to the token object itself when the token refuses to
-// copy the key (CKA_COPYABLE false, or no C_CopyObject) or when the copy
-// does not keep the protections checked below; Err says why.
+// copy the key (SoftHSM2 refuses every changing copy of the read-only
+// keys of docs/HSM.md §6), or when the copy does not keep the protections
+// checked below; Err says why.
 type SessionCopy struct {
 	tok   *Token
 	what  string

@@ -817,9 +817,9 @@ func (s *sqlStore) ReplaceBlobs(ctx context.Context, from string, rs []BlobRepla
 	done := make([]bool, len(rs))
 	// One statement per up to replaceChunk cards whose new blobs share
 	// scheme, mechanism and KEK (a rotation's do): an UPDATE … FROM a
-	// VALUES list of (id, old, new) that returns the Ids it changed. Per
-	// card, a statement of its own was 20 µs of the writer's time on
-	// SQLite, more than the token's re-wrap on NSS softokn.
+	// VALUES list of (id, old, new) that returns the Ids it changed (one
+	// statement per card costs more than the re-wrap: docs/BENCHMARKS.md,
+	// "KEK rotation").
 	for i := 0; i < len(rs); {
 		j := i + 1
 		for j < len(rs) && j-i < replaceChunk && sameTarget(rs[i].New, rs[j].New) {
