@@ -110,6 +110,10 @@ func useOf(m *module) *moduleUse {
 	return u.(*moduleUse)
 }
 
+// Generation counts the library's initializations in this process
+// (Recycle makes two: a finalization and an initialization), for tests.
+func (t *Token) Generation() uint64 { return t.mod.gen.Load() }
+
 // KeepsDestroyedObjects reports whether the token's library frees a
 // destroyed session object only when it is finalized, so that a
 // long-running process must Recycle it now and then. SoftHSM2 (2.6.1 and

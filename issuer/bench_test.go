@@ -280,6 +280,17 @@ func bareImport(is *Issuer, p protocol.Profile, tmpl []perso.Record) func(i int)
 	}
 }
 
+// withProcs runs fn with GOMAXPROCS at least workers+1, as cmd/issuer
+// sets it for an import or a rotation (cmd/issuer/procs.go); the bare
+// loops run without, as before.
+func withProcs[T any](workers int, fn func() (T, error)) (T, error) {
+	if prev := runtime.GOMAXPROCS(0); prev < workers+1 {
+		runtime.GOMAXPROCS(workers + 1)
+		defer runtime.GOMAXPROCS(prev)
+	}
+	return fn()
+}
+
 func openBenchStore(b *testing.B) Store {
 	b.Helper()
 	s, err := OpenSQLite(context.Background(), filepath.Join(b.TempDir(), "data"))
@@ -320,7 +331,7 @@ func importRounds(b *testing.B, is *Issuer, s Store, p protocol.Profile, w int, 
 		bareN += nb
 		b.StartTimer()
 		start := time.Now()
-		rep, err := im.ImportFile(context.Background(), path)
+		rep, err := withProcs(w, func() (BatchReport, error) { return im.ImportFile(context.Background(), path) })
 		impT += time.Since(start)
 		b.StopTimer()
 		if err != nil {
@@ -403,7 +414,7 @@ func BenchmarkIssuerNaive(b *testing.B) {
 				path := writeBenchBatch(b, dir, is, p, n, cycled(tmpl))
 				im := &Importer{Issuer: is, Store: s, Workers: w}
 				start := time.Now()
-				rep, err := im.ImportFile(context.Background(), path)
+				rep, err := withProcs(w, func() (BatchReport, error) { return im.ImportFile(context.Background(), path) })
 				d := time.Since(start)
 				if err != nil || rep.Imported != n {
 					b.Fatalf("import: %+v, %v", rep, err)
@@ -734,7 +745,7 @@ func benchImportChild() int {
 	go func() { sampled <- sampleRSS(stop, diag) }()
 	im := &Importer{Issuer: &Issuer{Token: tok, Key: key, KEK: kek}, Store: s, Workers: a.Workers}
 	start := time.Now()
-	rep, err := im.ImportFile(ctx, a.Batch)
+	rep, err := withProcs(a.Workers, func() (BatchReport, error) { return im.ImportFile(ctx, a.Batch) })
 	d := time.Since(start)
 	close(stop)
 	samples := <-sampled

@@ -16,7 +16,6 @@ import (
 	"os"
 	"runtime"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"blindperso/perso"
@@ -70,10 +69,8 @@ type Importer struct {
 	// afterRecord, if set, runs after each record is handed to the store
 	// writer (tests: it slows the import down).
 	afterRecord func(line int)
-	// groupWait and recycle, if set, replace groupWait and recycleEvery
-	// (tests).
+	// groupWait, if set, replaces groupWait (tests).
 	groupWait time.Duration
-	recycle   int64
 }
 
 // ReasonTokenRefused is the one reject reason for every c the token
@@ -203,16 +200,6 @@ const groupWait = 50 * time.Millisecond
 // store with one query.
 const lookupBatch = 64
 
-// recycleEvery is how many records the workers handle between two
-// Token.Recycle calls. SoftHSM2 keeps every session object it ever made
-// until it is finalized (hsm.Token.KeepsDestroyedObjects): ≈ 0.5 KiB per
-// card, which made the importer's memory grow with the batch (92 MiB at
-// 100 000 records, ≈ 500 MiB at a million). Recycling every 16 384
-// records bounds it at ≈ 8 MiB, for a pause of 10–40 ms every few
-// seconds. The importer holds no session object of its own: the
-// Issuer's session copies of its keys are made again.
-const recycleEvery = 16384
-
 // queueLen is each worker's queue: records read ahead, so that a worker
 // finds many waiting and looks their Ids up at once.
 const queueLen = lookupBatch
@@ -267,7 +254,6 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	n := max(im.Workers, 1)
-	defer atLeastProcs(n + 1)()
 	q := &resultQueue{c: make(chan RecordResult, 2*maxGroup), full: make(chan struct{}, 1), end: make(chan struct{})}
 	pend := &pending{n: map[string]int{}}
 	wdone := make(chan struct{})
@@ -297,11 +283,6 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 		return true
 	}
 	queues := make([]chan job, n)
-	var handled atomic.Int64 // records handled by the workers (recycleEvery)
-	recycle := int64(recycleEvery)
-	if im.recycle > 0 {
-		recycle = im.recycle
-	}
 	var wg sync.WaitGroup
 	for i := range queues {
 		queues[i] = make(chan job, queueLen)
@@ -357,12 +338,6 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 					}
 					if send(r) && r.Card != nil {
 						sent = append(sent, j.rec.ID)
-					}
-					if handled.Add(1)%recycle == 0 {
-						if err := im.Issuer.Token.Recycle(); err != nil {
-							cancel(err)
-							break
-						}
 					}
 				}
 			}
@@ -448,43 +423,6 @@ func (im *Importer) lookup(ctx context.Context, jobs []job, pend *pending) error
 // one query (sqlStore.KnownCards).
 type cardLookup interface {
 	KnownCards(ctx context.Context, ids [][]byte) ([]bool, error)
-}
-
-// procs counts the imports that raised GOMAXPROCS (atLeastProcs).
-var procs struct {
-	sync.Mutex
-	users int
-	prev  int // GOMAXPROCS before the first of them
-}
-
-// atLeastProcs makes GOMAXPROCS at least n until the returned function is
-// called (by every caller, when several imports overlap: the last one
-// puts the previous value back). An import needs a P per worker plus
-// one: a worker keeps its P during its token calls (cgo), so with one P
-// per worker the reader, the store writer and the garbage collector run
-// only when the runtime takes a P away from a worker in the middle of a
-// call, and the worker then waits for one when the call returns. On
-// 2 vCPUs with 2 workers, 3 Ps made the import 10–20 % faster
-// (docs/BENCHMARKS.md, "Issuer import"); the extra P costs nothing while
-// the workers are in the token.
-func atLeastProcs(n int) (restore func()) {
-	procs.Lock()
-	defer procs.Unlock()
-	cur := runtime.GOMAXPROCS(0)
-	if procs.users == 0 {
-		procs.prev = cur
-	}
-	procs.users++
-	if cur < n {
-		runtime.GOMAXPROCS(n)
-	}
-	return func() {
-		procs.Lock()
-		defer procs.Unlock()
-		if procs.users--; procs.users == 0 && runtime.GOMAXPROCS(0) != procs.prev {
-			runtime.GOMAXPROCS(procs.prev)
-		}
-	}
 }
 
 // resultQueue hands the results of the workers (and the reader's rejects)

@@ -266,6 +266,8 @@ func TestImportStopsOnStoreFailure(t *testing.T) {
 func TestImportRecycles(t *testing.T) {
 	p := protocol.ECDHP256AES
 	is := newIssuer(t, hsm.KindP256)
+	is.RecycleEvery = 50
+	gen := is.Token.Generation()
 	cards := makeCards(t, is, p, 1, 2, 3)
 	var content strings.Builder
 	const n = 600
@@ -278,13 +280,17 @@ func TestImportRecycles(t *testing.T) {
 	}
 	path := writeBatch(t, is, p, content.String())
 	s := openStore(t, filepath.Join(t.TempDir(), "data"))
-	im := &Importer{Issuer: is, Store: s, Workers: 2, recycle: 50}
+	im := &Importer{Issuer: is, Store: s, Workers: 2}
 	rep, err := im.ImportFile(context.Background(), path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if rep.Imported != n || rep.Rejects != 0 {
 		t.Fatalf("report %+v", rep)
+	}
+	// One recycle (a finalization and an initialization) per 50 imports.
+	if got := is.Token.Generation() - gen; got < 2*(n/50) {
+		t.Errorf("%d module generations during the import, want at least %d", got, 2*(n/50))
 	}
 	// The genuine cards authenticate against what was stored.
 	a := &Authenticator{Verifier: is, Store: s}

@@ -163,7 +163,6 @@ func (r *rotation) run(ctx context.Context) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	n := max(r.opt.Workers, 1)
-	defer atLeastProcs(n + 1)()
 	page := r.opt.page
 	if page <= 0 {
 		page = rotatePage

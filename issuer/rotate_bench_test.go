@@ -47,7 +47,7 @@ func benchRotate(b *testing.B, kind string, w int) {
 		}
 		bare = bareRewrap(b, rt.tok, from, to, blobs, w)
 		start := time.Now()
-		res, err := Rotate(ctx, st, rt.tok, from, to, RotateOptions{Workers: w})
+		res, err := withProcs(w, func() (RotateResult, error) { return Rotate(ctx, st, rt.tok, from, to, RotateOptions{Workers: w}) })
 		rot = time.Since(start)
 		if err != nil || res.Rewrapped != n {
 			b.Fatalf("rotate: %+v %v", res, err)

@@ -107,6 +107,7 @@ conflicted. See docs/ISSUER.md.
 	c.MarkFlagRequired("batch")
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
 		ctx := cmd.Context()
+		atLeastProcs(workers)
 		is, err := openIssuer(ctx, workers)
 		if err != nil {
 			return err

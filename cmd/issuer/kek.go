@@ -122,6 +122,7 @@ re-wrapped (it stays under OLD; the reason is printed).
 			return fmt.Errorf("--workers %d: want 1 to 64", workers)
 		}
 		ctx := cmd.Context() // cancelled by SIGINT and SIGTERM (main)
+		atLeastProcs(workers)
 		tok, err := open(workers)
 		if err != nil {
 			return err

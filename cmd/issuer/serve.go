@@ -102,6 +102,7 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 			}
 		}
 		ctx := cmd.Context() // cancelled by SIGINT and SIGTERM (main)
+		atLeastProcs(workers)
 		is, err := openIssuer(ctx, workers+2)
 		if err != nil {
 			return err
