@@ -10,6 +10,7 @@ import (
 
 	"blindperso/card"
 	"blindperso/perso"
+	"blindperso/perso/persotest"
 )
 
 // cpuTime is this process's user + system CPU time so far.
@@ -55,9 +56,9 @@ func BenchmarkStationLocal(b *testing.B) {
 		b.Run(fmt.Sprintf("readers=%d", n), func(b *testing.B) {
 			dir := b.TempDir()
 			paths := manufacture(b, dir, 0xA1, b.N)
-			h := make(perso.Hopper, b.N)
+			h := make(persotest.Hopper, b.N)
 			for _, p := range paths {
-				h <- perso.AppletCard(open(b, p))
+				h <- persotest.AppletCard(open(b, p))
 			}
 			close(h)
 			j := openJournal(b, job, filepath.Join(dir, "batch.ndjson"), nil)
@@ -65,7 +66,7 @@ func BenchmarkStationLocal(b *testing.B) {
 			st := &perso.Station{Job: job, Ledger: j}
 			cpu0, t0 := cpuTime(), time.Now()
 			b.ResetTimer()
-			if err := st.Run(context.Background(), perso.LocalSlots{N: n, Hopper: h}); err != nil {
+			if err := st.Run(context.Background(), persotest.LocalSlots{N: n, Hopper: h}); err != nil {
 				b.Fatal(err)
 			}
 			b.StopTimer()

@@ -14,6 +14,7 @@ import (
 	"blindperso/card"
 	"blindperso/card/cardtest"
 	"blindperso/perso"
+	"blindperso/perso/persotest"
 	"blindperso/protocol"
 )
 
@@ -78,8 +79,8 @@ func openJournal(t testing.TB, job perso.Job, path string, log *slog.Logger) *pe
 }
 
 // hopper returns a closed hopper holding the cards.
-func hopper(cards ...perso.LocalCard) perso.Hopper {
-	h := make(perso.Hopper, len(cards))
+func hopper(cards ...persotest.LocalCard) persotest.Hopper {
+	h := make(persotest.Hopper, len(cards))
 	for _, c := range cards {
 		h <- c
 	}
@@ -184,9 +185,9 @@ func stationFiles(t testing.TB, batch string) []string {
 	return m
 }
 
-func runLocal(t testing.TB, st *perso.Station, n int, h perso.Hopper) {
+func runLocal(t testing.TB, st *perso.Station, n int, h persotest.Hopper) {
 	t.Helper()
-	if err := st.Run(context.Background(), perso.LocalSlots{N: n, Hopper: h}); err != nil {
+	if err := st.Run(context.Background(), persotest.LocalSlots{N: n, Hopper: h}); err != nil {
 		t.Fatal(err)
 	}
 }

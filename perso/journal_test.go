@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"blindperso/perso"
+	"blindperso/perso/persotest"
 	"blindperso/protocol"
 )
 
@@ -128,12 +129,12 @@ func TestJournalDiskFull(t *testing.T) {
 	batch := filepath.Join(fs, "batch.ndjson")
 	log, logs := newLog()
 	j := openJournal(t, job, batch, log)
-	var cards []perso.LocalCard
+	var cards []persotest.LocalCard
 	for _, p := range paths {
-		cards = append(cards, perso.AppletCard(open(t, p)))
+		cards = append(cards, persotest.AppletCard(open(t, p)))
 	}
 	st := &perso.Station{Job: job, Ledger: j, Log: log}
-	err := st.Run(t.Context(), perso.LocalSlots{N: 1, Hopper: hopper(cards...)})
+	err := st.Run(t.Context(), persotest.LocalSlots{N: 1, Hopper: hopper(cards...)})
 	if err == nil || !strings.Contains(err.Error(), "no space left on device") {
 		t.Fatalf("Run = %v, want a no-space error", err)
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"blindperso/perso"
+	"blindperso/perso/persotest"
 	"blindperso/protocol"
 )
 
@@ -24,9 +25,9 @@ func TestLocalSixteenReaders(t *testing.T) {
 	batch := filepath.Join(dir, "batch.ndjson")
 	log, logs := newLog()
 	j := openJournal(t, job, batch, log)
-	var cards []perso.LocalCard
+	var cards []persotest.LocalCard
 	for _, p := range paths {
-		cards = append(cards, perso.AppletCard(open(t, p)))
+		cards = append(cards, persotest.AppletCard(open(t, p)))
 	}
 	st := &perso.Station{Job: job, Ledger: j, Log: log}
 	runLocal(t, st, 16, hopper(cards...))
@@ -49,7 +50,7 @@ func TestLocalSixteenReaders(t *testing.T) {
 // crashing stops answering after n APDUs, as if the station had died
 // there: nothing after that instant reaches the card.
 type crashing struct {
-	perso.LocalCard
+	persotest.LocalCard
 	n    int
 	sent int
 }
@@ -78,7 +79,7 @@ func TestCrashAtEveryAPDU(t *testing.T) {
 				batch := filepath.Join(dir, "batch.ndjson")
 				j := openJournal(t, job, batch, nil)
 				st := &perso.Station{Job: job, Ledger: j, Retries: 1}
-				st.Run(context.Background(), perso.LocalSlots{N: 1, Hopper: hopper(&crashing{LocalCard: perso.AppletCard(open(t, paths[0])), n: n})})
+				st.Run(context.Background(), persotest.LocalSlots{N: 1, Hopper: hopper(&crashing{LocalCard: persotest.AppletCard(open(t, paths[0])), n: n})})
 				j.Close() // the flock goes with the process; no manifest
 				if torn {
 					appendBytes(t, batch, `{"v":1,"id":"b1`)
@@ -86,7 +87,7 @@ func TestCrashAtEveryAPDU(t *testing.T) {
 				log, logs := newLog()
 				j = openJournal(t, job, batch, log)
 				st = &perso.Station{Job: job, Ledger: j}
-				runLocal(t, st, 1, hopper(perso.AppletCard(open(t, paths[0]))))
+				runLocal(t, st, 1, hopper(persotest.AppletCard(open(t, paths[0]))))
 				if _, err := perso.WriteManifest(j, "test"); err != nil {
 					t.Fatal(err)
 				}
@@ -102,7 +103,7 @@ func TestCrashAtEveryAPDU(t *testing.T) {
 
 // fakeCard wraps an applet and rewrites its answer to one instruction.
 type fakeCard struct {
-	perso.LocalCard
+	persotest.LocalCard
 	ins     byte
 	rewrite func([]byte) []byte
 }
@@ -144,7 +145,7 @@ func TestBadCards(t *testing.T) {
 			log, logs := newLog()
 			j := openJournal(t, job, batch, log)
 			st := &perso.Station{Job: job, Ledger: j, Log: log}
-			fake := &fakeCard{LocalCard: perso.AppletCard(open(t, paths[0])), ins: tc.ins, rewrite: tc.rewrite}
+			fake := &fakeCard{LocalCard: persotest.AppletCard(open(t, paths[0])), ins: tc.ins, rewrite: tc.rewrite}
 			runLocal(t, st, 1, hopper(fake))
 			j.Close()
 			if j.Len() != 0 || st.Done() != 0 {
@@ -172,7 +173,7 @@ func TestDuplicateID(t *testing.T) {
 	log, logs := newLog()
 	j := openJournal(t, job, batch, log)
 	st := &perso.Station{Job: job, Ledger: j, Log: log}
-	runLocal(t, st, 1, hopper(perso.AppletCard(open(t, a[0])), perso.AppletCard(open(t, b[0]))))
+	runLocal(t, st, 1, hopper(persotest.AppletCard(open(t, a[0])), persotest.AppletCard(open(t, b[0]))))
 	perso.WriteManifest(j, "test")
 	j.Close()
 	checkFinal(t, batch, a)
@@ -189,7 +190,7 @@ func TestDuplicateID(t *testing.T) {
 
 // pulled reports the card removed at the first APDU with INS ins.
 type pulled struct {
-	perso.LocalCard
+	persotest.LocalCard
 	ins  byte
 	done bool
 }
@@ -211,8 +212,8 @@ func TestPulledCardResumes(t *testing.T) {
 	batch := filepath.Join(dir, "batch.ndjson")
 	log, logs := newLog()
 	j := openJournal(t, job, batch, log)
-	c := &pulled{LocalCard: perso.AppletCard(open(t, paths[0])), ins: protocol.INSLock}
-	h := make(perso.Hopper, 2)
+	c := &pulled{LocalCard: persotest.AppletCard(open(t, paths[0])), ins: protocol.INSLock}
+	h := make(persotest.Hopper, 2)
 	h <- c
 	h <- c // put back
 	close(h)
@@ -230,7 +231,7 @@ func TestPulledCardResumes(t *testing.T) {
 
 // slowCard takes a while per APDU and tells when it started.
 type slowCard struct {
-	perso.LocalCard
+	persotest.LocalCard
 	started chan struct{}
 	once    sync.Once
 }
@@ -248,14 +249,14 @@ func TestStopFinishesCardInHand(t *testing.T) {
 	paths := manufacture(t, dir, 6, 2)
 	batch := filepath.Join(dir, "batch.ndjson")
 	j := openJournal(t, job, batch, nil)
-	slow := &slowCard{LocalCard: perso.AppletCard(open(t, paths[0])), started: make(chan struct{})}
-	h := make(perso.Hopper, 2)
+	slow := &slowCard{LocalCard: persotest.AppletCard(open(t, paths[0])), started: make(chan struct{})}
+	h := make(persotest.Hopper, 2)
 	h <- slow
-	h <- perso.AppletCard(open(t, paths[1]))
+	h <- persotest.AppletCard(open(t, paths[1]))
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { <-slow.started; cancel() }()
 	st := &perso.Station{Job: job, Ledger: j}
-	if err := st.Run(ctx, perso.LocalSlots{N: 1, Hopper: h}); err != nil {
+	if err := st.Run(ctx, persotest.LocalSlots{N: 1, Hopper: h}); err != nil {
 		t.Fatal(err)
 	}
 	j.Close()
@@ -274,11 +275,11 @@ func TestCountIsExact(t *testing.T) {
 	paths := manufacture(t, dir, 7, 20)
 	j := openJournal(t, job, filepath.Join(dir, "batch.ndjson"), nil)
 	defer j.Close()
-	var cards []perso.LocalCard
+	var cards []persotest.LocalCard
 	for _, p := range paths {
-		cards = append(cards, perso.AppletCard(open(t, p)))
+		cards = append(cards, persotest.AppletCard(open(t, p)))
 	}
-	h := make(perso.Hopper, len(cards))
+	h := make(persotest.Hopper, len(cards))
 	for _, c := range cards {
 		h <- c
 	}
@@ -297,7 +298,7 @@ func TestCountIsExact(t *testing.T) {
 
 // hang never answers one instruction.
 type hang struct {
-	perso.LocalCard
+	persotest.LocalCard
 	ins   byte
 	calls atomic.Int32
 }
@@ -318,7 +319,7 @@ func TestAPDUTimeoutRetried(t *testing.T) {
 	log, logs := newLog()
 	j := openJournal(t, job, batch, log)
 	st := &perso.Station{Job: job, Ledger: j, Log: log, APDUTimeout: 100 * time.Millisecond}
-	runLocal(t, st, 1, hopper(&hang{LocalCard: perso.AppletCard(open(t, paths[0])), ins: protocol.INSGetStatus}))
+	runLocal(t, st, 1, hopper(&hang{LocalCard: persotest.AppletCard(open(t, paths[0])), ins: protocol.INSGetStatus}))
 	perso.WriteManifest(j, "test")
 	j.Close()
 	checkFinal(t, batch, paths)
@@ -330,7 +331,7 @@ func TestAPDUTimeoutRetried(t *testing.T) {
 // lostLockAnswer delivers LOCK to the card, then loses the answer, as
 // when pcscd or the reader goes away under the command.
 type lostLockAnswer struct {
-	perso.LocalCard
+	persotest.LocalCard
 	lost bool
 }
 
@@ -355,7 +356,7 @@ func TestLostLockAnswerCounts(t *testing.T) {
 	j := openJournal(t, job, batch, log)
 	st := &perso.Station{Job: job, Ledger: j, Log: log, Count: 1}
 	// The card is set aside, then comes back (the operator re-feeds it).
-	a := perso.AppletCard(open(t, paths[0]))
+	a := persotest.AppletCard(open(t, paths[0]))
 	runLocal(t, st, 1, hopper(&lostLockAnswer{LocalCard: a}, a))
 	if _, err := perso.WriteManifest(j, "test"); err != nil {
 		t.Fatal(err)

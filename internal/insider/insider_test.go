@@ -23,6 +23,7 @@ import (
 	"blindperso/issuer"
 	"blindperso/issuer/issuertest"
 	"blindperso/perso"
+	"blindperso/perso/persotest"
 	"blindperso/protocol"
 )
 
@@ -90,17 +91,17 @@ func attack(t testing.TB, p protocol.Profile, attacker *insider.Key, genuine *pr
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := make(perso.Hopper, n)
+	h := make(persotest.Hopper, n)
 	for _, path := range paths {
 		a, err := card.Open(path)
 		if err != nil {
 			t.Fatal(err)
 		}
-		h <- perso.AppletCard(a)
+		h <- persotest.AppletCard(a)
 	}
 	close(h)
 	st := &perso.Station{Job: job, Ledger: l, Count: n}
-	if err := st.Run(context.Background(), perso.LocalSlots{N: 2, Hopper: h}); err != nil {
+	if err := st.Run(context.Background(), persotest.LocalSlots{N: 2, Hopper: h}); err != nil {
 		t.Fatal(err)
 	}
 	if st.Done() != n {

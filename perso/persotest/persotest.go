@@ -1,15 +1,19 @@
-package perso
+// Package persotest is the in-process transport of the perso station's
+// tests and benchmarks: a hopper of applets fed to slots, as a perso
+// machine's hopper feeds contact stations, with no PC/SC in between.
+package persotest
 
 import (
 	"context"
 	"fmt"
 
 	"blindperso/card"
+	"blindperso/perso"
 )
 
 // Hopper feeds in-process cards to LocalSlots, as a perso machine's hopper
 // feeds cards to its contact stations: each slot takes the next card.
-// Close it when the last card is in; slots then report ErrSlotGone.
+// Close it when the last card is in; slots then report perso.ErrSlotGone.
 type Hopper chan LocalCard
 
 // LocalCard is a card as the in-process transport sees it: the applet
@@ -40,7 +44,7 @@ type LocalSlots struct {
 }
 
 // Watch adds the n slots and returns.
-func (l LocalSlots) Watch(ctx context.Context, add func(Slot)) error {
+func (l LocalSlots) Watch(ctx context.Context, add func(perso.Slot)) error {
 	p := l.Prefix
 	if p == "" {
 		p = "local "
@@ -61,14 +65,14 @@ func (s *localSlot) Name() string { return s.name }
 func (s *localSlot) Close()       {}
 
 // Connect takes the card still in the slot (a retry) or the next one.
-func (s *localSlot) Connect(ctx context.Context) (Conn, error) {
+func (s *localSlot) Connect(ctx context.Context) (perso.Conn, error) {
 	if s.cur == nil {
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case c, ok := <-s.hopper:
 			if !ok {
-				return nil, fmt.Errorf("%s: hopper empty: %w", s.name, ErrSlotGone)
+				return nil, fmt.Errorf("%s: hopper empty: %w", s.name, perso.ErrSlotGone)
 			}
 			s.cur = c
 		}
