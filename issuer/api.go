@@ -205,7 +205,9 @@ func newAPIMetrics(reg *prometheus.Registry) *apiMetrics {
 	for _, r := range []string{AuthOK, AuthFailed, AuthBlocked, AuthRefused} {
 		m.verifies.WithLabelValues(r)
 	}
-	for _, s := range []string{"done", "refused", "error"} {
+	// Upload outcomes: a batch's status, or batchError when the import
+	// failed for another reason.
+	for _, s := range []string{BatchDone, BatchRefused, batchError} {
 		m.batches.WithLabelValues(s)
 	}
 	return m
@@ -310,6 +312,9 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	enc.SetIndent("", "  ")
 	enc.Encode(v)
 }
+
+// batchError labels uploads whose import failed (not a batch status).
+const batchError = "error"
 
 func writeError(w http.ResponseWriter, code int, msg, detail string) {
 	writeJSON(w, code, apiError{Error: msg, Detail: detail})
@@ -419,15 +424,22 @@ func (a *API) cardID(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 	return id, true
 }
 
-// storeError answers a store error: 404 for ErrNotFound, else 500 (the
-// detail goes to the log only).
-func (a *API) storeError(w http.ResponseWriter, r *http.Request, err error) {
-	if errors.Is(err, ErrNotFound) {
-		writeError(w, http.StatusNotFound, "not found", err.Error())
-		return
+// fail answers an error of the store, the importer or the
+// authenticator: the one place where their errors become HTTP answers
+// (Classify). An internal error's detail goes to the log only; a refused
+// batch's detail is its reason.
+func (a *API) fail(w http.ResponseWriter, r *http.Request, err error) {
+	kind, title := Classify(err)
+	detail := err.Error()
+	var br *BatchRefusedError
+	switch {
+	case kind == KindInternal:
+		a.log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
+		detail = "see the server log"
+	case errors.As(err, &br):
+		detail = br.Reason
 	}
-	a.log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
-	writeError(w, http.StatusInternalServerError, "internal error", "see the server log")
+	writeError(w, kind.HTTPStatus(), title, detail)
 }
 
 // Batches.
@@ -492,18 +504,18 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 	}
 	dir, err := os.MkdirTemp(a.cfg.UploadDir, "upload-")
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	defer os.RemoveAll(dir)
 	path := filepath.Join(dir, "batch.ndjson")
 	if err := os.WriteFile(perso.ManifestPath(path), mraw, 0o600); err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	n, err := io.Copy(f, io.LimitReader(part, max+1))
@@ -527,17 +539,17 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 	rep, ierr := im.ImportFile(ctx, path)
 	id := hex.EncodeToString(m.SHA256)
 	if ierr != nil {
-		if b, err := a.cfg.Store.Batch(ctx, id); err == nil && b.Status == "refused" {
-			a.m.batches.WithLabelValues("refused").Inc()
-			a.log.Warn("batch refused", "batch", id, "reason", b.Reason)
-			writeJSON(w, http.StatusUnprocessableEntity, apiError{Error: "batch refused", Detail: b.Reason})
-			return
+		var br *BatchRefusedError
+		if errors.As(ierr, &br) {
+			a.m.batches.WithLabelValues(BatchRefused).Inc()
+			a.log.Warn("batch refused", "batch", id, "reason", br.Reason)
+		} else {
+			a.m.batches.WithLabelValues(batchError).Inc()
 		}
-		a.m.batches.WithLabelValues("error").Inc()
-		a.storeError(w, r, ierr)
+		a.fail(w, r, ierr)
 		return
 	}
-	a.m.batches.WithLabelValues("done").Inc()
+	a.m.batches.WithLabelValues(BatchDone).Inc()
 	a.m.imported.Add(float64(rep.Imported))
 	a.m.rejects.Add(float64(rep.Rejects))
 	a.m.conflicts.Add(float64(rep.Conflicts))
@@ -545,7 +557,7 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 		"duplicates", rep.Duplicates, "conflicts", rep.Conflicts, "rejects", rep.Rejects)
 	d, err := Detail(ctx, a.cfg.Store, rep)
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, d)
@@ -559,12 +571,12 @@ func (a *API) batch(w http.ResponseWriter, r *http.Request) {
 	}
 	rep, err := a.cfg.Store.Batch(r.Context(), id)
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	d, err := Detail(r.Context(), a.cfg.Store, rep)
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, d)
@@ -573,7 +585,7 @@ func (a *API) batch(w http.ResponseWriter, r *http.Request) {
 func (a *API) batches(w http.ResponseWriter, r *http.Request) {
 	bs, err := a.cfg.Store.Batches(r.Context())
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	if bs == nil {
@@ -601,7 +613,7 @@ func (a *API) cards(w http.ResponseWriter, r *http.Request) {
 	}
 	cs, err := a.cfg.Store.Cards(r.Context(), state)
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	out := make([]StoredCard, 0, len(cs))
@@ -624,12 +636,12 @@ func (a *API) card(w http.ResponseWriter, r *http.Request) {
 	}
 	c, err := a.cfg.Store.Card(r.Context(), id)
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	log, err := a.cfg.Store.AuthLog(r.Context(), id, 20)
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	if log == nil {
@@ -655,7 +667,7 @@ func (a *API) block(w http.ResponseWriter, r *http.Request) {
 	}
 	c, err := a.cfg.Store.BlockCard(r.Context(), id, body.Reason, time.Now())
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, cardView(c))
@@ -674,11 +686,7 @@ func (a *API) unblock(w http.ResponseWriter, r *http.Request) {
 	}
 	c, err := a.cfg.Store.UnblockCard(r.Context(), id, body.Reason, time.Now())
 	if err != nil {
-		if !errors.Is(err, ErrNotFound) && c.State != "" && c.State != StateBlocked {
-			writeError(w, http.StatusConflict, "card is not blocked", err.Error())
-			return
-		}
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, cardView(c))
@@ -697,12 +705,8 @@ func (a *API) challenge(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ch, err := a.auth.Challenge(r.Context(), id)
-	if errors.Is(err, ErrCardNotActive) {
-		writeError(w, http.StatusConflict, "card is not active", err.Error())
-		return
-	}
 	if err != nil {
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	writeJSON(w, http.StatusOK, challengeResponse{hex.EncodeToString(ch.Challenge), ch.Expires})
@@ -748,7 +752,7 @@ func (a *API) verify(w http.ResponseWriter, r *http.Request) {
 			res.FailedAuth = c.FailedAuth
 		}
 	default:
-		a.storeError(w, r, err)
+		a.fail(w, r, err)
 		return
 	}
 	if res.Result != AuthFailed || err == nil {

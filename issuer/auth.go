@@ -424,7 +424,7 @@ func (s *sqlStore) setState(ctx context.Context, id []byte, now time.Time, actio
 		return c, err
 	}
 	if n != 1 {
-		return c, fmt.Errorf("card %X is %s, not blocked: nothing to unblock", id, c.State)
+		return c, fmt.Errorf("card %X is %s, not blocked: nothing to unblock: %w", id, c.State, ErrCardNotBlocked)
 	}
 	return c, nil
 }

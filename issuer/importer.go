@@ -98,7 +98,7 @@ func (im *Importer) ImportFile(ctx context.Context, path string) (BatchReport, e
 		if err := im.Store.RefuseBatch(ctx, id, mraw, reason); err != nil {
 			return BatchReport{}, err
 		}
-		return BatchReport{}, fmt.Errorf("batch %s refused: %s", path, reason)
+		return BatchReport{}, &BatchRefusedError{Path: path, Reason: reason}
 	}
 	if m.Format != perso.BatchFormat {
 		return refuse(fmt.Sprintf("manifest format %q, want %q", m.Format, perso.BatchFormat))

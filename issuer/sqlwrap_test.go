@@ -1,6 +1,8 @@
 package issuer
 
 import (
+	"errors"
+	"fmt"
 	"go/ast"
 	"go/parser"
 	"go/token"
@@ -64,5 +66,26 @@ func TestTimeTextSorts(t *testing.T) {
 	// The RFC3339Nano text of earlier versions is still read.
 	if !parseTime(base.Format(time.RFC3339Nano)).Equal(base) {
 		t.Error("RFC3339Nano text not read")
+	}
+}
+
+// TestClassify: the one classification of the issuer's errors, as the API
+// and the CLI answer them, through the wrapping the store adds.
+func TestClassify(t *testing.T) {
+	for _, tc := range []struct {
+		err        error
+		kind       Kind
+		http, exit int
+	}{
+		{fmt.Errorf("store: card 01: %w", ErrNotFound), KindNotFound, 404, 3},
+		{fmt.Errorf("card 01 is blocked: %w", ErrCardNotActive), KindConflict, 409, 4},
+		{fmt.Errorf("card 01 is active, not blocked: %w", ErrCardNotBlocked), KindConflict, 409, 4},
+		{fmt.Errorf("import: %w", &BatchRefusedError{Path: "b", Reason: "size differs"}), KindRefused, 422, 5},
+		{errors.New("disk full"), KindInternal, 500, 1},
+	} {
+		k, title := Classify(tc.err)
+		if k != tc.kind || k.HTTPStatus() != tc.http || k.ExitCode() != tc.exit || title == "" {
+			t.Errorf("%v: kind %d %q, HTTP %d, exit %d", tc.err, k, title, k.HTTPStatus(), k.ExitCode())
+		}
 	}
 }

@@ -342,10 +342,10 @@ func hexID(id []byte) string { return hex.EncodeToString(id) }
 func (s *sqlStore) BeginBatch(ctx context.Context, id string, manifest []byte, records int) error {
 	t := now()
 	_, err := s.exec(ctx, s.db, `INSERT INTO batches (id, manifest, records, status, created_at, updated_at)
-		VALUES (?, ?, ?, 'importing', ?, ?)
+		VALUES (?, ?, ?, ?, ?, ?)
 		ON CONFLICT (id) DO UPDATE SET manifest = excluded.manifest, records = excluded.records,
-			status = 'importing', reason = '', updated_at = excluded.updated_at`,
-		id, string(manifest), records, t, t)
+			status = excluded.status, reason = '', updated_at = excluded.updated_at`,
+		id, string(manifest), records, BatchImporting, t, t)
 	if err != nil {
 		return fmt.Errorf("store: begin batch %s: %w", id, err)
 	}
@@ -355,10 +355,10 @@ func (s *sqlStore) BeginBatch(ctx context.Context, id string, manifest []byte, r
 func (s *sqlStore) RefuseBatch(ctx context.Context, id string, manifest []byte, reason string) error {
 	t := now()
 	_, err := s.exec(ctx, s.db, `INSERT INTO batches (id, manifest, status, reason, created_at, updated_at)
-		VALUES (?, ?, 'refused', ?, ?, ?)
-		ON CONFLICT (id) DO UPDATE SET status = 'refused', reason = excluded.reason, updated_at = excluded.updated_at
-		WHERE batches.status <> 'done'`,
-		id, string(manifest), reason, t, t)
+		VALUES (?, ?, ?, ?, ?, ?)
+		ON CONFLICT (id) DO UPDATE SET status = excluded.status, reason = excluded.reason, updated_at = excluded.updated_at
+		WHERE batches.status <> ?`,
+		id, string(manifest), BatchRefused, reason, t, t, BatchDone)
 	if err != nil {
 		return fmt.Errorf("store: refuse batch %s: %w", id, err)
 	}
@@ -378,8 +378,8 @@ func (s *sqlStore) FinishBatch(ctx context.Context, id string) (BatchReport, err
 				imported = (SELECT COUNT(*) FROM cards WHERE batch_id = ?),
 				conflicts = (SELECT COUNT(*) FROM conflicts WHERE batch_id = ?),
 				rejects = (SELECT COUNT(*) FROM rejects WHERE batch_id = ?),
-				status = 'done', updated_at = ?
-			WHERE id = ?`, id, id, id, now(), id); err != nil {
+				status = ?, updated_at = ?
+			WHERE id = ?`, id, id, id, BatchDone, now(), id); err != nil {
 			return err
 		}
 		if _, err := s.exec(ctx, tx, `UPDATE batches SET duplicates = records - imported - conflicts - rejects WHERE id = ?`, id); err != nil {

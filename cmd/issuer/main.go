@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"blindperso/issuer"
 	"blindperso/protocol"
 )
 
@@ -21,8 +22,17 @@ func main() {
 	err := root().ExecuteContext(ctx)
 	stop()
 	if err != nil {
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
+}
+
+// exitCode is the issuer's classification of err as an exit code: 3 not
+// found, 4 the card's state does not allow it, 5 a batch refused, 1
+// anything else (docs/ISSUER.md). The API answers the same classes with
+// 404, 409 and 422.
+func exitCode(err error) int {
+	kind, _ := issuer.Classify(err)
+	return kind.ExitCode()
 }
 
 func root() *cobra.Command {
