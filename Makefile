@@ -37,7 +37,7 @@ test: deps build vet
 
 fuzz:
 	$(GO) test ./card -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME) -fuzzminimizetime 1s
-	$(GO) test ./issuer -run '^$$' -fuzz FuzzParseRecord -fuzztime $(FUZZTIME) -fuzzminimizetime 1s
+	$(GO) test ./batch -run '^$$' -fuzz FuzzParseRecord -fuzztime $(FUZZTIME) -fuzzminimizetime 1s
 
 ## demo: the main job end to end, then the active insider (Fig. 2); artifacts in demo-out/.
 ## Settings from the environment or the command line, e.g. make demo DEMO_TOKEN=nss

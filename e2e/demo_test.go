@@ -119,7 +119,7 @@ func checkSummary(t *testing.T, log, token, profile string) {
 		`honest cards still active +6 of 6\n`,
 		`time taken +[0-9.]+ s\n`,
 		`result +PASS\n`,
-		`A100000000000001: failed 1, failed 2, blocked 3, then no challenge\n`,
+		`a100000000000001: failed 1, failed 2, blocked 3, then no challenge\n`,
 	} {
 		if !regexp.MustCompile(re).MatchString(log) {
 			t.Errorf("demo output lacks %q:\n%s", re, log)

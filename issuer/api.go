@@ -22,7 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"blindperso/perso"
+	"blindperso/batch"
 	"blindperso/protocol"
 )
 
@@ -482,13 +482,9 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusRequestEntityTooLarge, "manifest too large", fmt.Sprintf("at most %d bytes", maxManifestBytes))
 		return
 	}
-	var m perso.Manifest
-	if err := json.Unmarshal(mraw, &m); err != nil {
+	m, err := batch.ParseManifest(mraw)
+	if err != nil {
 		writeError(w, http.StatusBadRequest, "bad manifest", err.Error())
-		return
-	}
-	if len(m.SHA256) != sha256.Size {
-		writeError(w, http.StatusBadRequest, "bad manifest", fmt.Sprintf("sha256 is %d bytes, want 32", len(m.SHA256)))
 		return
 	}
 	if m.Bytes > max {
@@ -508,8 +504,10 @@ func (a *API) upload(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer os.RemoveAll(dir)
-	path := filepath.Join(dir, "batch.ndjson")
-	if err := os.WriteFile(perso.ManifestPath(path), mraw, 0o600); err != nil {
+	// The batch is spooled under the name its manifest gives it (a plain
+	// file name: batch.ParseManifest), which the import checks.
+	path := filepath.Join(dir, m.Batch)
+	if err := os.WriteFile(batch.ManifestPath(path), mraw, 0o600); err != nil {
 		a.fail(w, r, err)
 		return
 	}
@@ -746,7 +744,7 @@ func (a *API) verify(w http.ResponseWriter, r *http.Request) {
 	case errors.Is(err, ErrChallengeUnknown), errors.Is(err, ErrChallengeOtherCard),
 		errors.Is(err, ErrChallengeUsed), errors.Is(err, ErrChallengeExpired):
 		// Same answer as a wrong MAC: the card's current count.
-		a.log.Info("verification failed", "card", fmt.Sprintf("%X", id), "why", err.Error())
+		a.log.Info("verification failed", "card", fmt.Sprintf("%x", id), "why", err.Error())
 		res = AuthResult{Result: AuthFailed}
 		if c, cerr := a.cfg.Store.Card(r.Context(), id); cerr == nil {
 			res.FailedAuth = c.FailedAuth
@@ -756,7 +754,7 @@ func (a *API) verify(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if res.Result != AuthFailed || err == nil {
-		a.log.Info("verification", "card", fmt.Sprintf("%X", id), "result", res.Result, "failed_auth", res.FailedAuth)
+		a.log.Info("verification", "card", fmt.Sprintf("%x", id), "result", res.Result, "failed_auth", res.FailedAuth)
 	}
 	a.m.verifies.WithLabelValues(res.Result).Inc()
 	writeJSON(w, http.StatusOK, VerifyResponse{res.Result, res.FailedAuth})

@@ -25,8 +25,8 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/hsm"
-	"blindperso/perso"
 	"blindperso/protocol"
 )
 
@@ -159,7 +159,7 @@ func multipartBatch(t *testing.T, path string) (string, []byte) {
 	t.Helper()
 	var buf bytes.Buffer
 	mw := multipart.NewWriter(&buf)
-	for _, p := range []struct{ name, file string }{{"manifest", perso.ManifestPath(path)}, {"batch", path}} {
+	for _, p := range []struct{ name, file string }{{"manifest", batch.ManifestPath(path)}, {"batch", path}} {
 		b, err := os.ReadFile(p.file)
 		if err != nil {
 			t.Fatal(err)

@@ -185,7 +185,7 @@ func (a *Authenticator) Challenge(ctx context.Context, id []byte) (Challenge, er
 		return Challenge{}, err
 	}
 	if c.State != StateActive {
-		return Challenge{}, fmt.Errorf("card %X is %s%s: %w", id, c.State, reasonSuffix(c.StateReason), ErrCardNotActive)
+		return Challenge{}, fmt.Errorf("card %x is %s%s: %w", id, c.State, reasonSuffix(c.StateReason), ErrCardNotActive)
 	}
 	ch := make([]byte, protocol.ChallengeLen)
 	if _, err := rand.Read(ch); err != nil {
@@ -234,7 +234,7 @@ func (s *sqlStore) PutChallenge(ctx context.Context, c Challenge) error {
 	_, err := s.exec(ctx, s.db, `INSERT INTO challenges (id, card_id, created_at, expires, used) VALUES (?, ?, ?, ?, 0)`,
 		hex.EncodeToString(c.Challenge), hexID(c.CardID), formatTime(c.Created), c.Expires.UnixNano())
 	if err != nil {
-		return fmt.Errorf("store: challenge for card %X: %w", []byte(c.CardID), err)
+		return fmt.Errorf("store: challenge for card %x: %w", []byte(c.CardID), err)
 	}
 	return nil
 }
@@ -284,14 +284,14 @@ func (s *sqlStore) challengeError(ctx context.Context, x execer, id, challenge [
 	default:
 		return errors.New("challenge could not be consumed") // not reached
 	}
-	return fmt.Errorf("card %X: challenge %x: %w", id, challenge, err)
+	return fmt.Errorf("card %x: challenge %x: %w", id, challenge, err)
 }
 
 func (s *sqlStore) Authenticate(ctx context.Context, id, challenge []byte, now time.Time, maxFailures int,
 	verify func(CardKey) (bool, error)) (AuthResult, error) {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return AuthResult{}, fmt.Errorf("store: authenticate card %X: %w", id, err)
+		return AuthResult{}, fmt.Errorf("store: authenticate card %x: %w", id, err)
 	}
 	defer tx.Rollback()
 	res, cerr, err := s.authenticate(ctx, tx, id, challenge, now, maxFailures, verify)
@@ -299,7 +299,7 @@ func (s *sqlStore) Authenticate(ctx context.Context, id, challenge []byte, now t
 		err = tx.Commit()
 	}
 	if err != nil {
-		return AuthResult{}, fmt.Errorf("authenticate card %X: %w", id, err)
+		return AuthResult{}, fmt.Errorf("authenticate card %x: %w", id, err)
 	}
 	return res, cerr
 }
@@ -406,7 +406,7 @@ func (s *sqlStore) setState(ctx context.Context, id []byte, now time.Time, actio
 	update func(tx *sql.Tx, t string) (int64, error)) (StoredCard, error) {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return StoredCard{}, fmt.Errorf("store: card %X: %w", id, err)
+		return StoredCard{}, fmt.Errorf("store: card %x: %w", id, err)
 	}
 	defer tx.Rollback()
 	n, err := update(tx, formatTime(now))
@@ -417,14 +417,14 @@ func (s *sqlStore) setState(ctx context.Context, id []byte, now time.Time, actio
 		err = tx.Commit()
 	}
 	if err != nil {
-		return StoredCard{}, fmt.Errorf("store: card %X: %w", id, err)
+		return StoredCard{}, fmt.Errorf("store: card %x: %w", id, err)
 	}
 	c, err := s.Card(ctx, id)
 	if err != nil {
 		return c, err
 	}
 	if n != 1 {
-		return c, fmt.Errorf("card %X is %s, not blocked: nothing to unblock: %w", id, c.State, ErrCardNotBlocked)
+		return c, fmt.Errorf("card %x is %s, not blocked: nothing to unblock: %w", id, c.State, ErrCardNotBlocked)
 	}
 	return c, nil
 }
@@ -433,7 +433,7 @@ func (s *sqlStore) AuthLog(ctx context.Context, id []byte, limit int) ([]AuthEnt
 	rows, err := s.query(ctx, s.db, `SELECT card_id, created_at, result, detail FROM auth_log WHERE card_id = ? ORDER BY at_ns DESC LIMIT ?`,
 		hexID(id), limit)
 	if err != nil {
-		return nil, fmt.Errorf("store: auth log of card %X: %w", id, err)
+		return nil, fmt.Errorf("store: auth log of card %x: %w", id, err)
 	}
 	defer rows.Close()
 	var out []AuthEntry

@@ -28,11 +28,11 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/card/cardtest"
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
-	"blindperso/perso"
 	"blindperso/protocol"
 )
 
@@ -133,18 +133,13 @@ func (bt *benchToken) issuer(p protocol.Profile) *Issuer {
 
 // benchCard personalizes one in-process virtual card under is's key and
 // returns its record and applet.
-func benchCard(b *testing.B, is *Issuer, p protocol.Profile, id []byte) (perso.Record, *card.Applet) {
+func benchCard(b *testing.B, is *Issuer, p protocol.Profile, id []byte) (batch.Record, *card.Applet) {
 	b.Helper()
 	a, err := card.Manufacture(filepath.Join(b.TempDir(), "card.json"), card.Options{ID: id})
 	if err != nil {
 		b.Fatal(err)
 	}
-	job, err := perso.NewJob(p, is.Key.Public, nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	l := &memLedger{}
-	rec, _, err := job.Personalize(&card.Client{T: a.Local()}, "bench", l)
+	rec, err := cardtest.Personalize(a, p, is.Key.Public, "bench")
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -154,8 +149,8 @@ func benchCard(b *testing.B, is *Issuer, p protocol.Profile, id []byte) (perso.R
 // benchTemplates are n genuine records of p under is's key. The batches
 // reuse their c under fresh Ids: the token's work does not depend on the
 // Id, and the store does not index c.
-func benchTemplates(b *testing.B, is *Issuer, p protocol.Profile, n int) []perso.Record {
-	var out []perso.Record
+func benchTemplates(b *testing.B, is *Issuer, p protocol.Profile, n int) []batch.Record {
+	var out []batch.Record
 	for i := range n {
 		rec, _ := benchCard(b, is, p, []byte{0xBE, byte(i)})
 		out = append(out, rec)
@@ -174,7 +169,7 @@ func nextID() []byte {
 // writeBenchBatch writes n records in the station's format (one JSON
 // line each, docs/BATCH.md) and the manifest beside them, streaming:
 // rec(i) makes the i-th record.
-func writeBenchBatch(b *testing.B, dir string, is *Issuer, p protocol.Profile, n int, rec func(i int) perso.Record) string {
+func writeBenchBatch(b *testing.B, dir string, is *Issuer, p protocol.Profile, n int, rec func(i int) batch.Record) string {
 	b.Helper()
 	path := filepath.Join(dir, fmt.Sprintf("batch-%d.ndjson", benchIDs.Load()))
 	f, err := os.Create(path)
@@ -197,13 +192,13 @@ func writeBenchBatch(b *testing.B, dir string, is *Issuer, p protocol.Profile, n
 		b.Fatal(err)
 	}
 	fp := is.Key.Fingerprint()
-	m := perso.Manifest{Format: perso.BatchFormat, Batch: filepath.Base(path), Count: n, Bytes: cw.n,
+	m := batch.Manifest{Format: batch.Format, Batch: filepath.Base(path), Count: n, Bytes: cw.n,
 		SHA256: h.Sum(nil), Profile: p.Name, IssuerFingerprint: fp[:], Station: "bench", Written: time.Now().UTC()}
 	mb, err := json.Marshal(m)
 	if err != nil {
 		b.Fatal(err)
 	}
-	if err := os.WriteFile(perso.ManifestPath(path), mb, 0o644); err != nil {
+	if err := os.WriteFile(batch.ManifestPath(path), mb, 0o644); err != nil {
 		b.Fatal(err)
 	}
 	return path
@@ -228,8 +223,8 @@ func (t *teeWriter) Write(p []byte) (int, error) {
 }
 
 // cycled makes record i from the templates with a fresh Id.
-func cycled(tmpl []perso.Record) func(int) perso.Record {
-	return func(i int) perso.Record {
+func cycled(tmpl []batch.Record) func(int) batch.Record {
+	return func(i int) batch.Record {
 		r := tmpl[i%len(tmpl)]
 		r.ID = nextID()
 		return r
@@ -273,7 +268,7 @@ func parallelOps(b *testing.B, w, n int, op func(i int) error) time.Duration {
 // bareImport is the baseline: the token's whole chain, hsm.ImportCard
 // through the issuer's hsm.CardKeys (the keys and session copies the
 // importer uses too), in a session of the issuer's token.
-func bareImport(is *Issuer, p protocol.Profile, tmpl []perso.Record) func(i int) error {
+func bareImport(is *Issuer, p protocol.Profile, tmpl []batch.Record) func(i int) error {
 	return func(i int) error {
 		_, err := is.cardKeys().Import(context.Background(), p, tmpl[i%len(tmpl)].C)
 		return err
@@ -305,7 +300,7 @@ func openBenchStore(b *testing.B) Store {
 // before each, runs the bare chain on half as many, after an untimed
 // warm-up of both; the timer counts the imports only. It returns both
 // rates.
-func importRounds(b *testing.B, is *Issuer, s Store, p protocol.Profile, w int, tmpl []perso.Record) (importRate, bareRate float64) {
+func importRounds(b *testing.B, is *Issuer, s Store, p protocol.Profile, w int, tmpl []batch.Record) (importRate, bareRate float64) {
 	const rounds = 4
 	dir := b.TempDir()
 	bare := bareImport(is, p, tmpl)
@@ -518,7 +513,7 @@ func naivePerCard(b *testing.B, nt hsmtest.Token, p protocol.Profile) time.Durat
 // BenchmarkIssuerImportBig imports one large ecdh-p256-aes batch per size
 // (BLINDPERSO_BENCH_BIG_SIZES, default 100000,1000000). Every record is
 // made by a genuine virtual card through the in-process card transport
-// (card.Manufacture, perso.Job.Personalize: SELECT, GET ID, PERSONALIZE,
+// (card.Manufacture, cardtest.Personalize: SELECT, GET ID, PERSONALIZE,
 // LOCK, the station's own steps), its state on tmpfs (/dev/shm) so that
 // making a million cards takes minutes; Ids are sequential. The import
 // runs in a child process (the test binary, 2 workers, a fresh SQLite
@@ -611,10 +606,11 @@ func BenchmarkIssuerImportBig(b *testing.B) {
 // cards, in parallel chunks, in order; it keeps the K_I of 16 of them.
 type cardMaker struct {
 	b     *testing.B
-	job   perso.Job
+	p     protocol.Profile
+	key   *protocol.IssuerKey
 	dir   string
 	n     int
-	chunk []perso.Record
+	chunk []batch.Record
 	base  int // index of chunk[0]
 	keep  map[int]bool
 	kept  []keptCard
@@ -624,20 +620,19 @@ type cardMaker struct {
 type keptCard struct{ id, ki []byte }
 
 func newCardMaker(b *testing.B, is *Issuer, p protocol.Profile, n int) *cardMaker {
-	job, err := perso.NewJob(p, is.Key.Public, nil)
-	if err != nil {
+	if err := is.Key.Public.Fits(p); err != nil {
 		b.Fatal(err)
 	}
 	dir := "/dev/shm"
 	if st, err := os.Stat(dir); err != nil || !st.IsDir() {
 		dir = os.TempDir() // no tmpfs: slower (each card syncs its state)
 	}
-	dir, err = os.MkdirTemp(dir, "blindperso-bench-cards-")
+	dir, err := os.MkdirTemp(dir, "blindperso-bench-cards-")
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { os.RemoveAll(dir) })
-	m := &cardMaker{b: b, job: job, dir: dir, n: n, base: -1, keep: map[int]bool{}}
+	m := &cardMaker{b: b, p: p, key: is.Key.Public, dir: dir, n: n, base: -1, keep: map[int]bool{}}
 	for k := range 16 {
 		m.keep[k*n/16] = true
 	}
@@ -645,11 +640,11 @@ func newCardMaker(b *testing.B, is *Issuer, p protocol.Profile, n int) *cardMake
 }
 
 // record returns record i; i goes 0, 1, 2… (writeBenchBatch).
-func (m *cardMaker) record(i int) perso.Record {
+func (m *cardMaker) record(i int) batch.Record {
 	const chunk = 1024
 	if m.base < 0 || i >= m.base+len(m.chunk) {
 		m.base = i
-		m.chunk = make([]perso.Record, min(chunk, m.n-i))
+		m.chunk = make([]batch.Record, min(chunk, m.n-i))
 		var wg sync.WaitGroup
 		for g := range 2 {
 			wg.Add(1)
@@ -667,18 +662,18 @@ func (m *cardMaker) record(i int) perso.Record {
 }
 
 // card personalizes one fresh virtual card (state at path) as card i.
-func (m *cardMaker) card(path string, i int) perso.Record {
+func (m *cardMaker) card(path string, i int) batch.Record {
 	id := binary.BigEndian.AppendUint64(nil, uint64(i+1))
 	os.Remove(path)
 	a, err := card.Manufacture(path, card.Options{ID: id})
 	if err != nil {
 		m.b.Error(err)
-		return perso.Record{}
+		return batch.Record{}
 	}
-	rec, _, err := m.job.Personalize(&card.Client{T: a.Local()}, "bench", &memLedger{})
+	rec, err := cardtest.Personalize(a, m.p, m.key, "bench")
 	if err != nil {
 		m.b.Error(err)
-		return perso.Record{}
+		return batch.Record{}
 	}
 	if m.keep[i] {
 		// Made on a worker goroutine: Errorf, not cardtest.KI's Fatal.
@@ -857,14 +852,14 @@ func BenchmarkIssuerVerify(b *testing.B) {
 				ck     CardKey
 			}
 			var cards []vc
-			var recs []perso.Record
+			var recs []batch.Record
 			var applets []*card.Applet
 			for i := range 8 {
 				rec, a := benchCard(b, is, p, []byte{0xAC, byte(i)})
 				recs = append(recs, rec)
 				applets = append(applets, a)
 			}
-			path := writeBenchBatch(b, b.TempDir(), is, p, len(recs), func(i int) perso.Record { return recs[i] })
+			path := writeBenchBatch(b, b.TempDir(), is, p, len(recs), func(i int) batch.Record { return recs[i] })
 			if _, err := (&Importer{Issuer: is, Store: s, Workers: 1}).ImportFile(ctx, path); err != nil {
 				b.Fatal(err)
 			}

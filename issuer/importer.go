@@ -1,15 +1,12 @@
 package issuer
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"hash/fnv"
 	"io"
 	"log/slog"
@@ -18,24 +15,25 @@ import (
 	"sync"
 	"time"
 
-	"blindperso/perso"
+	"blindperso/batch"
 	"blindperso/protocol"
 )
 
 // DefaultMaxLine is the longest batch line the importer reads; a longer
-// line is rejected (and skipped) without being held in memory. A record
-// of the largest profile (RSA-2048, c of 256 bytes) is about 750 bytes.
-const DefaultMaxLine = 64 << 10
+// line is rejected (and skipped) without being held in memory.
+const DefaultMaxLine = batch.DefaultMaxLine
 
 // Importer streams station batches (docs/BATCH.md) into a Store through
 // the Issuer's token, in constant memory:
 //
-//  1. The manifest is read and the whole batch file is hashed in one
-//     streaming pass; a file whose size, SHA-256 or line count differs
-//     from the manifest, or a manifest for another issuer key, is refused
-//     before any record is imported (the batch row says why).
-//  2. A second streaming pass reads the records line by line and hands
-//     each to one of Workers goroutines, chosen by a hash of the card Id,
+//  1. The manifest is parsed (batch.ParseManifest, strict) and the whole
+//     batch file is hashed in one streaming pass; a file whose name,
+//     size, SHA-256 or line count differs from the manifest, or a
+//     manifest for another issuer key, is refused before any record is
+//     imported (the batch row says why).
+//  2. A second streaming pass reads the records line by line
+//     (batch.Scan: the one strict record parser) and hands each to one
+//     of Workers goroutines, chosen by a hash of the card Id,
 //     so that records for one Id are handled in file order (the first c
 //     in the file is the one kept, on every run). Each worker validates
 //     the record, skips the token when the store already has the Id, has
@@ -82,16 +80,18 @@ const ReasonTokenRefused = "token refused c"
 // ImportFile imports the batch at path (with path.manifest.json beside
 // it) and returns the batch's report.
 func (im *Importer) ImportFile(ctx context.Context, path string) (BatchReport, error) {
-	mraw, err := os.ReadFile(perso.ManifestPath(path))
+	mraw, err := os.ReadFile(batch.ManifestPath(path))
 	if err != nil {
+		if _, serr := os.Stat(path); serr != nil {
+			return BatchReport{}, fmt.Errorf("batch %s: %w", path, serr)
+		}
 		return BatchReport{}, fmt.Errorf("read manifest: %w", err)
 	}
-	var m perso.Manifest
-	if err := json.Unmarshal(mraw, &m); err != nil {
-		return BatchReport{}, fmt.Errorf("manifest %s: %w", perso.ManifestPath(path), err)
-	}
-	if len(m.SHA256) != sha256.Size {
-		return BatchReport{}, fmt.Errorf("manifest %s: sha256 is %d bytes, want 32", perso.ManifestPath(path), len(m.SHA256))
+	// A manifest that does not parse (docs/BATCH.md) has no trustworthy
+	// sha256 to name a batch row by: an error, nothing stored.
+	m, err := batch.ParseManifest(mraw)
+	if err != nil {
+		return BatchReport{}, fmt.Errorf("manifest %s: %w", batch.ManifestPath(path), err)
 	}
 	id := hex.EncodeToString(m.SHA256)
 	refuse := func(reason string) (BatchReport, error) {
@@ -100,22 +100,28 @@ func (im *Importer) ImportFile(ctx context.Context, path string) (BatchReport, e
 		}
 		return BatchReport{}, &BatchRefusedError{Path: path, Reason: reason}
 	}
-	if m.Format != perso.BatchFormat {
-		return refuse(fmt.Sprintf("manifest format %q, want %q", m.Format, perso.BatchFormat))
+	if err := m.CheckName(path); err != nil {
+		return refuse(err.Error())
 	}
 	fp := im.Issuer.Key.Fingerprint()
 	if !bytes.Equal(m.IssuerFingerprint, fp[:]) {
 		return refuse(fmt.Sprintf("batch is for issuer key %x, not this issuer's %x", []byte(m.IssuerFingerprint), fp))
 	}
 	// Pass 1: the file is the one the manifest describes.
-	sum, size, lines, err := summarize(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return BatchReport{}, err
 	}
-	if reason := mismatch(m, sum, size, lines); reason != "" {
-		return refuse(reason)
+	sm, err := batch.Summarize(f)
+	f.Close()
+	if err != nil {
+		return BatchReport{}, err
 	}
-	if err := im.Store.BeginBatch(ctx, id, mraw, lines); err != nil {
+	if err := m.Match(sm); err != nil {
+		return refuse(err.Error())
+	}
+	sum := sm.SHA256
+	if err := im.Store.BeginBatch(ctx, id, mraw, sm.Lines); err != nil {
 		return BatchReport{}, err
 	}
 	// Pass 2: the records.
@@ -129,53 +135,9 @@ func (im *Importer) ImportFile(ctx context.Context, path string) (BatchReport, e
 	return im.Store.FinishBatch(ctx, id)
 }
 
-func mismatch(m perso.Manifest, sum []byte, size int64, lines int) string {
-	switch {
-	case size != m.Bytes:
-		return fmt.Sprintf("batch is %d bytes, manifest says %d", size, m.Bytes)
-	case !bytes.Equal(sum, m.SHA256):
-		return "batch SHA-256 differs from the manifest's"
-	case lines != m.Count:
-		return fmt.Sprintf("batch has %d lines, manifest says %d records", lines, m.Count)
-	}
-	return ""
-}
-
-// summarize hashes the file and counts its lines (a last line without
-// '\n' counts) in one pass of constant memory.
-func summarize(path string) (sum []byte, size int64, lines int, err error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, 0, 0, err
-	}
-	defer f.Close()
-	h := sha256.New()
-	buf := make([]byte, 64<<10)
-	last := byte('\n')
-	for {
-		n, err := f.Read(buf)
-		if n > 0 {
-			h.Write(buf[:n])
-			size += int64(n)
-			lines += bytes.Count(buf[:n], []byte{'\n'})
-			last = buf[n-1]
-		}
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return nil, 0, 0, err
-		}
-	}
-	if last != '\n' {
-		lines++
-	}
-	return h.Sum(nil), size, lines, nil
-}
-
 type job struct {
 	line int
-	rec  perso.Record
+	rec  batch.Record
 	// known: the Id is stored or pending (no token work), as found by
 	// the worker's lookup of the records queued with this one.
 	known bool
@@ -245,7 +207,7 @@ func (p *pending) done(rs []RecordResult) {
 // them in groups (whatever has arrived, up to maxGroup, per transaction).
 // Records of one Id go through one worker and the one writer channel, so
 // they are written in file order.
-func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Manifest) ([]byte, error) {
+func (im *Importer) stream(ctx context.Context, path, batchID string, m batch.Manifest) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -331,7 +293,7 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 					for k := 0; k < len(sent) && !j.known; k++ {
 						j.known = bytes.Equal(sent[k], j.rec.ID)
 					}
-					r, err := im.card(ctx, batch, m, j)
+					r, err := im.card(ctx, batchID, m, j)
 					if err != nil {
 						cancel(err)
 						break
@@ -344,21 +306,20 @@ func (im *Importer) stream(ctx context.Context, path, batch string, m perso.Mani
 		}(queues[i])
 	}
 	h := sha256.New()
-	rerr := im.read(ctx, f, h, func(line int, raw []byte, reason string) error {
-		if reason == "" {
-			rec, err := parseRecord(raw)
-			if err == nil {
-				hh := fnv.New32a()
-				hh.Write(rec.ID)
-				select {
-				case queues[int(hh.Sum32()%uint32(n))] <- job{line: line, rec: rec}:
-				case <-ctx.Done():
-				}
-				return nil
-			}
-			reason = "unparsable record: " + err.Error()
+	rerr := batch.Scan(io.TeeReader(f, h), im.MaxLine, func(line int, rec batch.Record, err error) error {
+		if cerr := ctx.Err(); cerr != nil {
+			return cerr
 		}
-		send(RecordResult{Batch: batch, Line: line, Reason: reason})
+		if err != nil {
+			send(RecordResult{Batch: batchID, Line: line, Reason: err.Error()})
+			return nil
+		}
+		hh := fnv.New32a()
+		hh.Write(rec.ID)
+		select {
+		case queues[int(hh.Sum32()%uint32(n))] <- job{line: line, rec: rec}:
+		case <-ctx.Done():
+		}
 		return nil
 	})
 	for _, q := range queues {
@@ -489,87 +450,13 @@ func (im *Importer) write(ctx context.Context, q *resultQueue, pend *pending, st
 	}
 }
 
-// read calls fn for every line of r (numbered from 1, without its '\n'),
-// with a reason when the line is refused before parsing: too long (it is
-// skipped without being held in memory), empty, or a torn last line.
-func (im *Importer) read(ctx context.Context, r io.Reader, h hash.Hash, fn func(line int, raw []byte, reason string) error) error {
-	maxLine := im.MaxLine
-	if maxLine <= 0 {
-		maxLine = DefaultMaxLine
-	}
-	br := bufio.NewReaderSize(io.TeeReader(r, h), maxLine)
-	for line := 1; ; line++ {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		b, err := br.ReadSlice('\n')
-		switch {
-		case errors.Is(err, bufio.ErrBufferFull):
-			for errors.Is(err, bufio.ErrBufferFull) {
-				_, err = br.ReadSlice('\n')
-			}
-			if err != nil && err != io.EOF {
-				return err
-			}
-			if ferr := fn(line, nil, fmt.Sprintf("line longer than %d bytes", maxLine)); ferr != nil {
-				return ferr
-			}
-			if err == io.EOF {
-				return nil
-			}
-			continue
-		case err == io.EOF:
-			if len(b) > 0 {
-				return fn(line, nil, "torn last line (no newline at its end)")
-			}
-			return nil
-		case err != nil:
-			return err
-		}
-		b = bytes.TrimSuffix(b, []byte{'\n'})
-		if len(bytes.TrimSpace(b)) == 0 {
-			if err := fn(line, nil, "empty line"); err != nil {
-				return err
-			}
-			continue
-		}
-		if err := fn(line, bytes.Clone(b), ""); err != nil {
-			return err
-		}
-	}
-}
-
-// parseRecord parses one batch line strictly (docs/BATCH.md): known
-// fields only, version 1, an Id of 1 to 16 bytes and a c.
-func parseRecord(line []byte) (perso.Record, error) {
-	var rec perso.Record
-	dec := json.NewDecoder(bytes.NewReader(line))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&rec); err != nil {
-		return rec, err
-	}
-	if dec.More() {
-		return rec, errors.New("more than one JSON value on the line")
-	}
-	if rec.V != perso.BatchVersion {
-		return rec, fmt.Errorf("record version %d, want %d", rec.V, perso.BatchVersion)
-	}
-	if len(rec.ID) == 0 || len(rec.ID) > protocol.MaxIDLen {
-		return rec, fmt.Errorf("id of %d bytes, want 1 to %d", len(rec.ID), protocol.MaxIDLen)
-	}
-	if len(rec.C) == 0 {
-		return rec, errors.New("record without c")
-	}
-	return rec, nil
-}
-
 // card handles one parsed record: its result is a reject or a card (new,
 // or found already stored or pending: then without a wrapped key, and
 // PutResults decides duplicate or conflict). Its error is not about the
 // record: it stops the import.
-func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j job) (RecordResult, error) {
+func (im *Importer) card(ctx context.Context, batchID string, m batch.Manifest, j job) (RecordResult, error) {
 	rec := j.rec
-	res := RecordResult{Batch: batch, Line: j.line}
+	res := RecordResult{Batch: batchID, Line: j.line}
 	reject := func(reason string) (RecordResult, error) {
 		res.Reason = reason
 		return res, nil
@@ -606,13 +493,13 @@ func (im *Importer) card(ctx context.Context, batch string, m perso.Manifest, j 
 				return res, ctx.Err()
 			}
 			if im.Log != nil {
-				im.Log.Warn("token refused c", "batch", batch, "line", j.line, "card", fmt.Sprintf("%X", []byte(rec.ID)), "err", err)
+				im.Log.Warn("token refused c", "batch", batchID, "line", j.line, "card", fmt.Sprintf("%x", []byte(rec.ID)), "err", err)
 			}
 			return reject(ReasonTokenRefused)
 		}
 	}
 	res.Card = &StoredCard{
-		CardKey: ck, IssuerKeyLabel: im.Issuer.Key.Label, CSHA256: ch[:], Batch: batch, Line: j.line,
+		CardKey: ck, IssuerKeyLabel: im.Issuer.Key.Label, CSHA256: ch[:], Batch: batchID, Line: j.line,
 	}
 	return res, nil
 }

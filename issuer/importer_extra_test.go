@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -11,47 +12,10 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/hsm"
-	"blindperso/perso"
 	"blindperso/protocol"
 )
-
-// FuzzParseRecord: the batch line parser never panics; an accepted line
-// is a record the importer can use; a refused one says why.
-func FuzzParseRecord(f *testing.F) {
-	for _, s := range []string{
-		`{"v":1,"id":"b101","c":"0411","profile":"ecdh-p256-aes","issuer_fingerprint":"00","time":"2026-01-01T00:00:00Z"}`,
-		`{"v":1,"id":"` + strings.Repeat("ab", 16) + `","c":"00","profile":"x","issuer_fingerprint":"00","time":"2026-01-01T00:00:00Z"}`,
-		`{"v":1,"id":"` + strings.Repeat("ab", 17) + `","c":"00"}`,
-		`{"v":2,"id":"b1","c":"00"}`,
-		`{"v":1,"id":"","c":"00"}`,
-		`{"v":1,"id":"b1"}`,
-		`{"v":1,"id":"zz","c":"00"}`,
-		`{"v":1,"id":"b1","c":"00","extra":1}`,
-		`{"v":1,"id":"b1","c":"00"} {"v":1}`,
-		`{"v":1,"id":"b1","c":"00","time":"yesterday"}`,
-		`not json`, `[]`, `null`, `{}`, `"`, `{"v":1e400}`, "",
-	} {
-		f.Add([]byte(s))
-	}
-	f.Fuzz(func(t *testing.T, line []byte) {
-		rec, err := parseRecord(line)
-		if err != nil {
-			if strings.TrimSpace(err.Error()) == "" {
-				t.Fatalf("error without a message for %q", line)
-			}
-			return
-		}
-		if rec.V != 1 || len(rec.ID) == 0 || len(rec.ID) > protocol.MaxIDLen || len(rec.C) == 0 {
-			t.Fatalf("accepted %q as %+v", line, rec)
-		}
-		// What was accepted survives a write and a re-read unchanged.
-		again, err := parseRecord([]byte(recordLine(t, rec)))
-		if err != nil || !bytes.Equal(again.ID, rec.ID) || !bytes.Equal(again.C, rec.C) || again.Profile != rec.Profile {
-			t.Fatalf("re-parse of %+v: %+v, %v", rec, again, err)
-		}
-	})
-}
 
 // Two issuer instances (two store handles, two goroutines) import
 // different batches into one PostgreSQL at the same time: the store ends
@@ -149,7 +113,7 @@ func TestImportSameIDAcrossGroups(t *testing.T) {
 			content.WriteString(recordLine(t, r))
 		}
 	}
-	for _, r := range []perso.Record{refused, x, x, other} {
+	for _, r := range []batch.Record{refused, x, x, other} {
 		fill(70) // more than a lookup list
 		content.WriteString(recordLine(t, r))
 	}
@@ -303,5 +267,54 @@ func TestImportRecycles(t *testing.T) {
 		if err != nil || !res.OK {
 			t.Errorf("card %x after recycling: %+v, %v", c.rec.ID, res, err)
 		}
+	}
+}
+
+// The importer reads the manifest with batch.ParseManifest: a renamed
+// batch is refused (batch row), a manifest that breaks a rule is an
+// error that stores nothing.
+func TestImportManifestRules(t *testing.T) {
+	is := newIssuer(t, hsm.KindP256)
+	p := protocol.ECDHP256AES
+	cards := makeCards(t, is, p, 1)
+	path := batchOf(t, is, p, cards...)
+	s := openStore(t, filepath.Join(t.TempDir(), "d"))
+	im := &Importer{Issuer: is, Store: s, Workers: 1}
+
+	renamed := filepath.Join(filepath.Dir(path), "renamed.ndjson")
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	raw, err := os.ReadFile(batch.ManifestPath(path))
+	must(err)
+	content, err := os.ReadFile(path)
+	must(err)
+	must(os.WriteFile(renamed, content, 0o644))
+	must(os.WriteFile(batch.ManifestPath(renamed), raw, 0o644))
+	if _, err := im.ImportFile(context.Background(), renamed); err == nil || !strings.Contains(err.Error(), `manifest names batch "batch.ndjson", but the file is "renamed.ndjson"`) {
+		t.Fatalf("renamed batch: %v", err)
+	}
+	if _, err := s.Card(context.Background(), cards[0].rec.ID); err == nil {
+		t.Fatal("a card of a renamed batch was stored")
+	}
+
+	for _, tc := range []struct{ name, from, to, want string }{
+		{"unknown field", `"station":`, `"extra":1,"station":`, `unknown field "extra" in manifest`},
+		{"no station", `"station":"test",`, ``, `field "station": missing`},
+		{"repeated count", `"count":`, `"count":7,"count":`, `repeats member "count"`},
+		{"other format", `batch/1"`, `batch/2"`, `manifest format "blindperso-batch/2"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if !strings.Contains(string(raw), tc.from) {
+				t.Fatalf("manifest %s has no %s", raw, tc.from)
+			}
+			must(os.WriteFile(batch.ManifestPath(path), []byte(strings.Replace(string(raw), tc.from, tc.to, 1)), 0o644))
+			if _, err := im.ImportFile(context.Background(), path); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want %q", err, tc.want)
+			}
+		})
 	}
 }

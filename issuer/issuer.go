@@ -10,8 +10,8 @@ import (
 	"fmt"
 	"sync"
 
+	"blindperso/batch"
 	"blindperso/hsm"
-	"blindperso/perso"
 	"blindperso/protocol"
 )
 
@@ -55,18 +55,18 @@ func (is *Issuer) cardKeys() *hsm.CardKeys {
 // Import derives one card's K_I from its record in the token and returns
 // it wrapped. A record for another issuer key, an unknown profile, or a c
 // the token refuses is an error naming the card.
-func (is *Issuer) Import(ctx context.Context, rec perso.Record) (CardKey, error) {
+func (is *Issuer) Import(ctx context.Context, rec batch.Record) (CardKey, error) {
 	fp := is.Key.Fingerprint()
 	if !bytes.Equal(rec.Fingerprint, fp[:]) {
-		return CardKey{}, fmt.Errorf("card %X: personalized under issuer key %x, not this issuer's %x", []byte(rec.ID), []byte(rec.Fingerprint), fp)
+		return CardKey{}, fmt.Errorf("card %x: personalized under issuer key %x, not this issuer's %x", []byte(rec.ID), []byte(rec.Fingerprint), fp)
 	}
 	p, err := protocol.ProfileByName(rec.Profile)
 	if err != nil {
-		return CardKey{}, fmt.Errorf("card %X: %w", []byte(rec.ID), err)
+		return CardKey{}, fmt.Errorf("card %x: %w", []byte(rec.ID), err)
 	}
 	blob, err := is.cardKeys().Import(ctx, p, rec.C)
 	if err != nil {
-		return CardKey{}, fmt.Errorf("import card %X: %w", []byte(rec.ID), err)
+		return CardKey{}, fmt.Errorf("import card %x: %w", []byte(rec.ID), err)
 	}
 	return CardKey{ID: rec.ID, Profile: p.Name, IssuerFingerprint: fp[:], Blob: blob}, nil
 }
@@ -77,7 +77,7 @@ func (is *Issuer) Import(ctx context.Context, rec perso.Record) (CardKey, error)
 func (is *Issuer) Verify(ctx context.Context, ck CardKey, challenge, mac []byte) (bool, error) {
 	ok, err := is.cardKeys().Verify(ctx, ck.Blob, ck.ID, challenge, mac)
 	if err != nil {
-		return false, fmt.Errorf("verify card %X: %w", []byte(ck.ID), err)
+		return false, fmt.Errorf("verify card %x: %w", []byte(ck.ID), err)
 	}
 	return ok, nil
 }

@@ -11,10 +11,11 @@ import (
 	"path/filepath"
 	"testing"
 
+	"blindperso/batch"
 	"blindperso/card"
+	"blindperso/card/cardtest"
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
-	"blindperso/perso"
 	"blindperso/protocol"
 )
 
@@ -59,7 +60,7 @@ func newIssuerToken(t *testing.T, kind string) (*Issuer, string) {
 
 // personalize runs a virtual card through the station's one-card flow
 // under spki and returns its record and the card.
-func personalize(t *testing.T, p protocol.Profile, spki []byte, id byte) (perso.Record, *card.Applet) {
+func personalize(t *testing.T, p protocol.Profile, spki []byte, id byte) (batch.Record, *card.Applet) {
 	t.Helper()
 	a, err := card.Manufacture(filepath.Join(t.TempDir(), "card.json"), card.Options{ID: []byte{0xB1, id}})
 	if err != nil {
@@ -69,27 +70,11 @@ func personalize(t *testing.T, p protocol.Profile, spki []byte, id byte) (perso.
 	if err != nil {
 		t.Fatal(err)
 	}
-	job, err := perso.NewJob(p, key, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := &memLedger{}
-	rec, _, err := job.Personalize(&card.Client{T: a.Local()}, "test", l)
+	rec, err := cardtest.Personalize(a, p, key, "test")
 	if err != nil {
 		t.Fatal(err)
 	}
 	return rec, a
-}
-
-// memLedger keeps the one record of a test card.
-type memLedger struct{ rec *perso.Record }
-
-func (l *memLedger) Commit(r perso.Record) error { l.rec = &r; return nil }
-func (l *memLedger) Lookup([]byte) ([]byte, bool) {
-	if l.rec == nil {
-		return nil, false
-	}
-	return l.rec.C, true
 }
 
 func authenticate(t *testing.T, a *card.Applet, challenge []byte) []byte {

@@ -272,7 +272,7 @@ func (r *rotation) write(ctx context.Context, out <-chan rotated, stop func(erro
 			if err := rt.errs[i]; err != nil {
 				failed = append(failed, RotateFailure{CardID: c.ID, Reason: err.Error()})
 				if r.opt.Log != nil {
-					r.opt.Log.Warn("blob not re-wrapped", "card", fmt.Sprintf("%X", []byte(c.ID)), "err", err)
+					r.opt.Log.Warn("blob not re-wrapped", "card", fmt.Sprintf("%x", []byte(c.ID)), "err", err)
 				}
 				continue
 			}

@@ -18,10 +18,10 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/card/cardtest"
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
-	"blindperso/perso"
 	"blindperso/protocol"
 )
 
@@ -53,7 +53,7 @@ func hostBatch(tb testing.TB, is *Issuer, p protocol.Profile, n int, base uint64
 					return
 				}
 				cards[i].id = binary.BigEndian.AppendUint64([]byte{0xB2}, base+uint64(i))
-				rec := perso.Record{V: perso.BatchVersion, ID: cards[i].id, C: c, Profile: p.Name, Fingerprint: fp[:], Time: time.Unix(0, 0).UTC()}
+				rec := batch.Record{V: batch.Version, ID: cards[i].id, C: c, Profile: p.Name, Fingerprint: fp[:], Time: time.Unix(0, 0).UTC()}
 				lines[i], _ = json.Marshal(rec)
 			}
 		}()
@@ -70,10 +70,10 @@ func hostBatch(tb testing.TB, is *Issuer, p protocol.Profile, n int, base uint64
 		tb.Fatal(err)
 	}
 	sum := sha256.Sum256(content)
-	m := perso.Manifest{Format: perso.BatchFormat, Batch: filepath.Base(path), Count: n, Bytes: int64(len(content)),
+	m := batch.Manifest{Format: batch.Format, Batch: filepath.Base(path), Count: n, Bytes: int64(len(content)),
 		SHA256: sum[:], Profile: p.Name, IssuerFingerprint: fp[:], Station: "test", Written: time.Unix(0, 0).UTC()}
 	b, _ := json.Marshal(m)
-	if err := os.WriteFile(perso.ManifestPath(path), b, 0o644); err != nil {
+	if err := os.WriteFile(batch.ManifestPath(path), b, 0o644); err != nil {
 		tb.Fatal(err)
 	}
 	return cards, path
@@ -161,7 +161,7 @@ func verifyAll(tb testing.TB, tok *hsm.Token, key *hsm.IssuerKeyRef, kek *hsm.KE
 				if !ok || err != nil {
 					mu.Lock()
 					if bad++; bad <= 5 {
-						tb.Errorf("card %X does not authenticate under KEK %s: %v %v", []byte(sc.ID), kek.Label, ok, err)
+						tb.Errorf("card %x does not authenticate under KEK %s: %v %v", []byte(sc.ID), kek.Label, ok, err)
 					}
 					mu.Unlock()
 				}
@@ -368,7 +368,7 @@ func assertNoHostKI(tb testing.TB, kind, dir string, cards []hostCard, more ...s
 	for _, c := range cards {
 		for name, e := range cardtest.Encodings(c.ki) {
 			k := binary.LittleEndian.Uint64(e)
-			idx[k] = append(idx[k], needle{e, fmt.Sprintf("card %X's K_I (%s)", c.id, name)})
+			idx[k] = append(idx[k], needle{e, fmt.Sprintf("card %x's K_I (%s)", c.id, name)})
 		}
 	}
 	files, size := 0, 0

@@ -400,7 +400,7 @@ func (s *sqlStore) CardCHash(ctx context.Context, id []byte) ([]byte, bool, erro
 		return nil, false, nil
 	}
 	if err != nil {
-		return nil, false, fmt.Errorf("store: card %X: %w", id, err)
+		return nil, false, fmt.Errorf("store: card %x: %w", id, err)
 	}
 	b, err := hex.DecodeString(h)
 	return b, err == nil, err
@@ -475,7 +475,7 @@ func (s *sqlStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome
 			continue
 		}
 		if outs[i], err = s.putCard(ctx, x, *r.Card); err != nil {
-			return nil, fmt.Errorf("store: card %X: %w", []byte(r.Card.ID), err)
+			return nil, fmt.Errorf("store: card %x: %w", []byte(r.Card.ID), err)
 		}
 	}
 	if err := tx.Commit(); err != nil {
@@ -632,10 +632,10 @@ var _ = hsm.WrapRFC5649 // the blob columns hold an hsm.Blob
 func (s *sqlStore) Card(ctx context.Context, id []byte) (StoredCard, error) {
 	c, err := scanCard(s.queryRow(ctx, s.db, `SELECT `+cardColumns+` FROM cards WHERE id = ?`, hexID(id)))
 	if errors.Is(err, sql.ErrNoRows) {
-		return c, fmt.Errorf("card %X: %w", id, ErrNotFound)
+		return c, fmt.Errorf("card %x: %w", id, ErrNotFound)
 	}
 	if err != nil {
-		return c, fmt.Errorf("store: card %X: %w", id, err)
+		return c, fmt.Errorf("store: card %x: %w", id, err)
 	}
 	return c, nil
 }
@@ -803,7 +803,7 @@ func (s *sqlStore) BlobsUnderKEK(ctx context.Context, kek string, after []byte, 
 func (s *sqlStore) ReplaceBlobs(ctx context.Context, from string, rs []BlobReplacement) ([]bool, error) {
 	for _, r := range rs {
 		if r.New.KEK == "" || r.New.KEK == from {
-			return nil, fmt.Errorf("store: card %X: the new blob's KEK label is %q (from %q)", r.ID, r.New.KEK, from)
+			return nil, fmt.Errorf("store: card %x: the new blob's KEK label is %q (from %q)", r.ID, r.New.KEK, from)
 		}
 	}
 	tx, err := s.db.BeginTx(ctx, nil)
@@ -891,11 +891,11 @@ func (s *sqlStore) replaceChunk(ctx context.Context, x *stmtCache, from, t strin
 			r.New.Scheme, int64(r.New.Mechanism), r.New.KEK, hex.EncodeToString(r.New.Wrapped), t,
 			hexID(r.ID), from, hex.EncodeToString(r.Old))
 		if err != nil {
-			return fmt.Errorf("store: card %X: replace blob: %w", r.ID, err)
+			return fmt.Errorf("store: card %x: replace blob: %w", r.ID, err)
 		}
 		n, err := res.RowsAffected()
 		if err != nil {
-			return fmt.Errorf("store: card %X: replace blob: %w", r.ID, err)
+			return fmt.Errorf("store: card %x: replace blob: %w", r.ID, err)
 		}
 		done[k] = n == 1
 	}

@@ -14,10 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/card/cardtest"
 	"blindperso/hsm"
-	"blindperso/perso"
 	"blindperso/protocol"
 )
 
@@ -52,7 +52,7 @@ func openStore(t *testing.T, db string) Store {
 
 // vcard is a personalized virtual card: its record and its state file.
 type vcard struct {
-	rec perso.Record
+	rec batch.Record
 	a   *card.Applet
 }
 
@@ -75,7 +75,7 @@ func makeCards(t *testing.T, is *Issuer, p protocol.Profile, ids ...byte) []vcar
 	return out
 }
 
-func recordLine(t *testing.T, r perso.Record) string {
+func recordLine(t *testing.T, r batch.Record) string {
 	t.Helper()
 	b, err := json.Marshal(r)
 	if err != nil {
@@ -97,10 +97,10 @@ func writeBatch(t *testing.T, is *Issuer, p protocol.Profile, content string) st
 		lines++
 	}
 	fp := is.Key.Fingerprint()
-	m := perso.Manifest{Format: perso.BatchFormat, Batch: filepath.Base(path), Count: lines, Bytes: int64(len(content)),
+	m := batch.Manifest{Format: batch.Format, Batch: filepath.Base(path), Count: lines, Bytes: int64(len(content)),
 		SHA256: sum[:], Profile: p.Name, IssuerFingerprint: fp[:], Station: "test", Written: time.Unix(0, 0).UTC()}
 	b, _ := json.Marshal(m)
-	if err := os.WriteFile(perso.ManifestPath(path), b, 0o644); err != nil {
+	if err := os.WriteFile(batch.ManifestPath(path), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	return path
@@ -292,8 +292,8 @@ func TestStoreRejects(t *testing.T) {
 	is := newIssuer(t, hsm.KindRSA2048)
 	p := protocol.RSAOAEPAES
 	cards := makeCards(t, is, p, 1, 2, 3, 4)
-	line := func(r perso.Record) string { return recordLine(t, r) }
-	mod := func(f func(r *perso.Record)) string {
+	line := func(r batch.Record) string { return recordLine(t, r) }
+	mod := func(f func(r *batch.Record)) string {
 		r := cards[0].rec
 		r.C = bytes.Clone(r.C)
 		f(&r)
@@ -309,15 +309,15 @@ func TestStoreRejects(t *testing.T) {
 		{"not json\n", "unparsable"},
 		{line(cards[1].rec), ""},
 		{strings.TrimSuffix(line(cards[2].rec), "}\n") + `,"extra":1}` + "\n", "unknown field"},
-		{mod(func(r *perso.Record) { r.Profile = "rsa-raw-md5"; r.ID = []byte{0xE1} }), "unknown profile"},
-		{mod(func(r *perso.Record) { r.Profile = protocol.ECDHP256AES.Name; r.ID = []byte{0xE2} }), "differs from the manifest"},
-		{mod(func(r *perso.Record) { r.Fingerprint = make([]byte, 32); r.ID = []byte{0xE3} }), "fingerprint"},
-		{mod(func(r *perso.Record) { r.C = r.C[:100]; r.ID = []byte{0xE4} }), "bad c"},
+		{mod(func(r *batch.Record) { r.Profile = "rsa-raw-md5"; r.ID = []byte{0xE1} }), "unknown profile"},
+		{mod(func(r *batch.Record) { r.Profile = protocol.ECDHP256AES.Name; r.ID = []byte{0xE2} }), "differs from the manifest"},
+		{mod(func(r *batch.Record) { r.Fingerprint = make([]byte, 32); r.ID = []byte{0xE3} }), "fingerprint"},
+		{mod(func(r *batch.Record) { r.C = r.C[:100]; r.ID = []byte{0xE4} }), "bad c"},
 		{"\n", "empty line"},
-		{mod(func(r *perso.Record) { r.C = garbage; r.ID = []byte{0xE5} }), "token refused"},
-		{mod(func(r *perso.Record) { r.V = 2; r.ID = []byte{0xE6} }), "version"},
-		{`{"v":1,"id":"` + strings.Repeat("ab", 17) + `","c":"00","profile":"x","issuer_fingerprint":"00","time":"2026-01-01T00:00:00Z"}` + "\n", "id of 17 bytes"},
-		{`{"v":1,"id":"zz"}` + "\n", "unparsable"},
+		{mod(func(r *batch.Record) { r.C = garbage; r.ID = []byte{0xE5} }), "token refused"},
+		{mod(func(r *batch.Record) { r.V = 2; r.ID = []byte{0xE6} }), "version"},
+		{`{"v":1,"id":"` + strings.Repeat("ab", 17) + `","c":"00","profile":"x","issuer_fingerprint":"00","time":"2026-01-01T00:00:00Z"}` + "\n", `field "id": 17 bytes, want 1 to 16`},
+		{`{"v":1,"id":"zz"}` + "\n", `field "id": not hex`},
 		{strings.Repeat("x", 5000) + "\n", "longer than"},
 		{line(cards[0].rec), ""}, // the same (Id, c) again: a duplicate
 		{line(cards[2].rec), ""},

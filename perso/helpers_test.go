@@ -11,6 +11,7 @@ import (
 	"sync"
 	"testing"
 
+	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/card/cardtest"
 	"blindperso/perso"
@@ -114,13 +115,13 @@ func newLog() (*slog.Logger, *logBuffer) {
 // checkFinal asserts the invariants of a finished run: every card locked,
 // exactly one batch record per card whose c the card locked with, and the
 // manifest matching the batch.
-func checkFinal(t testing.TB, batch string, cards []string) []perso.Record {
+func checkFinal(t testing.TB, batchPath string, cards []string) []batch.Record {
 	t.Helper()
-	_, recs, err := perso.VerifyBatch(batch)
+	_, recs, err := readBatch(batchPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	byID := map[string]perso.Record{}
+	byID := map[string]batch.Record{}
 	for _, r := range recs {
 		byID[hex.EncodeToString(r.ID)] = r
 	}
@@ -219,4 +220,12 @@ func countLines(t testing.TB, path string) int {
 		t.Fatal(err)
 	}
 	return bytes.Count(b, []byte{'\n'})
+}
+
+// readBatch checks the batch at path against its manifest (batch.Verify)
+// and returns its records.
+func readBatch(path string) (batch.Manifest, []batch.Record, error) {
+	var recs []batch.Record
+	m, err := batch.Verify(path, func(_ int, r batch.Record) error { recs = append(recs, r); return nil })
+	return m, recs, err
 }

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
@@ -16,13 +15,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
-)
 
-// BatchFormat names the batch format of docs/BATCH.md. Every record line
-// carries its version number (Record.V) and the manifest carries the name.
-const (
-	BatchFormat  = "blindperso-batch/1"
-	BatchVersion = 1
+	"blindperso/batch"
 )
 
 // ErrDuplicateID reports a second card claiming the Id of a card already in
@@ -68,10 +62,6 @@ type entry struct {
 	c   []byte
 	end int64 // offset just past the record's line
 }
-
-// Paths derived from the batch path.
-func ManifestPath(batch string) string { return batch + ".manifest.json" }
-func RejectsPath(batch string) string  { return batch + ".rejects.ndjson" }
 
 // OpenJournal opens (creating if needed) the batch at path for records of
 // profile under the issuer key with fingerprint fp. It repairs a torn last
@@ -133,9 +123,12 @@ func (j *Journal) load() error {
 		if err != nil {
 			return fmt.Errorf("read batch %s: %w", j.path, err)
 		}
-		rec, perr := parseRecord(line)
+		rec, perr := batch.ParseRecord(line[:len(line)-1])
 		if perr != nil {
-			if _, err := r.Peek(1); errors.Is(err, io.EOF) {
+			// Only a last line that is empty or not JSON at all is what a
+			// torn append leaves; a whole JSON line that breaks a rule
+			// was written by something, and may be a locked card's record.
+			if _, err := r.Peek(1); errors.Is(err, io.EOF) && batch.Torn(perr) {
 				j.size = off
 				return j.repairTail(off, line, perr.Error())
 			}
@@ -179,22 +172,6 @@ func (j *Journal) repairTail(off int64, torn []byte, why string) error {
 	return nil
 }
 
-func parseRecord(line []byte) (Record, error) {
-	var rec Record
-	dec := json.NewDecoder(bytes.NewReader(line))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&rec); err != nil {
-		return rec, err
-	}
-	if rec.V != BatchVersion {
-		return rec, fmt.Errorf("record version %d, want %d", rec.V, BatchVersion)
-	}
-	if len(rec.ID) == 0 || len(rec.C) == 0 {
-		return rec, errors.New("record without id or c")
-	}
-	return rec, nil
-}
-
 // Lookup returns the c recorded for card id, if any.
 func (j *Journal) Lookup(id []byte) ([]byte, bool) {
 	j.mu.Lock()
@@ -218,14 +195,12 @@ func (j *Journal) Len() int {
 //
 // Concurrent commits share fsyncs: a sync covers every line written
 // before it started (group commit), so many readers cost few syncs.
-func (j *Journal) Commit(rec Record) error {
-	rec.V = BatchVersion
+func (j *Journal) Commit(rec batch.Record) error {
 	id := hex.EncodeToString(rec.ID)
-	line, err := json.Marshal(rec)
+	line, err := batch.MarshalRecord(rec)
 	if err != nil {
 		return err
 	}
-	line = append(line, '\n')
 
 	j.mu.Lock()
 	if j.failed != nil {
@@ -293,12 +268,12 @@ func (j *Journal) syncTo(end int64) error {
 
 // reject writes a duplicate-Id record to the rejects file (synced) and
 // returns ErrDuplicateID.
-func (j *Journal) reject(rec Record, line []byte) error {
+func (j *Journal) reject(rec batch.Record, line []byte) error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	dupErr := fmt.Errorf("%w: card %X is already in the batch with another c; kept the first record, this card stays unlocked: set it aside", ErrDuplicateID, []byte(rec.ID))
+	dupErr := fmt.Errorf("%w: card %x is already in the batch with another c; kept the first record, this card stays unlocked: set it aside", ErrDuplicateID, []byte(rec.ID))
 	if j.rejects == nil {
-		f, err := os.OpenFile(RejectsPath(j.path), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		f, err := os.OpenFile(batch.RejectsPath(j.path), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 		if err != nil {
 			return fmt.Errorf("%w (and recording it failed: %v)", dupErr, err)
 		}

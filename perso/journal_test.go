@@ -9,13 +9,14 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/perso"
 	"blindperso/perso/persotest"
 	"blindperso/protocol"
 )
 
-func rec(id byte, c string) perso.Record {
-	return perso.Record{ID: []byte{id}, C: []byte(c), Profile: "ecdh-p256-aes", Fingerprint: make([]byte, 32), Time: time.Unix(0, 0).UTC()}
+func rec(id byte, c string) batch.Record {
+	return batch.Record{ID: []byte{id}, C: []byte(c), Profile: "ecdh-p256-aes", Fingerprint: make([]byte, 32), Time: time.Unix(0, 0).UTC()}
 }
 
 // Opening a batch: what is repaired, what is refused, with which words.
@@ -46,6 +47,13 @@ func TestOpenJournal(t *testing.T) {
 		{"corrupt middle line", "garbage\n" + `{"v":1,"id":"09","c":"63","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", "line 4 is corrupt", 0},
 		{"other profile", "", "rsa-oaep-aes", "holds records for profile ecdh-p256-aes", 0},
 		{"repeated id", `{"v":1,"id":"01","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", "repeats card 01", 0},
+		{"torn, empty last line", "\n", "ecdh-p256-aes", "", 3},
+		// A whole last line that is JSON but breaks a rule was not left by a
+		// crash (it may be a locked card's record): refused, not cut.
+		{"upper-case id on the last line", `{"v":1,"id":"0A","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (field "id": upper-case hex digit`, 0},
+		{"offset time on the last line", `{"v":1,"id":"0a","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T02:00:00+02:00"}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (field "time"`, 0},
+		{"CRLF on the last line", `{"v":1,"id":"0a","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\r\n", "ecdh-p256-aes", "line 4 is corrupt (line ends in CR LF", 0},
+		{"repeated member on the last line", `{"v":2,"v":1,"id":"0a","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (record repeats member "v"`, 0},
 		{"future version", `{"v":2,"id":"07","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n" + "{}\n", "ecdh-p256-aes", "record version 2", 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -71,8 +79,8 @@ func TestOpenJournal(t *testing.T) {
 				t.Fatal(err)
 			}
 			perso.WriteManifest(j, "t")
-			if _, recs, err := perso.VerifyBatch(path); err != nil || len(recs) != tc.wantLen+1 {
-				t.Fatalf("VerifyBatch: %d records, %v", len(recs), err)
+			if _, recs, err := readBatch(path); err != nil || len(recs) != tc.wantLen+1 {
+				t.Fatalf("readBatch: %d records, %v", len(recs), err)
 			}
 		})
 	}
@@ -167,5 +175,22 @@ func TestJournalReadOnly(t *testing.T) {
 	_, err := perso.OpenJournal(filepath.Join(fs, "batch.ndjson"), "ecdh-p256-aes", make([]byte, 32), nil)
 	if err == nil || !strings.Contains(err.Error(), "read-only file system") {
 		t.Fatalf("err = %v, want read-only", err)
+	}
+}
+
+// A batch that starts with a UTF-8 BOM is refused, even when its one
+// line is the last: a BOM is not what a torn append leaves.
+func TestOpenJournalBOM(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "b.ndjson")
+	line := `{"v":1,"id":"01","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n"
+	if err := os.WriteFile(path, []byte("\uFEFF"+line), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := perso.OpenJournal(path, "ecdh-p256-aes", make([]byte, 32), nil)
+	if err == nil || !strings.Contains(err.Error(), "line 1 is corrupt (starts with a UTF-8 byte order mark") {
+		t.Fatalf("err = %v", err)
+	}
+	if b, _ := os.ReadFile(path); string(b) != "\uFEFF"+line {
+		t.Fatal("the batch was changed")
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/perso"
 	"blindperso/perso/persotest"
 	"blindperso/protocol"
@@ -169,21 +170,21 @@ func TestDuplicateID(t *testing.T) {
 	a := manufacture(t, filepath.Join(dir), 4, 1)
 	twinDir := filepath.Join(dir, "twin")
 	b := manufacture(t, mkdir(t, twinDir), 4, 1) // same Id
-	batch := filepath.Join(dir, "batch.ndjson")
+	batchPath := filepath.Join(dir, "batch.ndjson")
 	log, logs := newLog()
-	j := openJournal(t, job, batch, log)
+	j := openJournal(t, job, batchPath, log)
 	st := &perso.Station{Job: job, Ledger: j, Log: log}
 	runLocal(t, st, 1, hopper(persotest.AppletCard(open(t, a[0])), persotest.AppletCard(open(t, b[0]))))
 	perso.WriteManifest(j, "test")
 	j.Close()
-	checkFinal(t, batch, a)
+	checkFinal(t, batchPath, a)
 	if lc := open(t, b[0]).LifeCycle(); lc != protocol.Personalized {
 		t.Errorf("twin is %v, want personalized (unlocked)", lc)
 	}
 	if !strings.Contains(logs.String(), "duplicate card Id") {
 		t.Errorf("duplicate not flagged:\n%s", logs)
 	}
-	if n := countLines(t, perso.RejectsPath(batch)); n != 1 {
+	if n := countLines(t, batch.RejectsPath(batchPath)); n != 1 {
 		t.Errorf("rejects file has %d lines, want 1", n)
 	}
 }

@@ -10,22 +10,11 @@ import (
 	"fmt"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/internal/iso7816"
 	"blindperso/protocol"
 )
-
-// Record is what the station keeps of one card: one line of the batch.
-// Every field is public.
-type Record struct {
-	V           int          `json:"v"`
-	ID          protocol.Hex `json:"id"`
-	C           protocol.Hex `json:"c"`
-	Profile     string       `json:"profile"`
-	Fingerprint protocol.Hex `json:"issuer_fingerprint"`
-	Reader      string       `json:"reader,omitempty"`
-	Time        time.Time    `json:"time"`
-}
 
 // Job is what every card of a run gets: one profile, one issuer key.
 type Job struct {
@@ -49,7 +38,7 @@ func NewJob(p protocol.Profile, key *protocol.IssuerKey, expect []byte) (Job, er
 type Ledger interface {
 	// Commit returns nil only once rec survives a crash. The station
 	// calls it before LOCK.
-	Commit(rec Record) error
+	Commit(rec batch.Record) error
 	// Lookup returns the c on record for a card Id.
 	Lookup(id []byte) (c []byte, ok bool)
 }
@@ -103,56 +92,56 @@ var (
 //
 // The returned record carries the card's Id as soon as it is known, also
 // with an error, so failures can name the card.
-func (j Job) Personalize(c *card.Client, reader string, l Ledger) (Record, Outcome, error) {
+func (j Job) Personalize(c *card.Client, reader string, l Ledger) (batch.Record, Outcome, error) {
 	if err := c.Select(); err != nil {
-		return Record{}, 0, err
+		return batch.Record{}, 0, err
 	}
 	id, err := c.ID()
 	if err != nil {
-		return Record{}, 0, err
+		return batch.Record{}, 0, err
 	}
 	fp := j.Key.Fingerprint()
-	rec := Record{V: BatchVersion, ID: id, Profile: j.Profile.Name, Fingerprint: fp[:], Reader: reader}
+	rec := batch.Record{V: batch.Version, ID: id, Profile: j.Profile.Name, Fingerprint: fp[:], Reader: reader}
 	st, err := c.Status()
 	if err != nil {
-		return rec, 0, fmt.Errorf("card %X: %w", id, err)
+		return rec, 0, fmt.Errorf("card %x: %w", id, err)
 	}
 	outcome := Personalized
 	switch st.State {
 	case protocol.Locked:
 		if st.ProfileID != j.Profile.ID || st.Fingerprint != fp {
-			return rec, 0, fmt.Errorf("card %X: %w (profile id %#x, key %x)", id, ErrForeign, st.ProfileID, st.Fingerprint)
+			return rec, 0, fmt.Errorf("card %x: %w (profile id %#x, key %x)", id, ErrForeign, st.ProfileID, st.Fingerprint)
 		}
 		if _, ok := l.Lookup(id); !ok {
-			return rec, 0, fmt.Errorf("card %X: %w: set it aside", id, ErrLockedUnknown)
+			return rec, 0, fmt.Errorf("card %x: %w: set it aside", id, ErrLockedUnknown)
 		}
 		return rec, AlreadyDone, nil
 	case protocol.Personalized:
 		if st.ProfileID != j.Profile.ID || st.Fingerprint != fp {
-			return rec, 0, fmt.Errorf("card %X: %w (profile id %#x, key %x): set it aside", id, ErrForeign, st.ProfileID, st.Fingerprint)
+			return rec, 0, fmt.Errorf("card %x: %w (profile id %#x, key %x): set it aside", id, ErrForeign, st.ProfileID, st.Fingerprint)
 		}
 		outcome = Recovered
 		rec.C, err = c.ReadCiphertext()
 	case protocol.Blank:
 		rec.C, err = c.Personalize(j.Profile, j.Key.SPKI)
 	default:
-		return rec, 0, fmt.Errorf("card %X reports life-cycle state %v", id, st.State)
+		return rec, 0, fmt.Errorf("card %x reports life-cycle state %v", id, st.State)
 	}
 	if err != nil {
-		return rec, 0, fmt.Errorf("card %X: %w", id, err)
+		return rec, 0, fmt.Errorf("card %x: %w", id, err)
 	}
 	if err := protocol.ValidCiphertext(j.Profile, j.Key, rec.C); err != nil {
-		return rec, 0, fmt.Errorf("card %X: %w (%d bytes): %v; not recorded, not locked", id, ErrBadCiphertext, len(rec.C), err)
+		return rec, 0, fmt.Errorf("card %x: %w (%d bytes): %v; not recorded, not locked", id, ErrBadCiphertext, len(rec.C), err)
 	}
 	rec.Time = time.Now().UTC()
 	if err := l.Commit(rec); err != nil {
-		return rec, 0, fmt.Errorf("card %X: record not stored, card left unlocked (c can be read back): %w", id, err)
+		return rec, 0, fmt.Errorf("card %x: record not stored, card left unlocked (c can be read back): %w", id, err)
 	}
 	if err := c.Lock(rec.C); err != nil {
 		if sw := iso7816.SW(0); errors.As(err, &sw) {
-			return rec, 0, fmt.Errorf("card %X: recorded but %w", id, err) // refused: not locked
+			return rec, 0, fmt.Errorf("card %x: recorded but %w", id, err) // refused: not locked
 		}
-		return rec, 0, fmt.Errorf("card %X: recorded but %w: %w", id, ErrLockUnconfirmed, err)
+		return rec, 0, fmt.Errorf("card %x: recorded but %w: %w", id, ErrLockUnconfirmed, err)
 	}
 	return rec, outcome, nil
 }

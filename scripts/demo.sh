@@ -317,6 +317,7 @@ done
 for v in "${victims[@]}"; do
 	id=$(basename "$v" .json)
 	id=${id#card-}
+	id=$(printf %s "$id" | tr A-F a-f) # card Ids are printed in lower-case hex everywhere
 	echo "   $id: $(grep " $id " "$out/api/auth-attacked.txt" | cut -d' ' -f4- | paste -sd, | sed 's/,/, /g; s/not-active/then no challenge/')"
 done
 
@@ -325,6 +326,7 @@ caught=0 active=0
 for c in "${victims[@]}" "${honest[@]}"; do
 	id=$(basename "$c" .json)
 	id=${id#card-}
+	id=$(printf %s "$id" | tr A-F a-f) # card Ids are printed in lower-case hex everywhere
 	api GET "/v1/cards/$id" admin >"$out/api/card-$id.json" || true
 	state=$(json_field state <"$out/api/card-$id.json")
 	case $c in

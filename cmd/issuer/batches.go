@@ -116,7 +116,7 @@ looks; see docs/ISSUER.md).`,
 			fmt.Fprintf(w, "line %d: rejected: %s\n", r.Line, r.Reason)
 		}
 		for _, k := range d.ConflictList {
-			fmt.Fprintf(w, "line %d: CONFLICT: card %X stored with another c\n", k.Line, []byte(k.CardID))
+			fmt.Fprintf(w, "line %d: CONFLICT: card %x stored with another c\n", k.Line, []byte(k.CardID))
 		}
 		return nil
 	}

@@ -136,7 +136,7 @@ conflicted. See docs/ISSUER.md.
 				fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: rejected: %s\n", batch, r.Line, r.Reason)
 			}
 			for _, k := range d.ConflictList {
-				fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: CONFLICT: card %X is stored with another c (possible active attack or double personalization); the stored key is kept\n", batch, k.Line, []byte(k.CardID))
+				fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: CONFLICT: card %x is stored with another c (possible active attack or double personalization); the stored key is kept\n", batch, k.Line, []byte(k.CardID))
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "batch %s: %d records: %d cards imported, %d duplicates, %d conflicts, %d rejected\n",
 				rep.ID, rep.Records, rep.Imported, rep.Duplicates, rep.Conflicts, rep.Rejects)
@@ -241,7 +241,7 @@ blocked, refused, challenge-refused) and admin block/unblock.`,
 			}{card, log})
 		}
 		w := cmd.OutOrStdout()
-		fmt.Fprintf(w, "card         %X\n", []byte(card.ID))
+		fmt.Fprintf(w, "card         %x\n", []byte(card.ID))
 		fmt.Fprintf(w, "state        %s%s\n", card.State, paren(card.StateReason))
 		fmt.Fprintf(w, "failed auth  %d\n", card.FailedAuth)
 		fmt.Fprintf(w, "profile      %s\n", card.Profile)
@@ -302,7 +302,7 @@ func cardsListCmd() *cobra.Command {
 			return printJSON(cmd, cards)
 		}
 		for _, c := range cards {
-			fmt.Fprintf(cmd.OutOrStdout(), "%-32X %-8s failed %d  %s  batch %.12s… line %d%s\n",
+			fmt.Fprintf(cmd.OutOrStdout(), "%-32x %-8s failed %d  %s  batch %.12s… line %d%s\n",
 				[]byte(c.ID), c.State, c.FailedAuth, c.Profile, c.Batch, c.Line, paren(c.StateReason))
 		}
 		return nil
@@ -455,11 +455,11 @@ error (exit 1) that does not count against the card: get a new one.
 		case issuer.AuthOK:
 			return nil
 		case issuer.AuthFailed:
-			return fmt.Errorf("card %X: MAC does not verify (%d of %d failures before it is blocked)", id, res.FailedAuth, res.MaxFailures)
+			return fmt.Errorf("card %x: MAC does not verify (%d of %d failures before it is blocked)", id, res.FailedAuth, res.MaxFailures)
 		case issuer.AuthBlocked:
-			return fmt.Errorf("card %X: MAC does not verify; %d failures in a row: the card is now blocked", id, res.FailedAuth)
+			return fmt.Errorf("card %x: MAC does not verify; %d failures in a row: the card is now blocked", id, res.FailedAuth)
 		default:
-			return fmt.Errorf("card %X is %s: refused without asking the token (see issuer cards show)", id, res.State)
+			return fmt.Errorf("card %x is %s: refused without asking the token (see issuer cards show)", id, res.State)
 		}
 	}
 	return c
@@ -471,7 +471,7 @@ func printCard(cmd *cobra.Command, card issuer.StoredCard, asJSON bool) error {
 		card.Blob.Wrapped = nil
 		return printJSON(cmd, card)
 	}
-	fmt.Fprintf(cmd.OutOrStdout(), "card %X %s%s, failed auth %d\n", []byte(card.ID), card.State, paren(card.StateReason), card.FailedAuth)
+	fmt.Fprintf(cmd.OutOrStdout(), "card %x %s%s, failed auth %d\n", []byte(card.ID), card.State, paren(card.StateReason), card.FailedAuth)
 	return nil
 }
 

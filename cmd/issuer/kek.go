@@ -159,7 +159,7 @@ re-wrapped (it stays under OLD; the reason is printed).
 			}
 		} else {
 			for _, f := range res.Failures {
-				fmt.Fprintf(cmd.ErrOrStderr(), "card %X: not re-wrapped (stays under %s): %s\n", []byte(f.CardID), from, f.Reason)
+				fmt.Fprintf(cmd.ErrOrStderr(), "card %x: not re-wrapped (stays under %s): %s\n", []byte(f.CardID), from, f.Reason)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "KEK rotation %s -> %s: %d re-wrapped, %d already under %s, %d failed; %d left under %s (%s)\n",
 				from, to, res.Rewrapped, res.AlreadyDone, to, res.Failed, res.UnderFrom, from, time.Duration(res.Seconds*float64(time.Second)).Round(time.Millisecond))

@@ -20,8 +20,9 @@ import (
 
 	"github.com/rogpeppe/go-internal/testscript"
 
+	"blindperso/batch"
 	"blindperso/card"
-	"blindperso/perso"
+	"blindperso/card/cardtest"
 	"blindperso/protocol"
 )
 
@@ -56,7 +57,7 @@ func cmdPersonalize(ts *testscript.TestScript, neg bool, args []string) {
 
 // stationBatch writes batch (and its manifest) as personalize does, the
 // card state files beside it, and returns the batch's SHA-256.
-func stationBatch(pubPEM []byte, batch string, items []string) ([]byte, error) {
+func stationBatch(pubPEM []byte, batchPath string, items []string) ([]byte, error) {
 	key, err := protocol.ParseIssuerKeyPEM(pubPEM)
 	if err != nil {
 		return nil, err
@@ -65,11 +66,7 @@ func stationBatch(pubPEM []byte, batch string, items []string) ([]byte, error) {
 	if key.RSA != nil {
 		p = protocol.RSAOAEPAES
 	}
-	job, err := perso.NewJob(p, key, nil)
-	if err != nil {
-		return nil, err
-	}
-	dir := filepath.Dir(batch)
+	dir := filepath.Dir(batchPath)
 	var lines strings.Builder
 	for _, item := range items {
 		if item == "bad" {
@@ -88,30 +85,30 @@ func stationBatch(pubPEM []byte, batch string, items []string) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		rec, _, err := job.Personalize(&card.Client{T: a.Local()}, "script", &oneRecord{})
+		rec, err := cardtest.Personalize(a, p, key, "script")
 		if err != nil {
 			return nil, err
 		}
-		b, err := json.Marshal(rec)
+		b, err := batch.MarshalRecord(rec)
 		if err != nil {
 			return nil, err
 		}
-		lines.Write(append(b, '\n'))
+		lines.Write(b)
 	}
 	content := lines.String()
-	if err := os.WriteFile(batch, []byte(content), 0o644); err != nil {
+	if err := os.WriteFile(batchPath, []byte(content), 0o644); err != nil {
 		return nil, err
 	}
 	sum := sha256.Sum256([]byte(content))
 	fp := key.Fingerprint()
-	m := perso.Manifest{Format: perso.BatchFormat, Batch: filepath.Base(batch), Count: strings.Count(content, "\n"),
+	m := batch.Manifest{Format: batch.Format, Batch: filepath.Base(batchPath), Count: strings.Count(content, "\n"),
 		Bytes: int64(len(content)), SHA256: sum[:], Profile: p.Name, IssuerFingerprint: fp[:], Station: "script",
 		Written: time.Now().UTC()}
 	b, err := json.Marshal(m)
 	if err != nil {
 		return nil, err
 	}
-	return sum[:], os.WriteFile(perso.ManifestPath(batch), b, 0o644)
+	return sum[:], os.WriteFile(batch.ManifestPath(batchPath), b, 0o644)
 }
 
 // cardAnswer is the card's AES-CMAC answer to challenge.
@@ -131,12 +128,6 @@ func fileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
 }
-
-// oneRecord is the ledger of one card's personalization.
-type oneRecord struct{ c []byte }
-
-func (l *oneRecord) Commit(r perso.Record) error  { l.c = r.C; return nil }
-func (l *oneRecord) Lookup([]byte) ([]byte, bool) { return l.c, l.c != nil }
 
 // cardmac CARD.json CHALLENGE: the card's answer (AES-CMAC under its K_I)
 // to the hex challenge, in hex on stdout.

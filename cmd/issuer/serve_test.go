@@ -20,9 +20,9 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/hsm/hsmtest"
 	"blindperso/issuer"
-	"blindperso/perso"
 )
 
 // runCmd runs the issuer command in process with args and stdin.
@@ -194,7 +194,7 @@ func TestServe(t *testing.T) {
 	// Upload: the bad line is rejected with its number, the others land.
 	var mp bytes.Buffer
 	mw := multipart.NewWriter(&mp)
-	for _, p := range []struct{ part, path string }{{"manifest", perso.ManifestPath(file("two.ndjson"))}, {"batch", file("two.ndjson")}} {
+	for _, p := range []struct{ part, path string }{{"manifest", batch.ManifestPath(file("two.ndjson"))}, {"batch", file("two.ndjson")}} {
 		b, _ := os.ReadFile(p.path)
 		w, _ := mw.CreateFormFile(p.part, filepath.Base(p.path))
 		w.Write(b)

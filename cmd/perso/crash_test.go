@@ -14,10 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/card/cardtest"
 	"blindperso/internal/vcard"
-	"blindperso/perso"
 	"blindperso/protocol"
 )
 
@@ -95,7 +95,7 @@ func TestCrashCampaign(t *testing.T) {
 		}
 		t.Fatalf("final station run: %v, %d of %d cards locked; log tail:\n%s", err, countLocked(t, paths), nCards, logs)
 	}
-	_, recs, err := perso.VerifyBatch(batch)
+	_, recs, err := readBatch(batch)
 	must(t, err)
 	if len(recs) != nCards {
 		t.Errorf("%d records for %d cards", len(recs), nCards)
@@ -173,4 +173,12 @@ func must(t *testing.T, err error) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// readBatch checks the batch at path against its manifest (batch.Verify)
+// and returns its records.
+func readBatch(path string) (batch.Manifest, []batch.Record, error) {
+	var recs []batch.Record
+	m, err := batch.Verify(path, func(_ int, r batch.Record) error { recs = append(recs, r); return nil })
+	return m, recs, err
 }

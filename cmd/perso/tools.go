@@ -9,6 +9,7 @@ import (
 	"github.com/ebfe/scard"
 	"github.com/spf13/cobra"
 
+	"blindperso/batch"
 	"blindperso/perso"
 )
 
@@ -16,19 +17,19 @@ import (
 // writes its manifest, without touching a card: for handing a batch to the
 // issuer when the station will not run again.
 func sealCmd() *cobra.Command {
-	var batch, station string
+	var batchPath, station string
 	c := &cobra.Command{
 		Use:   "seal",
-		Short: "Repair a batch after a crash and write its manifest",
+		Short: "Repair a batchPath after a crash and write its manifest",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if _, err := os.Stat(batch); err != nil {
+			if _, err := os.Stat(batchPath); err != nil {
 				return fmt.Errorf("batch: %w", err)
 			}
 			if station == "" {
 				station, _ = os.Hostname()
 			}
-			j, err := perso.OpenJournal(batch, "", nil, nil)
+			j, err := perso.OpenJournal(batchPath, "", nil, nil)
 			if err != nil {
 				return err
 			}
@@ -37,11 +38,11 @@ func sealCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s: %d records, sha256 %s\n", perso.ManifestPath(batch), m.Count, hex.EncodeToString(m.SHA256))
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: %d records, sha256 %s\n", batch.ManifestPath(batchPath), m.Count, hex.EncodeToString(m.SHA256))
 			return nil
 		},
 	}
-	c.Flags().StringVar(&batch, "batch", "", "batch file (required)")
+	c.Flags().StringVar(&batchPath, "batch", "", "batch file (required)")
 	c.Flags().StringVar(&station, "station", "", "station name for the manifest (default: host name)")
 	c.MarkFlagRequired("batch")
 	return c

@@ -17,11 +17,11 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"blindperso/perso"
+	"blindperso/batch"
 )
 
 func uploadCmd() *cobra.Command {
-	var url, batch, ca, tokenFile, cert, key string
+	var url, batchFile, ca, tokenFile, cert, key string
 	var timeout time.Duration
 	c := &cobra.Command{
 		Use:   "upload --url https://ISSUER --batch FILE [--ca FILE] (--token-file FILE | --cert F --key F)",
@@ -53,7 +53,7 @@ holds only the token) or a client certificate whose subject OU is "perso"
 	}
 	f := c.Flags()
 	f.StringVar(&url, "url", "", "issuer API base URL (https://host:port)")
-	f.StringVar(&batch, "batch", "", "the batch file (its .manifest.json beside it)")
+	f.StringVar(&batchFile, "batch", "", "the batch file (its .manifest.json beside it)")
 	f.StringVar(&ca, "ca", "", "CA certificate(s) (PEM) to verify the issuer's TLS certificate")
 	f.StringVar(&tokenFile, "token-file", "", "file holding a bearer token of the perso role")
 	f.StringVar(&cert, "cert", "", "client certificate (PEM) for mTLS")
@@ -97,11 +97,11 @@ holds only the token) or a client certificate whose subject OU is "perso"
 			}
 			tlsCfg.Certificates = []tls.Certificate{kp}
 		}
-		manifest, err := os.ReadFile(perso.ManifestPath(batch))
+		manifest, err := os.ReadFile(batch.ManifestPath(batchFile))
 		if err != nil {
 			return fmt.Errorf("%w (seal the batch first: perso seal)", err)
 		}
-		bf, err := os.Open(batch)
+		bf, err := os.Open(batchFile)
 		if err != nil {
 			return err
 		}
@@ -110,14 +110,14 @@ holds only the token) or a client certificate whose subject OU is "perso"
 		mw := multipart.NewWriter(pw)
 		go func() {
 			err := func() error {
-				w, err := mw.CreateFormFile("manifest", filepath.Base(perso.ManifestPath(batch)))
+				w, err := mw.CreateFormFile("manifest", filepath.Base(batch.ManifestPath(batchFile)))
 				if err != nil {
 					return err
 				}
 				if _, err := w.Write(manifest); err != nil {
 					return err
 				}
-				if w, err = mw.CreateFormFile("batch", filepath.Base(batch)); err != nil {
+				if w, err = mw.CreateFormFile("batch", filepath.Base(batchFile)); err != nil {
 					return err
 				}
 				if _, err := io.Copy(w, bf); err != nil {
@@ -169,10 +169,10 @@ holds only the token) or a client certificate whose subject OU is "perso"
 			return fmt.Errorf("report: %w", err)
 		}
 		for _, r := range rep.RejectList {
-			fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: rejected: %s\n", batch, r.Line, r.Reason)
+			fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: rejected: %s\n", batchFile, r.Line, r.Reason)
 		}
 		for _, k := range rep.ConflictList {
-			fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: CONFLICT: card %s is stored at the issuer with another c\n", batch, k.Line, strings.ToUpper(k.CardID))
+			fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: CONFLICT: card %s is stored at the issuer with another c\n", batchFile, k.Line, k.CardID)
 		}
 		if rep.Rejects > 0 || rep.Conflicts > 0 {
 			return fmt.Errorf("the issuer rejected %d records and found %d conflicts (see the report)", rep.Rejects, rep.Conflicts)

@@ -24,6 +24,7 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
@@ -116,15 +117,15 @@ func insertLine(t *testing.T, path string, n int, line string) {
 	lines = append(lines[:n-1], append([]string{line + "\n"}, lines[n-1:]...)...)
 	content := strings.Join(lines, "")
 	must(t, os.WriteFile(path, []byte(content), 0o644))
-	var m perso.Manifest
-	mb, err := os.ReadFile(perso.ManifestPath(path))
+	var m batch.Manifest
+	mb, err := os.ReadFile(batch.ManifestPath(path))
 	must(t, err)
 	must(t, json.Unmarshal(mb, &m))
 	sum := sha256.Sum256([]byte(content))
 	m.SHA256, m.Bytes, m.Count = sum[:], int64(len(content)), strings.Count(content, "\n")
 	mb, err = json.Marshal(m)
 	must(t, err)
-	must(t, os.WriteFile(perso.ManifestPath(path), mb, 0o644))
+	must(t, os.WriteFile(batch.ManifestPath(path), mb, 0o644))
 }
 
 // perso upload against a real issuer API (issuer.NewAPI and

@@ -296,9 +296,9 @@ func authenticateIssuer(cmd *cobra.Command, url, ca, tokenFile, cert, key string
 				return err
 			}
 		case res.Result == "ok" || res.Result == vcard.ResultNotActive:
-			fmt.Fprintf(out, "%X %s\n", []byte(res.ID), res.Result)
+			fmt.Fprintf(out, "%x %s\n", []byte(res.ID), res.Result)
 		default:
-			fmt.Fprintf(out, "%X %s %d\n", []byte(res.ID), res.Result, res.FailedAuth)
+			fmt.Fprintf(out, "%x %s %d\n", []byte(res.ID), res.Result, res.FailedAuth)
 		}
 	}
 	if bad > 0 {

@@ -40,6 +40,7 @@ import (
 	"math/big"
 	"os"
 
+	"blindperso/batch"
 	"blindperso/perso"
 	"blindperso/protocol"
 )
@@ -197,7 +198,7 @@ func (l *Ledger) Lookup(id []byte) ([]byte, bool) { return l.next.Lookup(id) }
 
 // Commit forges rec and commits the forgery. The station goes on to LOCK
 // the card with its own record's c′, which is what the card holds.
-func (l *Ledger) Commit(rec perso.Record) error {
+func (l *Ledger) Commit(rec batch.Record) error {
 	forged, err := l.Forge(rec)
 	if err != nil {
 		return err
@@ -221,7 +222,7 @@ func (l *Ledger) Commit(rec perso.Record) error {
 //     is considered.
 //
 // In every case the record then carries the genuine key's fingerprint.
-func (l *Ledger) Forge(rec perso.Record) (perso.Record, error) {
+func (l *Ledger) Forge(rec batch.Record) (batch.Record, error) {
 	id := hex.EncodeToString(rec.ID)
 	if rec.Profile != l.profile.Name {
 		return rec, fmt.Errorf("card %s: record of profile %s, insider runs %s", id, rec.Profile, l.profile.Name)

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"testing"
 
+	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/card/cardtest"
 	"blindperso/hsm"
@@ -150,18 +151,18 @@ func TestForgedBatchLooksGenuine(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			batch := filepath.Join(t.TempDir(), "batch.ndjson")
-			cards := attack(t, p, attacker, genuine, batch, 4)
+			batchPath := filepath.Join(t.TempDir(), "batch.ndjson")
+			cards := attack(t, p, attacker, genuine, batchPath, 4)
 
-			m, recs, err := perso.VerifyBatch(batch)
+			m, recs, err := readBatch(batchPath)
 			if err != nil {
-				t.Fatalf("the insider's batch does not verify against its manifest: %v", err)
+				t.Fatalf("the insider's batchPath does not verify against its manifest: %v", err)
 			}
 			fp := genuine.Fingerprint()
 			if !bytes.Equal(m.IssuerFingerprint, fp[:]) || m.Profile != p.Name || m.Count != len(cards) {
 				t.Fatalf("manifest %+v: want the genuine key's fingerprint %x, profile %s, %d records", m, fp, p.Name, len(cards))
 			}
-			byID := map[string]perso.Record{}
+			byID := map[string]batch.Record{}
 			for _, r := range recs {
 				if !bytes.Equal(r.Fingerprint, fp[:]) {
 					t.Errorf("record %x names key %x, want the genuine %x", []byte(r.ID), []byte(r.Fingerprint), fp)
@@ -221,7 +222,7 @@ func TestRawRBeyondN(t *testing.T) {
 		t.Fatal(err)
 	}
 	afp := attacker.Public.Fingerprint()
-	f, err := l.Forge(perso.Record{V: 1, ID: []byte{1}, C: c, Profile: p.Name, Fingerprint: afp[:]})
+	f, err := l.Forge(batch.Record{V: 1, ID: []byte{1}, C: c, Profile: p.Name, Fingerprint: afp[:]})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -240,9 +241,9 @@ func TestForgeIsAFunctionOfC(t *testing.T) {
 	genuine := loadKey(t, "rsa2048.pem").Public
 	attacker := loadKey(t, "rsa2048-attacker.pem")
 	dir := t.TempDir()
-	batch := filepath.Join(dir, "batch.ndjson")
+	batchPath := filepath.Join(dir, "batch.ndjson")
 	fp := genuine.Fingerprint()
-	j, err := perso.OpenJournal(batch, p.Name, fp[:], nil)
+	j, err := perso.OpenJournal(batchPath, p.Name, fp[:], nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +265,7 @@ func TestForgeIsAFunctionOfC(t *testing.T) {
 		t.Fatal(err)
 	}
 	afp := attacker.Public.Fingerprint()
-	rec := perso.Record{V: perso.BatchVersion, ID: a.ID(), C: c1, Profile: p.Name, Fingerprint: afp[:]}
+	rec := batch.Record{V: batch.Version, ID: a.ID(), C: c1, Profile: p.Name, Fingerprint: afp[:]}
 	f1, err := l.Forge(rec)
 	if err != nil {
 		t.Fatal(err)
@@ -286,12 +287,12 @@ func TestForgeIsAFunctionOfC(t *testing.T) {
 	if j.Len() != 1 {
 		t.Fatalf("batch holds %d records, want 1", j.Len())
 	}
-	if _, err := os.Stat(perso.RejectsPath(batch)); err == nil {
+	if _, err := os.Stat(batch.RejectsPath(batchPath)); err == nil {
 		t.Fatal("the read-back card was rejected as a duplicate")
 	}
 }
 
-// The batch the insider writes is one the issuer imports — every record,
+// The batchPath the insider writes is one the issuer imports — every record,
 // no reject — and yet none of its cards authenticates in the token, while
 // a card personalized under the genuine key does (real SoftHSM2 token,
 // real SQLite store, the issuer's importer).
@@ -314,8 +315,8 @@ func TestIssuerImportsButCatches(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			batch := filepath.Join(t.TempDir(), "batch.ndjson")
-			cards := attack(t, tc.p, attacker, genuine, batch, 3)
+			batchPath := filepath.Join(t.TempDir(), "batch.ndjson")
+			cards := attack(t, tc.p, attacker, genuine, batchPath, 3)
 
 			st, err := issuer.OpenSQLite(ctx, filepath.Join(t.TempDir(), "data"))
 			if err != nil {
@@ -323,7 +324,7 @@ func TestIssuerImportsButCatches(t *testing.T) {
 			}
 			defer st.Close()
 			im := &issuer.Importer{Issuer: is, Store: st, Workers: 2}
-			rep, err := im.ImportFile(ctx, batch)
+			rep, err := im.ImportFile(ctx, batchPath)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -352,7 +353,7 @@ func TestIssuerImportsButCatches(t *testing.T) {
 				t.Fatal(err)
 			}
 			job, _ := perso.NewJob(tc.p, genuine, nil)
-			var rec perso.Record
+			var rec batch.Record
 			ml := memLedger{&rec}
 			if _, _, err := job.Personalize(&card.Client{T: a.Local()}, "test", ml); err != nil {
 				t.Fatal(err)
@@ -370,9 +371,9 @@ func TestIssuerImportsButCatches(t *testing.T) {
 	}
 }
 
-type memLedger struct{ rec *perso.Record }
+type memLedger struct{ rec *batch.Record }
 
-func (l memLedger) Commit(r perso.Record) error { *l.rec = r; return nil }
+func (l memLedger) Commit(r batch.Record) error { *l.rec = r; return nil }
 func (l memLedger) Lookup([]byte) ([]byte, bool) {
 	return l.rec.C, len(l.rec.C) > 0
 }
@@ -433,4 +434,12 @@ func mustBlock(t testing.TB, b []byte) []byte {
 		t.Fatal("no PEM")
 	}
 	return blk.Bytes
+}
+
+// readBatch checks the batch at path against its manifest (batch.Verify)
+// and returns its records.
+func readBatch(path string) (batch.Manifest, []batch.Record, error) {
+	var recs []batch.Record
+	m, err := batch.Verify(path, func(_ int, r batch.Record) error { recs = append(recs, r); return nil })
+	return m, recs, err
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"blindperso/batch"
 	"blindperso/perso"
 )
 
@@ -150,10 +151,10 @@ func (f *Flags) Run(cmd *cobra.Command, r Run) error {
 		return merr
 	}
 	log.Info(r.What+" stopped", "cards_locked", st.Done(), "batch_records", m.Count,
-		"batch_sha256", hex.EncodeToString(m.SHA256), "manifest", perso.ManifestPath(r.Batch))
+		"batch_sha256", hex.EncodeToString(m.SHA256), "manifest", batch.ManifestPath(r.Batch))
 	if show {
 		fmt.Fprintf(cmd.ErrOrStderr(), "%d cards locked; batch %s: %d records, manifest %s\n",
-			st.Done(), r.Batch, m.Count, perso.ManifestPath(r.Batch))
+			st.Done(), r.Batch, m.Count, batch.ManifestPath(r.Batch))
 	}
 	return nil
 }

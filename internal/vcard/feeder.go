@@ -54,7 +54,7 @@ func (f *Feeder) Run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		id := fmt.Sprintf("%X", a.ID())
+		id := fmt.Sprintf("%x", a.ID())
 		if a.LifeCycle() == protocol.Locked {
 			log.Info("skip locked card", "card", id, "file", path)
 			continue

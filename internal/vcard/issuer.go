@@ -145,14 +145,14 @@ func (c *IssuerClient) Challenge(ctx context.Context, id []byte) ([]byte, error)
 	}
 	err := c.post(ctx, "/v1/cards/"+hex.EncodeToString(id)+"/challenge", nil, &out)
 	if e := (*APIError)(nil); errors.As(err, &e) && e.Status == http.StatusConflict {
-		return nil, fmt.Errorf("card %X: %w", id, ErrNotActive)
+		return nil, fmt.Errorf("card %x: %w", id, ErrNotActive)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("card %X: challenge: %w", id, err)
+		return nil, fmt.Errorf("card %x: challenge: %w", id, err)
 	}
 	ch, err := hex.DecodeString(out.Challenge)
 	if err != nil || len(ch) != protocol.ChallengeLen {
-		return nil, fmt.Errorf("card %X: issuer sent a challenge of the wrong shape: %q", id, out.Challenge)
+		return nil, fmt.Errorf("card %x: issuer sent a challenge of the wrong shape: %q", id, out.Challenge)
 	}
 	return ch, nil
 }
@@ -173,7 +173,7 @@ func (c *IssuerClient) Verify(ctx context.Context, id, challenge, mac []byte) (V
 	err := c.post(ctx, "/v1/cards/"+hex.EncodeToString(id)+"/verify",
 		map[string]string{"challenge": hex.EncodeToString(challenge), "mac": hex.EncodeToString(mac)}, &out)
 	if err != nil {
-		return out, fmt.Errorf("card %X: verify: %w", id, err)
+		return out, fmt.Errorf("card %x: verify: %w", id, err)
 	}
 	return out, nil
 }

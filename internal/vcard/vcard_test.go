@@ -14,6 +14,7 @@ import (
 
 	"github.com/ebfe/scard"
 
+	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/hsm/hsmtest"
 	"blindperso/internal/pcscd"
@@ -250,8 +251,8 @@ func TestFeederWithStation(t *testing.T) {
 		fed <- (&vcard.Feeder{Addr: daemon.Addr(0), Cards: paths}).Run(ctx)
 	}()
 	fp := key.Fingerprint()
-	batch := filepath.Join(dir, "batch.ndjson")
-	j, err := perso.OpenJournal(batch, protocol.ECDHP256AES.Name, fp[:], nil)
+	batchPath := filepath.Join(dir, "batch.ndjson")
+	j, err := perso.OpenJournal(batchPath, protocol.ECDHP256AES.Name, fp[:], nil)
 	must(t, err)
 	st := &perso.Station{Job: job, Ledger: j, Count: 3}
 	err = st.Run(ctx, perso.PCSC{Select: perso.Selector{Names: []string{daemon.ReaderName(0)}}})
@@ -260,7 +261,7 @@ func TestFeederWithStation(t *testing.T) {
 	_, err = perso.WriteManifest(j, "test")
 	must(t, err)
 	must(t, j.Close())
-	_, recs, err := perso.VerifyBatch(batch)
+	_, recs, err := readBatch(batchPath)
 	must(t, err)
 	if n := st.Done(); n != 3 || len(recs) != 3 {
 		t.Fatalf("%d cards locked, %d records; want 3", n, len(recs))
@@ -278,4 +279,12 @@ func TestFeederWithStation(t *testing.T) {
 			t.Error(err)
 		}
 	}
+}
+
+// readBatch checks the batchPath at path against its manifest (batch.Verify)
+// and returns its records.
+func readBatch(path string) (batch.Manifest, []batch.Record, error) {
+	var recs []batch.Record
+	m, err := batch.Verify(path, func(_ int, r batch.Record) error { recs = append(recs, r); return nil })
+	return m, recs, err
 }
