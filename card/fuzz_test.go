@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"blindperso/internal/atomicfile"
 	"blindperso/protocol"
 )
 
@@ -37,7 +38,7 @@ func FuzzTransmit(f *testing.F) {
 	// Durability is not what this target tests: skip fsync, and reuse one
 	// directory, so each input costs microseconds.
 	writeState = func(path string, b []byte) error { return os.WriteFile(path, b, 0o600) }
-	defer func() { writeState = writeFileAtomic }()
+	defer func() { writeState = atomicfile.Write }()
 	dir := f.TempDir()
 	var n atomic.Int64
 	f.Fuzz(func(t *testing.T, in []byte) {

@@ -5,8 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
+	"blindperso/internal/atomicfile"
 	"blindperso/protocol"
 )
 
@@ -79,42 +79,4 @@ func (s *state) load(path string) error {
 
 // writeState is how state reaches the file. Only the fuzz test replaces it
 // (with a write that skips fsync, to run thousands of cards a second).
-var writeState = writeFileAtomic
-
-// writeFileAtomic writes data so that after a crash at any instant path
-// holds either the old or the new content, never a mix: temp file in the
-// same directory, fsync, rename over, fsync the directory.
-func writeFileAtomic(path string, data []byte) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
-	if err = f.Chmod(0o600); err != nil {
-		return err
-	}
-	if _, err = f.Write(data); err != nil {
-		return err
-	}
-	if err = f.Sync(); err != nil {
-		return err
-	}
-	if err = f.Close(); err != nil {
-		return err
-	}
-	if err = os.Rename(f.Name(), path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
+var writeState = atomicfile.Write

@@ -103,6 +103,10 @@ func (im *Importer) ImportFile(ctx context.Context, path string) (BatchReport, e
 	if err := m.CheckName(path); err != nil {
 		return refuse(err.Error())
 	}
+	if _, err := protocol.ProfileByName(m.Profile); err != nil {
+		// Said once here, not as every record "differs from the manifest's".
+		return refuse("the manifest names " + err.Error())
+	}
 	fp := im.Issuer.Key.Fingerprint()
 	if !bytes.Equal(m.IssuerFingerprint, fp[:]) {
 		return refuse(fmt.Sprintf("batch is for issuer key %x, not this issuer's %x", []byte(m.IssuerFingerprint), fp))

@@ -306,6 +306,7 @@ func TestImportManifestRules(t *testing.T) {
 		{"no station", `"station":"test",`, ``, `field "station": missing`},
 		{"repeated count", `"count":`, `"count":7,"count":`, `repeats member "count"`},
 		{"other format", `batch/1"`, `batch/2"`, `manifest format "blindperso-batch/2"`},
+		{"unknown profile", `"profile":"ecdh-p256-aes"`, `"profile":"ecdh-p384-aes"`, `the manifest names unknown profile`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if !strings.Contains(string(raw), tc.from) {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"blindperso/batch"
+	"blindperso/internal/atomicfile"
 )
 
 // WriteManifest writes the manifest for the journal's current content.
@@ -25,7 +26,7 @@ func WriteManifest(j *Journal, station string) (batch.Manifest, error) {
 	if err != nil {
 		return m, err
 	}
-	if err := writeFileAtomic(batch.ManifestPath(j.path), b); err != nil {
+	if err := atomicfile.Write(batch.ManifestPath(j.path), b); err != nil {
 		return m, fmt.Errorf("write manifest: %w", err)
 	}
 	return m, nil
@@ -37,29 +38,4 @@ func countLines(path string) int {
 		return 0
 	}
 	return bytes.Count(b, []byte{'\n'})
-}
-
-// writeFileAtomic replaces path with data: temp file, fsync, rename, fsync
-// of the directory. A reader sees the old manifest or the new one.
-func writeFileAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return err
-	}
-	return syncDir(filepath.Dir(path))
 }

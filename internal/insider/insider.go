@@ -106,6 +106,56 @@ func LoadKey(path string) (*Key, error) {
 	return k, nil
 }
 
+// rsaBelow makes an RSA key (e = 65537) whose modulus has n's length and
+// is below n: crypto/rsa's moduli start at 1.125·2^(bits-1), so drawing
+// keys until one is below n fails for an n under that. Here p is a
+// random prime of half the length and q a prime drawn from the interval
+// that puts p·q between 2^(bits-1) and n. An attack tool's key, for the
+// demo and tests only.
+func rsaBelow(n *big.Int) (*rsa.PrivateKey, error) {
+	bits := n.BitLen()
+	low := new(big.Int).Lsh(big.NewInt(1), uint(bits-1))
+	one, e := big.NewInt(1), big.NewInt(65537)
+	for i := 0; i < 256; i++ {
+		p, err := rand.Prime(rand.Reader, bits/2)
+		if err != nil {
+			return nil, err
+		}
+		lo := new(big.Int).Div(new(big.Int).Sub(new(big.Int).Add(low, p), one), p) // ⌈2^(bits-1)/p⌉
+		hi := new(big.Int).Div(new(big.Int).Sub(n, one), p)                        // ⌊(n-1)/p⌋
+		if hi.Cmp(lo) <= 0 {
+			continue
+		}
+		span := new(big.Int).Sub(hi, lo)
+		off, err := rand.Int(rand.Reader, span)
+		if err != nil {
+			return nil, err
+		}
+		q := new(big.Int).Add(lo, off)
+		q.SetBit(q, 0, 1)
+		for !q.ProbablyPrime(32) {
+			q.Add(q, big.NewInt(2))
+		}
+		N := new(big.Int).Mul(p, q)
+		if q.Cmp(hi) > 0 || N.BitLen() != bits || N.Cmp(n) >= 0 || p.Cmp(q) == 0 {
+			continue
+		}
+		pm, qm := new(big.Int).Sub(p, one), new(big.Int).Sub(q, one)
+		phi := new(big.Int).Mul(pm, qm)
+		d := new(big.Int).ModInverse(e, phi)
+		if d == nil {
+			continue // e divides p-1 or q-1
+		}
+		k := &rsa.PrivateKey{PublicKey: rsa.PublicKey{N: N, E: 65537}, D: d, Primes: []*big.Int{p, q}}
+		if err := k.Validate(); err != nil {
+			continue
+		}
+		k.Precompute()
+		return k, nil
+	}
+	return nil, errors.New("attacker key: no modulus below the issuer's found")
+}
+
 // PEM is the private key as a PEM "PRIVATE KEY" (PKCS#8) block.
 func (k *Key) PEM() []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: k.der})
@@ -119,19 +169,19 @@ func GenerateKey(kind string, below *protocol.IssuerKey) (*Key, error) {
 	var priv any
 	switch kind {
 	case KindRSA2048:
-		for i := 0; ; i++ {
+		if below == nil || below.RSA == nil {
 			k, err := rsa.GenerateKey(rand.Reader, 2048)
 			if err != nil {
 				return nil, err
 			}
-			if below == nil || below.RSA == nil || (k.N.Cmp(below.RSA.N) < 0 && k.Size() == below.RSA.Size()) {
-				priv = k
-				break
-			}
-			if i == 64 {
-				return nil, errors.New("attacker key: no 2048-bit modulus below the issuer's in 64 tries")
-			}
+			priv = k
+			break
 		}
+		k, err := rsaBelow(below.RSA.N)
+		if err != nil {
+			return nil, err
+		}
+		priv = k
 	case KindP256:
 		k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 		if err != nil {

@@ -417,6 +417,17 @@ func TestKeys(t *testing.T) {
 	if _, err := x509.ParsePKCS8PrivateKey(mustBlock(t, g.PEM())); err != nil {
 		t.Errorf("generated key is not PKCS#8: %v", err)
 	}
+	// An issuer modulus just above 2^2047, below every modulus crypto/rsa
+	// makes (≥ 1.125·2^2047): drawing keys until one is below it failed
+	// the NSS demo now and then.
+	low := new(big.Int).Add(new(big.Int).Lsh(big.NewInt(1), 2047), new(big.Int).Lsh(big.NewInt(1), 1040))
+	g, err = insider.GenerateKey(insider.KindRSA2048, &protocol.IssuerKey{RSA: &rsa.PublicKey{N: low, E: 65537}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.Public.RSA.N.Cmp(low) >= 0 || g.Public.RSA.N.BitLen() != 2048 {
+		t.Errorf("modulus of %d bits, not below %x", g.Public.RSA.N.BitLen(), low)
+	}
 
 	// The ledger refuses what cannot be an attack.
 	if _, err := insider.NewLedger(nil, protocol.RSAOAEPAES, loadKey(t, "rsa2048.pem"), genuine, nil); err == nil {
