@@ -32,6 +32,7 @@ import (
 
 type apiEnv struct {
 	srv    *httptest.Server
+	api    *API
 	is     *Issuer
 	st     Store
 	tokens map[string]string // role → bearer token
@@ -61,6 +62,7 @@ func newAPIEnv(t *testing.T, is *Issuer, db string, maxBatch int64) *apiEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
+	e.api = api
 	e.caKey, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test client CA"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
