@@ -88,15 +88,8 @@ func (t *Token) Audit(ctx context.Context, keys []*IssuerKeyRef, kek *KEKRef, tk
 			if err != nil {
 				return err
 			}
-			fs, err := auditKeyObject(s, "issuer key "+k.Label+" (private)", k.Label, fixIssuerKey, priv, privT)
-			if err != nil {
-				return err
-			}
-			out = append(out, fs...)
-			if fs, err = auditKeyObject(s, "issuer key "+k.Label+" (public)", k.Label, fixIssuerKey, pub, pubT); err != nil {
-				return err
-			}
-			out = append(out, fs...)
+			out = append(out, auditKeyObject(s, "issuer key "+k.Label+" (private)", k.Label, fixIssuerKey, priv, privT)...)
+			out = append(out, auditKeyObject(s, "issuer key "+k.Label+" (public)", k.Label, fixIssuerKey, pub, pubT)...)
 		}
 		if kek != nil {
 			ut, err := ts.add(pkcs11.CKA_UNWRAP_TEMPLATE, KEKUnwrapTemplate)
@@ -115,11 +108,7 @@ func (t *Token) Audit(ctx context.Context, keys []*IssuerKeyRef, kek *KEKRef, tk
 			if err != nil {
 				return err
 			}
-			fs, err := auditKeyObject(s, "KEK "+kek.Label, kek.Label, fixKEK, h, want)
-			if err != nil {
-				return err
-			}
-			out = append(out, fs...)
+			out = append(out, auditKeyObject(s, "KEK "+kek.Label, kek.Label, fixKEK, h, want)...)
 		}
 		if tk != nil {
 			_, privT := signingKeyTemplates(tk.Label, tk.ID, t.mech)
@@ -127,11 +116,7 @@ func (t *Token) Audit(ctx context.Context, keys []*IssuerKeyRef, kek *KEKRef, tk
 			if err != nil {
 				return err
 			}
-			fs, err := auditKeyObject(s, "transcript key "+tk.Label, tk.Label, fixTranscript, h, privT)
-			if err != nil {
-				return err
-			}
-			out = append(out, fs...)
+			out = append(out, auditKeyObject(s, "transcript key "+tk.Label, tk.Label, fixTranscript, h, privT)...)
 		}
 		return nil
 	})
@@ -144,7 +129,7 @@ func (t *Token) Audit(ctx context.Context, keys []*IssuerKeyRef, kek *KEKRef, tk
 // auditObject compares h's attributes with the policy template it would
 // have been generated with: every CK_BBOOL attribute the audit knows
 // (policyAttrNames), and the presence of every attribute of an array template.
-func auditKeyObject(s Session, what, label, fix string, h pkcs11.ObjectHandle, want []*pkcs11.Attribute) ([]Finding, error) {
+func auditKeyObject(s Session, what, label, fix string, h pkcs11.ObjectHandle, want []*pkcs11.Attribute) []Finding {
 	var out []Finding
 	for _, w := range want {
 		name, known := policyAttrNames[w.Type]
@@ -178,5 +163,5 @@ func auditKeyObject(s Session, what, label, fix string, h pkcs11.ObjectHandle, w
 			out = append(out, Finding{Key: what, Label: label, Attribute: name, Have: fmt.Sprint(have), Want: fmt.Sprint(wantV), Fix: fix})
 		}
 	}
-	return out, nil
+	return out
 }

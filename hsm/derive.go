@@ -257,3 +257,15 @@ func ckULong(b []byte) (uint64, error) {
 	}
 	return 0, fmt.Errorf("CK_ULONG attribute of %d bytes", len(b))
 }
+
+// StringDataMechanism builds a mechanism whose parameter is a
+// CK_KEY_DERIVATION_STRING_DATA (CONCATENATE_BASE_AND_DATA,
+// AES_ECB_ENCRYPT_DATA), for code outside this package that tries such
+// derivations (the PIN-holder adversary). Call free after the call.
+func StringDataMechanism(mech uint, data []byte) (*pkcs11.Mechanism, func(), error) {
+	p, mem, err := derivationStringData(data)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pkcs11.NewMechanism(mech, p), mem.free, nil
+}

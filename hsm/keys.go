@@ -37,7 +37,6 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/asn1"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/big"
@@ -313,7 +312,7 @@ func exportPublic(s Session, pub pkcs11.ObjectHandle) (*protocol.IssuerKey, erro
 	if err != nil {
 		return nil, Call("C_GetAttributeValue", nil, err)
 	}
-	kt, err := ulongAttr(a[0].Value)
+	kt, err := ckULong(a[0].Value)
 	if err != nil {
 		return nil, err
 	}
@@ -367,18 +366,6 @@ func ecPoint(v []byte) ([]byte, error) {
 		return nil, fmt.Errorf("CKA_EC_POINT is neither a DER OCTET STRING nor an uncompressed point (%d bytes)", len(v))
 	}
 	return p, nil
-}
-
-// ulongAttr decodes a CK_ULONG attribute value (the platform's unsigned
-// long, native byte order).
-func ulongAttr(b []byte) (uint, error) {
-	switch len(b) {
-	case 8:
-		return uint(binary.NativeEndian.Uint64(b)), nil
-	case 4:
-		return uint(binary.NativeEndian.Uint32(b)), nil
-	}
-	return 0, fmt.Errorf("CK_ULONG attribute of %d bytes", len(b))
 }
 
 // kekAttrs is the KEK: AES-256, sensitive, never extractable, wrap and
@@ -602,4 +589,27 @@ func newID() []byte {
 	id := make([]byte, 16)
 	rand.Read(id)
 	return id
+}
+
+// DestroyLabel destroys every object of the token labelled label (the
+// PIN-holder adversary's throwaway keys: a key pair shares its label) and
+// returns how many it destroyed. A KEK is destroyed by DestroyKEK, which
+// insists on exactly one.
+func (t *Token) DestroyLabel(ctx context.Context, label string) (int, error) {
+	n := 0
+	err := t.With(ctx, func(s Session) error {
+		for {
+			hs, err := findObjects(s, []*pkcs11.Attribute{attr(pkcs11.CKA_LABEL, label)}, 16)
+			if err != nil || len(hs) == 0 {
+				return err
+			}
+			for _, h := range hs {
+				if err := s.P.DestroyObject(s.H, h); err != nil {
+					return Call("C_DestroyObject", nil, err)
+				}
+				n++
+			}
+		}
+	})
+	return n, err
 }

@@ -1,8 +1,6 @@
 package hsm
 
 import (
-	"context"
-
 	"github.com/miekg/pkcs11"
 )
 
@@ -130,39 +128,4 @@ func (ts templates) free() {
 	for _, t := range ts {
 		t.free()
 	}
-}
-
-// StringDataMechanism builds a mechanism whose parameter is a
-// CK_KEY_DERIVATION_STRING_DATA (CONCATENATE_BASE_AND_DATA,
-// AES_ECB_ENCRYPT_DATA), for code outside this package that tries such
-// derivations (the PIN-holder adversary). Call free after the call.
-func StringDataMechanism(mech uint, data []byte) (*pkcs11.Mechanism, func(), error) {
-	p, mem, err := derivationStringData(data)
-	if err != nil {
-		return nil, nil, err
-	}
-	return pkcs11.NewMechanism(mech, p), mem.free, nil
-}
-
-// DestroyLabel destroys every object of the token labelled label (the
-// PIN-holder adversary's throwaway keys: a key pair shares its label) and
-// returns how many it destroyed. A KEK is destroyed by DestroyKEK, which
-// insists on exactly one.
-func (t *Token) DestroyLabel(ctx context.Context, label string) (int, error) {
-	n := 0
-	err := t.With(ctx, func(s Session) error {
-		for {
-			hs, err := findObjects(s, []*pkcs11.Attribute{attr(pkcs11.CKA_LABEL, label)}, 16)
-			if err != nil || len(hs) == 0 {
-				return err
-			}
-			for _, h := range hs {
-				if err := s.P.DestroyObject(s.H, h); err != nil {
-					return Call("C_DestroyObject", nil, err)
-				}
-				n++
-			}
-		}
-	})
-	return n, err
 }

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -58,7 +57,7 @@ PIN.
 			return err
 		}
 		defer tok.Close()
-		kek, err := tok.GenerateKEK(context.Background(), label, soPIN)
+		kek, err := tok.GenerateKEK(cmd.Context(), label, soPIN)
 		if err != nil {
 			return err
 		}

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -94,7 +93,7 @@ tried. --no-attack skips the matrix (it writes throwaway token objects).
 			return err
 		}
 		defer tok.Close()
-		ctx := context.Background()
+		ctx := cmd.Context()
 		r, err := tok.Probe(ctx)
 		if err != nil {
 			return err
@@ -165,7 +164,7 @@ keys serve the rsa-* profiles, p256 keys the ecdh-p256-* profiles.
 			return err
 		}
 		defer tok.Close()
-		key, err := tok.GenerateIssuerKey(context.Background(), kind, label)
+		key, err := tok.GenerateIssuerKey(cmd.Context(), kind, label)
 		if err != nil {
 			f.Close()
 			os.Remove(out)
@@ -208,7 +207,7 @@ fingerprint goes to stderr.
 			return err
 		}
 		defer tok.Close()
-		key, err := tok.FindIssuerKey(context.Background(), label)
+		key, err := tok.FindIssuerKey(cmd.Context(), label)
 		if err != nil {
 			return err
 		}
