@@ -1,6 +1,7 @@
 package issuer
 
 import (
+	"blindperso/api"
 	"context"
 	"crypto/rand"
 	"database/sql"
@@ -51,10 +52,10 @@ var (
 
 // Results of a verification (AuthResult.Result, auth_log.result).
 const (
-	AuthOK      = "ok"      // the MAC verified; failed_auth is reset to 0
-	AuthFailed  = "failed"  // the MAC did not verify; failed_auth + 1, still below the limit
-	AuthBlocked = "blocked" // the MAC did not verify and this failure reached the limit: the card is now blocked
-	AuthRefused = "refused" // the card was blocked or in conflict: refused without a token call
+	AuthOK      = api.ResultOK      // the MAC verified; failed_auth is reset to 0
+	AuthFailed  = api.ResultFailed  // the MAC did not verify; failed_auth + 1, still below the limit
+	AuthBlocked = api.ResultBlocked // the MAC did not verify and this failure reached the limit: the card is now blocked
+	AuthRefused = api.ResultRefused // the card was blocked or in conflict: refused without a token call
 )
 
 // Auth log results besides the above.
@@ -115,13 +116,8 @@ type AuthResult struct {
 	MaxFailures int          `json:"max_failures"`
 }
 
-// AuthEntry is a row of the auth log.
-type AuthEntry struct {
-	CardID protocol.Hex `json:"card_id"`
-	Time   time.Time    `json:"time"`
-	Result string       `json:"result"`
-	Detail string       `json:"detail,omitempty"`
-}
+// AuthEntry is a row of the auth log (the API's wire type).
+type AuthEntry = api.AuthEntry
 
 // MACVerifier checks a card's MAC under its stored key; *Issuer is one
 // (in-token).

@@ -1,6 +1,7 @@
 package issuer
 
 import (
+	"blindperso/api"
 	"errors"
 	"fmt"
 	"net/http"
@@ -40,9 +41,9 @@ func (e *BatchRefusedError) Error() string {
 
 // Batch statuses (BatchReport.Status, batches.status).
 const (
-	BatchImporting = "importing"
-	BatchDone      = "done"
-	BatchRefused   = "refused"
+	BatchImporting = api.BatchImporting
+	BatchDone      = api.BatchDone
+	BatchRefused   = api.BatchRefused
 )
 
 // classes are the sentinel errors with their kind and the short words an

@@ -1,6 +1,7 @@
 package issuer
 
 import (
+	"blindperso/internal/pgtest"
 	"bytes"
 	"context"
 	"errors"
@@ -42,13 +43,13 @@ func TestPGConcurrentImport(t *testing.T) {
 	}
 	path1, path2 := batch(cards1), batch(cards2)
 
-	ref := openStore(t, newPGDatabase(t))
+	ref := openStore(t, pgtest.NewDatabase(t))
 	importBatch(t, is, ref, path1)
 	importBatch(t, is, ref, path2)
 	want := dump(t, ref)
 
 	for round := range 3 {
-		db := newPGDatabase(t)
+		db := pgtest.NewDatabase(t)
 		s1, s2 := openStore(t, db), openStore(t, db)
 		var wg sync.WaitGroup
 		errs := make([]error, 2)

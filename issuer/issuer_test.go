@@ -8,7 +8,6 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"os"
-	"path/filepath"
 	"testing"
 
 	"blindperso/batch"
@@ -16,6 +15,7 @@ import (
 	"blindperso/card/cardtest"
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
+	"blindperso/internal/pgtest"
 	"blindperso/protocol"
 )
 
@@ -24,7 +24,7 @@ func TestMain(m *testing.M) {
 		os.Exit(importChild())
 	}
 	code := m.Run()
-	stopPG()
+	pgtest.Stop()
 	hsmtest.Cleanup()
 	os.Exit(code)
 }
@@ -61,33 +61,12 @@ func newIssuerToken(t *testing.T, kind string) (*Issuer, string) {
 // personalize runs a virtual card through the station's one-card flow
 // under spki and returns its record and the card.
 func personalize(t *testing.T, p protocol.Profile, spki []byte, id byte) (batch.Record, *card.Applet) {
-	t.Helper()
-	a, err := card.Manufacture(filepath.Join(t.TempDir(), "card.json"), card.Options{ID: []byte{0xB1, id}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := protocol.ParseIssuerKey(spki)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rec, err := cardtest.Personalize(a, p, key, "test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return rec, a
+	c := cardtest.Cards(t, p, spki, id)[0]
+	return c.Rec, c.A
 }
 
 func authenticate(t *testing.T, a *card.Applet, challenge []byte) []byte {
-	t.Helper()
-	c := &card.Client{T: a.Local()}
-	if err := c.Select(); err != nil {
-		t.Fatal(err)
-	}
-	mac, err := c.Authenticate(challenge)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return mac
+	return cardtest.Authenticate(t, a, challenge)
 }
 
 // The main job in process on a fresh SoftHSM2 token, for both profiles it

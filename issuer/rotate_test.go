@@ -1,6 +1,7 @@
 package issuer
 
 import (
+	"blindperso/internal/pgtest"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -357,7 +358,7 @@ func TestRotateFailures(t *testing.T) {
 func assertNoHostKI(tb testing.TB, kind, dir string, cards []hostCard, more ...string) {
 	tb.Helper()
 	if kind == "postgres" {
-		pgCheckpoint(tb.(*testing.T))
+		pgtest.Checkpoint(tb)
 	}
 	// Needles by their first 8 bytes: one map lookup per file offset.
 	type needle struct {

@@ -1,6 +1,7 @@
 package issuer
 
 import (
+	"blindperso/api"
 	"context"
 	"database/sql"
 	"embed"
@@ -92,11 +93,11 @@ func (o Outcome) String() string {
 	return "outcome(" + strconv.Itoa(int(o)) + ")"
 }
 
-// Card states.
+// Card states (the API's: api.Card.State).
 const (
-	StateActive   = "active"
-	StateBlocked  = "blocked"
-	StateConflict = "conflict"
+	StateActive   = api.StateActive
+	StateBlocked  = api.StateBlocked
+	StateConflict = api.StateConflict
 )
 
 // ErrNotFound is returned for a card or batch the store does not hold.
@@ -116,33 +117,20 @@ type StoredCard struct {
 	Updated        time.Time    `json:"updated"`
 }
 
-// BatchReport is a batch's row.
-type BatchReport struct {
-	ID         string          `json:"id"`
-	Manifest   json.RawMessage `json:"manifest"`
-	Records    int             `json:"records"`
-	Imported   int             `json:"imported"`
-	Duplicates int             `json:"duplicates"`
-	Conflicts  int             `json:"conflicts"`
-	Rejects    int             `json:"rejects"`
-	Status     string          `json:"status"`
-	Reason     string          `json:"reason,omitempty"`
-	Created    time.Time       `json:"created"`
-	Updated    time.Time       `json:"updated"`
-}
-
-// BatchDetail is a batch report with its rejects and conflicts, as the
-// API's batch report and issuer import/batches show --json give it.
-type BatchDetail struct {
-	BatchReport
-	RejectList   []Reject         `json:"reject_list"`
-	ConflictList []ConflictRecord `json:"conflict_list"`
-}
+// A batch's row and its report are the API's wire types (package api
+// owns their JSON, which issuer import --json and batches show --json
+// print too).
+type (
+	BatchReport    = api.Batch
+	BatchDetail    = api.BatchDetail
+	Reject         = api.Reject
+	ConflictRecord = api.Conflict
+)
 
 // Detail reads rep's rejects and conflicts from st; the lists are empty,
 // never nil, so that JSON shows [] rather than null.
 func Detail(ctx context.Context, st Store, rep BatchReport) (BatchDetail, error) {
-	d := BatchDetail{BatchReport: rep, RejectList: []Reject{}, ConflictList: []ConflictRecord{}}
+	d := BatchDetail{Batch: rep, RejectList: []Reject{}, ConflictList: []ConflictRecord{}}
 	rj, err := st.Rejects(ctx, rep.ID)
 	if err != nil {
 		return d, err
@@ -158,23 +146,6 @@ func Detail(ctx context.Context, st Store, rep BatchReport) (BatchDetail, error)
 		d.ConflictList = cs
 	}
 	return d, nil
-}
-
-// ConflictRecord is a second c for a known card Id.
-type ConflictRecord struct {
-	CardID  protocol.Hex `json:"card_id"`
-	CSHA256 protocol.Hex `json:"c_sha256"`
-	Batch   string       `json:"batch"`
-	Line    int          `json:"line"`
-	Time    time.Time    `json:"time"`
-}
-
-// Reject is a refused record.
-type Reject struct {
-	Batch  string    `json:"batch"`
-	Line   int       `json:"line"`
-	Reason string    `json:"reason"`
-	Time   time.Time `json:"time"`
 }
 
 //go:embed migrations/*.sql

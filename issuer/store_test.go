@@ -1,6 +1,7 @@
 package issuer
 
 import (
+	"blindperso/internal/pgtest"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -36,7 +37,7 @@ var storeKinds = []storeKind{
 		return d, d
 	}},
 	{"postgres", func(t *testing.T) (string, string) {
-		return newPGDatabase(t), filepath.Join(pg.dir, "data")
+		return pgtest.NewDatabase(t), pgtest.DataDir()
 	}},
 }
 
@@ -68,42 +69,18 @@ func (c vcard) ki(t *testing.T) []byte {
 func makeCards(t *testing.T, is *Issuer, p protocol.Profile, ids ...byte) []vcard {
 	t.Helper()
 	var out []vcard
-	for _, id := range ids {
-		rec, a := personalize(t, p, is.Key.Public.SPKI, id)
-		out = append(out, vcard{rec, a})
+	for _, c := range cardtest.Cards(t, p, is.Key.Public.SPKI, ids...) {
+		out = append(out, vcard{c.Rec, c.A})
 	}
 	return out
 }
 
-func recordLine(t *testing.T, r batch.Record) string {
-	t.Helper()
-	b, err := json.Marshal(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b) + "\n"
-}
+func recordLine(t *testing.T, r batch.Record) string { return cardtest.Line(t, r) }
 
 // writeBatch writes lines as a batch with a manifest that matches it.
 func writeBatch(t *testing.T, is *Issuer, p protocol.Profile, content string) string {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "batch.ndjson")
-	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	sum := sha256.Sum256([]byte(content))
-	lines := strings.Count(content, "\n")
-	if content != "" && !strings.HasSuffix(content, "\n") {
-		lines++
-	}
 	fp := is.Key.Fingerprint()
-	m := batch.Manifest{Format: batch.Format, Batch: filepath.Base(path), Count: lines, Bytes: int64(len(content)),
-		SHA256: sum[:], Profile: p.Name, IssuerFingerprint: fp[:], Station: "test", Written: time.Unix(0, 0).UTC()}
-	b, _ := json.Marshal(m)
-	if err := os.WriteFile(batch.ManifestPath(path), b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return path
+	return cardtest.WriteBatch(t, p, fp[:], content)
 }
 
 func batchOf(t *testing.T, is *Issuer, p protocol.Profile, cards ...vcard) string {
@@ -213,7 +190,7 @@ func TestStoreImportIdempotent(t *testing.T) {
 func assertNoKI(t *testing.T, kind, dir string, cards []vcard) {
 	t.Helper()
 	if kind == "postgres" {
-		pgCheckpoint(t)
+		pgtest.Checkpoint(t)
 	}
 	var needles [][]byte
 	for _, c := range cards {

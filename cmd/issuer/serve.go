@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"blindperso/issuer"
+	"blindperso/issuer/server"
 )
 
 func serveCmd() *cobra.Command {
@@ -70,7 +71,7 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 	f.StringVar(&tokensFile, "tokens", "", `bearer tokens file: lines "ROLE SHA256HEX"`)
 	f.StringVar(&uploadDir, "upload-dir", "", "where uploaded batches are spooled during their import (default DB/uploads for a SQLite store, else a directory under $TMPDIR)")
 	f.IntVar(&workers, "workers", 2, "token sessions per import")
-	f.Int64Var(&maxBatch, "max-batch", issuer.DefaultMaxBatchBytes, "largest batch an upload may carry, in bytes")
+	f.Int64Var(&maxBatch, "max-batch", server.DefaultMaxBatchBytes, "largest batch an upload may carry, in bytes")
 	f.IntVar(&maxFailures, "max-failures", issuer.DefaultMaxFailures, "failed verifications in a row that block a card")
 	f.DurationVar(&ttl, "challenge-ttl", issuer.DefaultChallengeTTL, "how long a challenge can be answered")
 	f.DurationVar(&retention, "challenge-retention", issuer.DefaultChallengeRetention, "how long an expired challenge is kept (so a late answer is told \"expired\") before it is purged")
@@ -91,13 +92,13 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 		case ttl <= 0 || retention <= 0 || timeout <= 0:
 			return errors.New("--challenge-ttl, --challenge-retention and --timeout must be positive")
 		}
-		tlsCfg, err := issuer.ServerTLSConfig(certFile, keyFile, clientCA)
+		tlsCfg, err := server.TLSConfig(certFile, keyFile, clientCA)
 		if err != nil {
 			return err
 		}
-		var tokens []issuer.TokenEntry
+		var tokens []server.TokenEntry
 		if tokensFile != "" {
-			if tokens, err = issuer.LoadTokens(tokensFile); err != nil {
+			if tokens, err = server.LoadTokens(tokensFile); err != nil {
 				return err
 			}
 		}
@@ -117,13 +118,13 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 			uploadDir = defaultUploadDir(cmd.Flags().Lookup("db").Value.String())
 		}
 		log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
-		api, err := issuer.NewAPI(issuer.APIConfig{Issuer: is, Store: st, UploadDir: uploadDir, Workers: workers,
+		h, err := server.New(server.Config{Issuer: is, Store: st, UploadDir: uploadDir, Workers: workers,
 			MaxBatchBytes: maxBatch, Tokens: tokens, ChallengeTTL: ttl, ChallengeRetention: retention,
 			MaxFailures: maxFailures, Logger: log})
 		if err != nil {
 			return err
 		}
-		if n, err := api.PurgeChallenges(ctx); err != nil {
+		if n, err := h.PurgeChallenges(ctx); err != nil {
 			log.Warn("purging expired challenges failed; serving anyway (issuing challenges purges too)", "err", err)
 		} else {
 			log.Info("purged expired challenges", "count", n, "retention", retention)
@@ -132,7 +133,7 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 		if err != nil {
 			return err
 		}
-		srv := issuer.NewServer(addr, api, tlsCfg, timeout)
+		srv := server.NewHTTP(addr, h, tlsCfg, timeout)
 		srv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 		errc := make(chan error, 1)
 		go func() { errc <- srv.ServeTLS(ln, "", "") }()
@@ -185,9 +186,9 @@ stays with the client (perso upload --token-file).`,
 			if strings.TrimSpace(line) == "" {
 				return errors.New("no token on stdin")
 			}
-			h := issuer.HashToken(line)
+			h := server.HashToken(line)
 			if role != "" {
-				if _, err := issuer.ParseTokens(strings.NewReader(role + " " + h)); err != nil {
+				if _, err := server.ParseTokens(strings.NewReader(role + " " + h)); err != nil {
 					return fmt.Errorf("--role: %w", err)
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "%s %s\n", role, h)

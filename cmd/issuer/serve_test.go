@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/api"
 	"blindperso/batch"
 	"blindperso/hsm/hsmtest"
 	"blindperso/issuer"
@@ -200,7 +201,7 @@ func TestServe(t *testing.T) {
 		w.Write(b)
 	}
 	mw.Close()
-	var rep issuer.BatchDetail
+	var rep api.BatchDetail
 	if code := call("perso", "POST", "/v1/batches", mw.FormDataContentType(), &mp, &rep); code != 200 ||
 		rep.Imported != 2 || rep.Rejects != 1 || len(rep.RejectList) != 1 || rep.RejectList[0].Line != 2 {
 		t.Fatalf("upload: %d %+v", code, rep)
@@ -216,7 +217,7 @@ func TestServe(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var v issuer.VerifyResponse
+	var v api.VerifyResult
 	body := fmt.Sprintf(`{"challenge":%q,"mac":"%x"}`, ch.Challenge, mac)
 	if code := call("verifier", "POST", "/v1/cards/b103/verify", "application/json", strings.NewReader(body), &v); code != 200 || v.Result != "ok" {
 		t.Fatalf("verify: %d %+v", code, v)

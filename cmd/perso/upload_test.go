@@ -30,6 +30,7 @@ import (
 	"blindperso/hsm/hsmtest"
 	"blindperso/issuer"
 	"blindperso/issuer/issuertest"
+	"blindperso/issuer/server"
 	"blindperso/perso"
 	"blindperso/protocol"
 )
@@ -128,8 +129,8 @@ func insertLine(t *testing.T, path string, n int, line string) {
 	must(t, os.WriteFile(batch.ManifestPath(path), mb, 0o644))
 }
 
-// perso upload against a real issuer API (issuer.NewAPI and
-// issuer.NewServer, in process) on a SoftHSM2 token and a SQLite store,
+// perso upload against a real issuer API (server.New and
+// server.NewHTTP, in process) on a SoftHSM2 token and a SQLite store,
 // over TLS with a CA made here: bearer token and client certificate, the
 // report, a re-upload, a reject with its line while the other records
 // land, and the refusals a station operator can meet, each with its
@@ -148,10 +149,10 @@ func TestUpload(t *testing.T) {
 	secrets := map[string]string{"perso": "perso-secret-1", "verifier": "verifier-secret-1"}
 	var lines strings.Builder
 	for role, s := range secrets {
-		lines.WriteString(role + " " + issuer.HashToken(s) + "\n")
+		lines.WriteString(role + " " + server.HashToken(s) + "\n")
 		must(t, os.WriteFile(f(role+".token"), []byte(s+"\n"), 0o600))
 	}
-	tokens, err := issuer.ParseTokens(strings.NewReader(lines.String()))
+	tokens, err := server.ParseTokens(strings.NewReader(lines.String()))
 	must(t, err)
 	must(t, os.WriteFile(f("wrong.token"), []byte("not-a-token\n"), 0o600))
 
@@ -159,11 +160,11 @@ func TestUpload(t *testing.T) {
 	srvCert, srvKey := serverCA.issue(t, dir, "server", true)
 	persoCert, persoKey := clientCA.issue(t, dir, "station-1", false, "perso")
 	verifierCert, verifierKey := clientCA.issue(t, dir, "verifier-1", false, "verifier")
-	tlsCfg, err := issuer.ServerTLSConfig(srvCert, srvKey, clientCA.write(t, f("client-ca.pem")))
+	tlsCfg, err := server.TLSConfig(srvCert, srvKey, clientCA.write(t, f("client-ca.pem")))
 	must(t, err)
-	api, err := issuer.NewAPI(issuer.APIConfig{Issuer: is, Store: st, UploadDir: f("uploads"), Tokens: tokens})
+	h, err := server.New(server.Config{Issuer: is, Store: st, UploadDir: f("uploads"), Tokens: tokens})
 	must(t, err)
-	srv := issuer.NewServer("", api, tlsCfg, time.Minute)
+	srv := server.NewHTTP("", h, tlsCfg, time.Minute)
 	srv.ErrorLog = log.New(io.Discard, "", 0) // the refused handshakes below
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	must(t, err)
@@ -207,23 +208,23 @@ func TestUpload(t *testing.T) {
 			&report{Records: 3, Imported: 2, Rejects: 1, Status: "done"},
 			"mixed.ndjson line 2: rejected: "},
 		{"wrong token", []string{"--batch", f("good.ndjson"), "--ca", ca, "--token-file", f("wrong.token")}, false, nil,
-			"upload refused: 401 Unauthorized: unknown bearer token (the issuer does not know this credential"},
+			"upload refused: issuer answered 401 Unauthorized: unknown bearer token (the issuer does not know this credential"},
 		{"token of another role", []string{"--batch", f("good.ndjson"), "--ca", ca, "--token-file", f("verifier.token")}, false, nil,
-			`upload refused: 403 Forbidden: role "verifier" may not POST /v1/batches (needs perso) (the credential is not of the perso role)`},
+			`upload refused: issuer answered 403 Forbidden: role "verifier" may not POST /v1/batches (needs perso) (the credential is not of the perso role)`},
 		{"certificate of another role", []string{"--batch", f("good.ndjson"), "--ca", ca, "--cert", verifierCert, "--key", verifierKey}, false, nil,
 			`role "verifier" may not POST /v1/batches`},
 		{"wrong CA", []string{"--batch", f("good.ndjson"), "--ca", otherCAFile, "--token-file", f("perso.token")}, false, nil,
-			"TLS: the issuer's certificate is not trusted by --ca " + otherCAFile + ": "},
+			"TLS: the issuer's certificate is not trusted by the CA file " + otherCAFile + ": "},
 		{"no CA", []string{"--batch", f("good.ndjson"), "--token-file", f("perso.token")}, false, nil,
-			"TLS: the issuer's certificate is not trusted by the system's roots (give --ca): "},
+			"TLS: the issuer's certificate is not trusted by the system's roots (give a CA file): "},
 		{"batch changed after sealing", []string{"--batch", f("changed.ndjson"), "--ca", ca, "--token-file", f("perso.token")}, false, nil,
-			"upload refused: 422 Unprocessable Entity: batch refused: "},
+			"upload refused: issuer answered 422 Unprocessable Entity: batch refused: "},
 		{"not sealed", []string{"--batch", f("unsealed.ndjson"), "--ca", ca, "--token-file", f("perso.token")}, false, nil,
 			"(seal the batch first: perso seal)"},
 		{"plain http", []string{"--url", "http://" + ln.Addr().String(), "--batch", f("good.ndjson"), "--token-file", f("perso.token")}, false, nil,
-			"--url must be https://"},
+			"the issuer URL must be https://"},
 		{"token and certificate", []string{"--batch", f("good.ndjson"), "--ca", ca, "--token-file", f("perso.token"), "--cert", persoCert, "--key", persoKey}, false, nil,
-			"give either --token-file or both --cert and --key"},
+			"give either a token file or both a client certificate and its key"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args := append([]string{"upload", "--url", url}, tc.args...)

@@ -19,6 +19,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"blindperso/api"
 	"blindperso/card"
 	"blindperso/internal/pcscd"
 	"blindperso/internal/vcard"
@@ -275,7 +276,7 @@ every card's MAC verified.`,
 // authenticateIssuer runs issuer mode over every card and fails unless
 // every MAC verified.
 func authenticateIssuer(cmd *cobra.Command, url, ca, tokenFile, cert, key string, asJSON bool, cards []string) error {
-	cl, err := vcard.NewIssuerClient(url, ca, tokenFile, cert, key)
+	cl, err := api.NewClient(api.Config{URL: url, CAFile: ca, TokenFile: tokenFile, CertFile: cert, KeyFile: key})
 	if err != nil {
 		return err
 	}
@@ -295,7 +296,7 @@ func authenticateIssuer(cmd *cobra.Command, url, ca, tokenFile, cert, key string
 			if err := enc.Encode(res); err != nil {
 				return err
 			}
-		case res.Result == "ok" || res.Result == vcard.ResultNotActive:
+		case res.OK() || res.Result == vcard.ResultNotActive:
 			fmt.Fprintf(out, "%x %s\n", []byte(res.ID), res.Result)
 		default:
 			fmt.Fprintf(out, "%x %s %d\n", []byte(res.ID), res.Result, res.FailedAuth)

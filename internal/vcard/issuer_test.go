@@ -10,12 +10,14 @@ import (
 	"strings"
 	"testing"
 
+	"blindperso/api"
 	"blindperso/card"
 	"blindperso/hsm"
 	"blindperso/internal/insider"
 	"blindperso/internal/vcard"
 	"blindperso/issuer"
 	"blindperso/issuer/issuertest"
+	"blindperso/issuer/server"
 	"blindperso/perso"
 	"blindperso/protocol"
 )
@@ -68,16 +70,16 @@ func TestAuthenticateThroughIssuer(t *testing.T) {
 		t.Fatalf("import: %+v, %v; want 2 imported", rep, err)
 	}
 
-	tokens, err := issuer.ParseTokens(strings.NewReader("verifier " + issuer.HashToken("verifier-secret") + "\nadmin " + issuer.HashToken("admin-secret") + "\n"))
+	tokens, err := server.ParseTokens(strings.NewReader("verifier " + server.HashToken("verifier-secret") + "\nadmin " + server.HashToken("admin-secret") + "\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	api, err := issuer.NewAPI(issuer.APIConfig{Issuer: is, Store: st, UploadDir: filepath.Join(dir, "uploads"),
+	h, err := server.New(server.Config{Issuer: is, Store: st, UploadDir: filepath.Join(dir, "uploads"),
 		Tokens: tokens, MaxFailures: 2})
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewTLSServer(api)
+	srv := httptest.NewTLSServer(h)
 	defer srv.Close()
 
 	// The client as the command makes it: CA file and token file.
@@ -85,7 +87,7 @@ func TestAuthenticateThroughIssuer(t *testing.T) {
 	os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o644)
 	tokFile := filepath.Join(dir, "verifier.token")
 	os.WriteFile(tokFile, []byte("verifier-secret\n"), 0o600)
-	cl, err := vcard.NewIssuerClient(srv.URL, caFile, tokFile, "", "")
+	cl, err := api.NewClient(api.Config{URL: srv.URL, CAFile: caFile, TokenFile: tokFile})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,13 +111,13 @@ func TestAuthenticateThroughIssuer(t *testing.T) {
 
 	// Wrong credentials and unknown cards are errors, not results.
 	os.WriteFile(tokFile, []byte("admin-secret"), 0o600)
-	admin, _ := vcard.NewIssuerClient(srv.URL, caFile, tokFile, "", "")
-	var ae *vcard.APIError
-	if _, err := vcard.Authenticate(ctx, admin, honest); !errors.As(err, &ae) || ae.Status != 403 {
-		t.Errorf("admin token: %v; want a 403 APIError", err)
+	admin, _ := api.NewClient(api.Config{URL: srv.URL, CAFile: caFile, TokenFile: tokFile})
+	var ae *api.Error
+	if _, err := vcard.Authenticate(ctx, admin, honest); !errors.As(err, &ae) || !errors.Is(err, api.ErrForbidden) {
+		t.Errorf("admin token: %v; want a 403 api.Error", err)
 	}
-	if _, err := cl.Challenge(ctx, []byte{0xEE}); !errors.As(err, &ae) || ae.Status != 404 {
-		t.Errorf("unknown card: %v; want a 404 APIError", err)
+	if _, err := cl.Challenge(ctx, []byte{0xEE}); !errors.As(err, &ae) || !errors.Is(err, api.ErrNotFound) {
+		t.Errorf("unknown card: %v; want a 404 api.Error", err)
 	}
 }
 

@@ -1,4 +1,4 @@
-package issuer
+package server
 
 import (
 	"bytes"
@@ -25,16 +25,68 @@ import (
 	"testing"
 	"time"
 
+	"blindperso/api"
 	"blindperso/batch"
+	"blindperso/card/cardtest"
 	"blindperso/hsm"
+	"blindperso/hsm/hsmtest"
+	"blindperso/internal/pgtest"
+	"blindperso/issuer"
+	"blindperso/issuer/issuertest"
 	"blindperso/protocol"
 )
 
+func TestMain(m *testing.M) {
+	code := m.Run()
+	pgtest.Stop()
+	hsmtest.Cleanup()
+	os.Exit(code)
+}
+
+func newIssuer(t *testing.T, kind string) *issuer.Issuer { return issuertest.New(t, kind, 4) }
+
+func fingerprint(is *issuer.Issuer) []byte {
+	fp := is.Key.Fingerprint()
+	return fp[:]
+}
+
+func makeCards(t *testing.T, is *issuer.Issuer, p protocol.Profile, ids ...byte) []cardtest.Card {
+	return cardtest.Cards(t, p, is.Key.Public.SPKI, ids...)
+}
+
+func batchOf(t *testing.T, is *issuer.Issuer, p protocol.Profile, cards ...cardtest.Card) string {
+	return cardtest.BatchOf(t, p, fingerprint(is), cards...)
+}
+
+func writeBatch(t *testing.T, is *issuer.Issuer, p protocol.Profile, content string) string {
+	return cardtest.WriteBatch(t, p, fingerprint(is), content)
+}
+
+func openStore(t *testing.T, db string) issuer.Store {
+	t.Helper()
+	s, err := issuer.Open(context.Background(), db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// storeKinds are the stores the API is tested on: SQLite, and
+// PostgreSQL in pgtest's cluster.
+var storeKinds = []struct {
+	name string
+	open func(t *testing.T) string
+}{
+	{"sqlite", func(t *testing.T) string { return filepath.Join(t.TempDir(), "data") }},
+	{"postgres", func(t *testing.T) string { return pgtest.NewDatabase(t) }},
+}
+
 type apiEnv struct {
 	srv    *httptest.Server
-	api    *API
-	is     *Issuer
-	st     Store
+	api    *Handler
+	is     *issuer.Issuer
+	st     issuer.Store
 	tokens map[string]string // role → bearer token
 	ca     *x509.Certificate
 	caKey  *ecdsa.PrivateKey
@@ -43,13 +95,13 @@ type apiEnv struct {
 // newAPIEnv serves the API over TLS (httptest) on the store db (a
 // storeKind's DSN or directory), with a bearer token for every role and a
 // client CA for mTLS.
-func newAPIEnv(t *testing.T, is *Issuer, db string, maxBatch int64) *apiEnv {
+func newAPIEnv(t *testing.T, is *issuer.Issuer, db string, maxBatch int64) *apiEnv {
 	t.Helper()
 	dir := t.TempDir()
 	st := openStore(t, db)
 	e := &apiEnv{is: is, st: st, tokens: map[string]string{}}
 	var tf strings.Builder
-	for _, r := range Roles {
+	for _, r := range api.Roles {
 		tok := "secret-" + r
 		e.tokens[r] = tok
 		fmt.Fprintf(&tf, "%s %s\n", r, HashToken(tok))
@@ -58,11 +110,11 @@ func newAPIEnv(t *testing.T, is *Issuer, db string, maxBatch int64) *apiEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	api, err := NewAPI(APIConfig{Issuer: is, Store: st, UploadDir: filepath.Join(dir, "uploads"), Tokens: entries, MaxBatchBytes: maxBatch})
+	h, err := New(Config{Issuer: is, Store: st, UploadDir: filepath.Join(dir, "uploads"), Tokens: entries, MaxBatchBytes: maxBatch})
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.api = api
+	e.api = h
 	e.caKey, _ = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test client CA"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
@@ -74,7 +126,7 @@ func newAPIEnv(t *testing.T, is *Issuer, db string, maxBatch int64) *apiEnv {
 	e.ca, _ = x509.ParseCertificate(der)
 	pool := x509.NewCertPool()
 	pool.AddCert(e.ca)
-	e.srv = httptest.NewUnstartedServer(api)
+	e.srv = httptest.NewUnstartedServer(h)
 	e.srv.TLS = &tls.Config{ClientCAs: pool, ClientAuth: tls.VerifyClientCertIfGiven}
 	e.srv.StartTLS()
 	t.Cleanup(e.srv.Close)
@@ -132,8 +184,8 @@ func (e *apiEnv) do(t *testing.T, c *http.Client, role, method, path, ctype stri
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusOK {
-		var ae apiError
-		if ct := resp.Header.Get("Content-Type"); ct != "application/json" || json.Unmarshal(b, &ae) != nil || ae.Error == "" {
+		var ae api.Error
+		if ct := resp.Header.Get("Content-Type"); ct != "application/json" || json.Unmarshal(b, &ae) != nil || ae.Title == "" {
 			t.Errorf("%s %s: %d: error body is not a JSON error (%s): %q", method, path, resp.StatusCode, ct, b)
 		}
 	}
@@ -175,7 +227,7 @@ func multipartBatch(t *testing.T, path string) (string, []byte) {
 
 func metric(t *testing.T, e *apiEnv, name string) float64 {
 	t.Helper()
-	code, b := e.do(t, nil, RoleMetrics, "GET", "/metrics", "", nil)
+	code, b := e.do(t, nil, api.RoleMetrics, "GET", "/metrics", "", nil)
 	if code != 200 {
 		t.Fatalf("/metrics: %d", code)
 	}
@@ -192,18 +244,17 @@ func metric(t *testing.T, e *apiEnv, name string) float64 {
 func forStores(t *testing.T, f func(t *testing.T, db string)) {
 	for _, k := range storeKinds {
 		t.Run(k.name, func(t *testing.T) {
-			db, _ := k.open(t)
-			f(t, db)
+			f(t, k.open(t))
 		})
 	}
 }
 
 // upload posts the batch at path as perso and decodes the report.
-func (e *apiEnv) upload(t *testing.T, path string) (int, BatchDetail, []byte) {
+func (e *apiEnv) upload(t *testing.T, path string) (int, api.BatchDetail, []byte) {
 	t.Helper()
 	ctype, body := multipartBatch(t, path)
-	var rep BatchDetail
-	code, b := e.do(t, nil, RolePerso, "POST", "/v1/batches", ctype, bytes.NewReader(body))
+	var rep api.BatchDetail
+	code, b := e.do(t, nil, api.RolePerso, "POST", "/v1/batches", ctype, bytes.NewReader(body))
 	if code == 200 {
 		if err := json.Unmarshal(b, &rep); err != nil {
 			t.Fatalf("upload report: %v: %s", err, b)
@@ -224,7 +275,7 @@ func TestAPI(t *testing.T) {
 	// Line 1: a second c for card B102 (conflict); line 2: not a record;
 	// line 3: a new card B103.
 	more := makeCards(t, is, p, 2, 3)
-	mixed := writeBatch(t, is, p, recordLine(t, more[0].rec)+"{not a record\n"+recordLine(t, more[1].rec))
+	mixed := writeBatch(t, is, p, cardtest.Line(t, more[0].Rec)+"{not a record\n"+cardtest.Line(t, more[1].Rec))
 	// A batch whose file no longer matches its manifest.
 	changed := batchOf(t, is, p, makeCards(t, is, p, 4)...)
 	if err := os.WriteFile(changed, []byte("{}\n"), 0o644); err != nil {
@@ -240,7 +291,7 @@ func TestAPI(t *testing.T) {
 			len(rep.RejectList) != 0 || len(rep.ConflictList) != 0 {
 			t.Fatalf("report %+v", rep)
 		}
-		if got := e.json(t, RolePerso, "GET", "/v1/batches/"+rep.ID, nil, &rep); got != 200 || rep.Imported != 2 {
+		if got := e.json(t, api.RolePerso, "GET", "/v1/batches/"+rep.ID, nil, &rep); got != 200 || rep.Imported != 2 {
 			t.Fatalf("GET batch: %d %+v", got, rep)
 		}
 		// The same batch again changes nothing: the report is recomputed
@@ -255,24 +306,27 @@ func TestAPI(t *testing.T) {
 		}
 		if rep.Records != 3 || rep.Imported != 1 || rep.Conflicts != 1 || rep.Rejects != 1 ||
 			len(rep.RejectList) != 1 || rep.RejectList[0].Line != 2 || rep.RejectList[0].Reason == "" ||
-			len(rep.ConflictList) != 1 || rep.ConflictList[0].Line != 1 || !bytes.Equal(rep.ConflictList[0].CardID, cards[1].rec.ID) {
+			len(rep.ConflictList) != 1 || rep.ConflictList[0].Line != 1 || !bytes.Equal(rep.ConflictList[0].CardID, cards[1].Rec.ID) {
 			t.Fatalf("mixed report %+v", rep)
 		}
-		var sc StoredCard
-		if code := e.json(t, RoleAdmin, "GET", "/v1/cards/"+hex.EncodeToString(more[1].rec.ID), nil, &CardDetail{}); code != 200 {
+		var sc api.Card
+		if code := e.json(t, api.RoleAdmin, "GET", "/v1/cards/"+hex.EncodeToString(more[1].Rec.ID), nil, &api.CardDetail{}); code != 200 {
 			t.Fatalf("card of line 3 after the bad line 2: %d", code)
 		}
-		var cd CardDetail
-		if code := e.json(t, RoleAdmin, "GET", "/v1/cards/"+hex.EncodeToString(cards[1].rec.ID), nil, &cd); code != 200 || cd.Card.State != StateConflict || len(cd.Card.Blob.Wrapped) != 0 {
+		var cd api.CardDetail
+		if code := e.json(t, api.RoleAdmin, "GET", "/v1/cards/"+hex.EncodeToString(cards[1].Rec.ID), nil, &cd); code != 200 || cd.Card.State != api.StateConflict || cd.Card.Blob.KEK == "" {
 			t.Fatalf("card in conflict: %d %+v", code, cd)
 		}
-		if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+hex.EncodeToString(cards[1].rec.ID)+"/challenge", nil, nil); code != http.StatusConflict {
+		if _, b := e.do(t, nil, api.RoleAdmin, "GET", "/v1/cards/"+hex.EncodeToString(cards[1].Rec.ID), "", nil); bytes.Contains(b, []byte("wrapped")) {
+			t.Fatalf("the API serves the wrapped key: %s", b)
+		}
+		if code := e.json(t, api.RoleVerifier, "POST", "/v1/cards/"+hex.EncodeToString(cards[1].Rec.ID)+"/challenge", nil, nil); code != http.StatusConflict {
 			t.Fatalf("challenge for a card in conflict: %d", code)
 		}
 		code, _, b = e.upload(t, changed)
-		var ae apiError
+		var ae api.Error
 		json.Unmarshal(b, &ae)
-		if code != http.StatusUnprocessableEntity || ae.Error != "batch refused" || ae.Detail == "" {
+		if code != http.StatusUnprocessableEntity || ae.Title != "batch refused" || ae.Detail == "" {
 			t.Fatalf("changed batch: %d %s", code, b)
 		}
 		for name, want := range map[string]float64{
@@ -290,39 +344,39 @@ func TestAPI(t *testing.T) {
 			}
 		}
 
-		id := hex.EncodeToString(cards[0].rec.ID)
+		id := hex.EncodeToString(cards[0].Rec.ID)
 		challenge := func() []byte {
 			var ch struct{ Challenge string }
-			if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+id+"/challenge", nil, &ch); code != 200 {
+			if code := e.json(t, api.RoleVerifier, "POST", "/v1/cards/"+id+"/challenge", nil, &ch); code != 200 {
 				t.Fatalf("challenge: %d", code)
 			}
 			c, _ := hex.DecodeString(ch.Challenge)
 			return c
 		}
-		verify := func(ch, mac []byte) VerifyResponse {
-			var v VerifyResponse
-			if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+id+"/verify",
+		verify := func(ch, mac []byte) api.VerifyResult {
+			var v api.VerifyResult
+			if code := e.json(t, api.RoleVerifier, "POST", "/v1/cards/"+id+"/verify",
 				map[string]string{"challenge": hex.EncodeToString(ch), "mac": hex.EncodeToString(mac)}, &v); code != 200 {
 				t.Fatalf("verify: %d", code)
 			}
 			return v
 		}
 		ch := challenge()
-		if v := verify(ch, authenticate(t, cards[0].a, ch)); v.Result != AuthOK || v.FailedAuth != 0 {
+		if v := verify(ch, cardtest.Authenticate(t, cards[0].A, ch)); v.Result != api.ResultOK || v.FailedAuth != 0 {
 			t.Fatalf("genuine: %+v", v)
 		}
 		// Every kind of failure answers the same shape.
 		ch2 := challenge()
-		badMAC := authenticate(t, cards[0].a, ch2)
+		badMAC := cardtest.Authenticate(t, cards[0].A, ch2)
 		badMAC[0] ^= 1
-		if v := verify(ch2, badMAC); v != (VerifyResponse{AuthFailed, 1}) {
+		if v := verify(ch2, badMAC); v != (api.VerifyResult{Result: api.ResultFailed, FailedAuth: 1}) {
 			t.Fatalf("bad MAC: %+v", v)
 		}
-		if v := verify(ch, authenticate(t, cards[0].a, ch)); v != (VerifyResponse{AuthFailed, 1}) {
+		if v := verify(ch, cardtest.Authenticate(t, cards[0].A, ch)); v != (api.VerifyResult{Result: api.ResultFailed, FailedAuth: 1}) {
 			t.Fatalf("reused challenge: %+v", v)
 		}
 		unknown := make([]byte, 16)
-		if v := verify(unknown, authenticate(t, cards[0].a, unknown)); v != (VerifyResponse{AuthFailed, 1}) {
+		if v := verify(unknown, cardtest.Authenticate(t, cards[0].A, unknown)); v != (api.VerifyResult{Result: api.ResultFailed, FailedAuth: 1}) {
 			t.Fatalf("unknown challenge: %+v", v)
 		}
 		if v := metric(t, e, `blindperso_issuer_verifications_total{result="failed"}`); v != 3 {
@@ -336,7 +390,7 @@ func TestAPI(t *testing.T) {
 		}
 		// Malformed verifications are 400s that say what is wrong.
 		for _, body := range []string{`{"challenge":"00","mac":"00"}`, `{"challenge":"zz"}`, `not json`, `{"challenge":"` + hex.EncodeToString(ch) + `","mac":"` + hex.EncodeToString(ch) + `","x":1}`} {
-			code, b := e.do(t, nil, RoleVerifier, "POST", "/v1/cards/"+id+"/verify", "application/json", strings.NewReader(body))
+			code, b := e.do(t, nil, api.RoleVerifier, "POST", "/v1/cards/"+id+"/verify", "application/json", strings.NewReader(body))
 			if code != http.StatusBadRequest {
 				t.Errorf("verify %s: %d %s", body, code, b)
 			}
@@ -344,26 +398,26 @@ func TestAPI(t *testing.T) {
 
 		// Admin: block, challenge and verify refused, unblock.
 		ch3 := challenge()
-		if code := e.json(t, RoleAdmin, "POST", "/v1/cards/"+id+"/block", map[string]string{"reason": "lost"}, &sc); code != 200 || sc.State != StateBlocked || sc.StateReason != "admin: lost" {
+		if code := e.json(t, api.RoleAdmin, "POST", "/v1/cards/"+id+"/block", map[string]string{"reason": "lost"}, &sc); code != 200 || sc.State != api.StateBlocked || sc.StateReason != "admin: lost" {
 			t.Fatalf("block: %d %+v", code, sc)
 		}
-		if code := e.json(t, RoleVerifier, "POST", "/v1/cards/"+id+"/challenge", nil, nil); code != http.StatusConflict {
+		if code := e.json(t, api.RoleVerifier, "POST", "/v1/cards/"+id+"/challenge", nil, nil); code != http.StatusConflict {
 			t.Fatalf("challenge for a blocked card: %d", code)
 		}
-		if v := verify(ch3, authenticate(t, cards[0].a, ch3)); v.Result != AuthRefused {
+		if v := verify(ch3, cardtest.Authenticate(t, cards[0].A, ch3)); v.Result != api.ResultRefused {
 			t.Fatalf("verify a blocked card: %+v", v)
 		}
-		var blocked []StoredCard
-		if code := e.json(t, RoleAdmin, "GET", "/v1/cards?state=blocked", nil, &blocked); code != 200 || len(blocked) != 1 || !bytes.Equal(blocked[0].ID, cards[0].rec.ID) {
+		var blocked []api.Card
+		if code := e.json(t, api.RoleAdmin, "GET", "/v1/cards?state=blocked", nil, &blocked); code != 200 || len(blocked) != 1 || !bytes.Equal(blocked[0].ID, cards[0].Rec.ID) {
 			t.Fatalf("blocked cards: %d %+v", code, blocked)
 		}
-		if code := e.json(t, RoleAdmin, "POST", "/v1/cards/"+id+"/unblock", nil, &sc); code != 200 || sc.State != StateActive || sc.FailedAuth != 0 {
+		if code := e.json(t, api.RoleAdmin, "POST", "/v1/cards/"+id+"/unblock", nil, &sc); code != 200 || sc.State != api.StateActive || sc.FailedAuth != 0 {
 			t.Fatalf("unblock: %d %+v", code, sc)
 		}
-		if code := e.json(t, RoleAdmin, "GET", "/v1/cards/"+id, nil, &cd); code != 200 || len(cd.Log) == 0 || cd.Log[0].Result != LogAdminUnblock {
+		if code := e.json(t, api.RoleAdmin, "GET", "/v1/cards/"+id, nil, &cd); code != 200 || len(cd.Log) == 0 || cd.Log[0].Result != issuer.LogAdminUnblock {
 			t.Fatalf("card log: %d %+v", code, cd)
 		}
-		if code := e.json(t, RoleAdmin, "POST", "/v1/cards/"+id+"/unblock", nil, nil); code != http.StatusConflict {
+		if code := e.json(t, api.RoleAdmin, "POST", "/v1/cards/"+id+"/unblock", nil, nil); code != http.StatusConflict {
 			t.Fatalf("unblock an active card: %d", code)
 		}
 		for _, u := range []string{"/v1/cards/B1FF", "/v1/cards/B1FF/block"} {
@@ -371,11 +425,11 @@ func TestAPI(t *testing.T) {
 			if strings.HasSuffix(u, "block") {
 				method, in = "POST", map[string]string{"reason": "x"}
 			}
-			if code := e.json(t, RoleAdmin, method, u, in, nil); code != http.StatusNotFound {
+			if code := e.json(t, api.RoleAdmin, method, u, in, nil); code != http.StatusNotFound {
 				t.Fatalf("%s unknown card: %d", u, code)
 			}
 		}
-		if code := e.json(t, RoleAdmin, "GET", "/v1/batches/"+strings.Repeat("0", 64), nil, nil); code != http.StatusNotFound {
+		if code := e.json(t, api.RoleAdmin, "GET", "/v1/batches/"+strings.Repeat("0", 64), nil, nil); code != http.StatusNotFound {
 			t.Fatalf("unknown batch: %d", code)
 		}
 
@@ -416,7 +470,7 @@ func TestAPIUntrustedClientCert(t *testing.T) {
 		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
 	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &other.caKey.PublicKey, other.caKey)
 	other.ca, _ = x509.ParseCertificate(der)
-	cert := other.clientCert(t, "intruder", RoleAdmin)
+	cert := other.clientCert(t, "intruder", api.RoleAdmin)
 
 	c := e.certClient(cert)
 	tr := c.Transport.(*http.Transport)
@@ -446,9 +500,11 @@ func TestAPIAuthorizationMatrix(t *testing.T) {
 	path := batchOf(t, is, p, cards...)
 	forStores(t, func(t *testing.T, db string) {
 		e := newAPIEnv(t, is, db, 1<<20)
-		importBatch(t, is, e.st, path)
+		if _, err := (&issuer.Importer{Issuer: is, Store: e.st, Workers: 2}).ImportFile(context.Background(), path); err != nil {
+			t.Fatal(err)
+		}
 		bs, _ := e.st.Batches(context.Background())
-		id := hex.EncodeToString(cards[0].rec.ID)
+		id := hex.EncodeToString(cards[0].Rec.ID)
 		batch := bs[0].ID
 
 		type ep struct {
@@ -464,33 +520,33 @@ func TestAPIAuthorizationMatrix(t *testing.T) {
 			return ct, bytes.NewReader(b)
 		}
 		verifyBody := func() (string, io.Reader) {
-			ch, err := (&Authenticator{Store: e.st}).Challenge(context.Background(), cards[0].rec.ID)
+			ch, err := (&issuer.Authenticator{Store: e.st}).Challenge(context.Background(), cards[0].Rec.ID)
 			if err != nil {
 				t.Fatal(err)
 			}
-			return js(fmt.Sprintf(`{"challenge":"%x","mac":"%x"}`, []byte(ch.Challenge), authenticate(t, cards[0].a, ch.Challenge)))()
+			return js(fmt.Sprintf(`{"challenge":"%x","mac":"%x"}`, []byte(ch.Challenge), cardtest.Authenticate(t, cards[0].A, ch.Challenge)))()
 		}
 		unblockBody := func() (string, io.Reader) { // block it first
-			if _, err := e.st.BlockCard(context.Background(), cards[0].rec.ID, "matrix", time.Now()); err != nil {
+			if _, err := e.st.BlockCard(context.Background(), cards[0].Rec.ID, "matrix", time.Now()); err != nil {
 				t.Fatal(err)
 			}
 			return "", nil
 		}
 		eps := []ep{
 			{"GET", "/healthz", nil, nil}, // everyone
-			{"GET", "/metrics", nil, []string{RoleAdmin, RoleMetrics}},
-			{"POST", "/v1/batches", upload, []string{RolePerso}},
-			{"GET", "/v1/batches/" + batch, nil, []string{RolePerso, RoleAdmin}},
-			{"GET", "/v1/batches", nil, []string{RoleAdmin}},
-			{"POST", "/v1/cards/" + id + "/challenge", nil, []string{RoleVerifier}},
-			{"POST", "/v1/cards/" + id + "/verify", verifyBody, []string{RoleVerifier}},
-			{"GET", "/v1/cards", nil, []string{RoleAdmin}},
-			{"GET", "/v1/cards/" + id, nil, []string{RoleAdmin}},
-			{"POST", "/v1/cards/" + id + "/block", js(`{"reason":"matrix"}`), []string{RoleAdmin}},
-			{"POST", "/v1/cards/" + id + "/unblock", unblockBody, []string{RoleAdmin}},
+			{"GET", "/metrics", nil, []string{api.RoleAdmin, api.RoleMetrics}},
+			{"POST", "/v1/batches", upload, []string{api.RolePerso}},
+			{"GET", "/v1/batches/" + batch, nil, []string{api.RolePerso, api.RoleAdmin}},
+			{"GET", "/v1/batches", nil, []string{api.RoleAdmin}},
+			{"POST", "/v1/cards/" + id + "/challenge", nil, []string{api.RoleVerifier}},
+			{"POST", "/v1/cards/" + id + "/verify", verifyBody, []string{api.RoleVerifier}},
+			{"GET", "/v1/cards", nil, []string{api.RoleAdmin}},
+			{"GET", "/v1/cards/" + id, nil, []string{api.RoleAdmin}},
+			{"POST", "/v1/cards/" + id + "/block", js(`{"reason":"matrix"}`), []string{api.RoleAdmin}},
+			{"POST", "/v1/cards/" + id + "/unblock", unblockBody, []string{api.RoleAdmin}},
 		}
 		callers := []caller{{"none", "", nil}, {"wrong-token", "wrong", nil}, {"cert-without-role", "", []string{"ops"}}}
-		for _, r := range Roles {
+		for _, r := range api.Roles {
 			callers = append(callers, caller{"token-" + r, r, nil}, caller{"cert-" + r, "", []string{r}})
 		}
 		clients := map[string]*http.Client{}
@@ -562,14 +618,14 @@ func TestAPILimits(t *testing.T) {
 			{"wrong method on a collection", "PUT", "/v1/batches", "", nil, 405, "method not allowed"},
 		} {
 			t.Run(tc.name, func(t *testing.T) {
-				role := RoleAdmin
+				role := api.RoleAdmin
 				if tc.path == "/v1/batches" && tc.method == "POST" {
-					role = RolePerso
+					role = api.RolePerso
 				}
 				code, b := e.do(t, nil, role, tc.method, tc.path, tc.ctype, bytes.NewReader(tc.body))
-				var ae apiError
+				var ae api.Error
 				json.Unmarshal(b, &ae)
-				if code != tc.want || ae.Error != tc.error || ae.Detail == "" {
+				if code != tc.want || ae.Title != tc.error || ae.Detail == "" {
 					t.Errorf("%d %s, want %d %q with a detail", code, b, tc.want, tc.error)
 				}
 			})

@@ -1,4 +1,10 @@
-package issuer
+// Package pgtest runs a PostgreSQL 15 cluster of the test binary's own
+// for tests that need a real PostgreSQL store (the issuer's, its API's):
+// started on first use as the unprivileged "postgres" user (initdb and
+// postgres refuse root), listening only on a unix socket in a temp dir,
+// trust auth. Each test gets a database of its own; the test binary's
+// TestMain calls Stop.
+package pgtest
 
 import (
 	"database/sql"
@@ -13,12 +19,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
-)
 
-// A PostgreSQL 15 cluster of the test binary's own, started on first use
-// as the unprivileged "postgres" user (initdb and postgres refuse root),
-// listening only on a unix socket in a temp dir, trust auth. Each test
-// gets a database of its own. TestMain stops it.
+	_ "github.com/jackc/pgx/v5/stdlib" // database/sql driver "pgx"
+)
 
 const pgBin = "/usr/lib/postgresql/15/bin"
 
@@ -98,9 +101,9 @@ func pgDSN(db string) string {
 	return fmt.Sprintf("host=%s port=5432 user=postgres dbname=%s sslmode=disable", pg.sock, db)
 }
 
-// newPGDatabase returns the DSN of a new, empty database in the test
+// NewDatabase returns the DSN of a new, empty database in the test
 // cluster, or skips the test if PostgreSQL is not installed.
-func newPGDatabase(t *testing.T) string {
+func NewDatabase(t testing.TB) string {
 	t.Helper()
 	if _, err := os.Stat(filepath.Join(pgBin, "postgres")); err != nil {
 		t.Skipf("PostgreSQL 15 server binaries not in %s (apt-get install postgresql-15): %v", pgBin, err)
@@ -121,8 +124,17 @@ func newPGDatabase(t *testing.T) string {
 	return pgDSN(name)
 }
 
-// stopPG stops the cluster (fast shutdown) and removes it.
-func stopPG() {
+// DataDir is the cluster's data directory (for scans of what the
+// database wrote to disk); "" before the first NewDatabase.
+func DataDir() string {
+	if pg.dir == "" {
+		return ""
+	}
+	return filepath.Join(pg.dir, "data")
+}
+
+// Stop stops the cluster (fast shutdown) and removes it.
+func Stop() {
 	if pg.cmd != nil && pg.cmd.Process != nil {
 		pg.cmd.Process.Signal(syscall.SIGINT)
 		done := make(chan struct{})
@@ -138,8 +150,8 @@ func stopPG() {
 	}
 }
 
-// pgCheckpoint makes PostgreSQL write everything to its data files.
-func pgCheckpoint(t *testing.T) {
+// Checkpoint makes PostgreSQL write everything to its data files.
+func Checkpoint(t testing.TB) {
 	db, err := sql.Open("pgx", pgDSN("postgres"))
 	if err != nil {
 		t.Fatal(err)

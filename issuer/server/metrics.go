@@ -1,0 +1,63 @@
+package server
+
+import (
+	"context"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"blindperso/api"
+	"blindperso/issuer"
+)
+
+type metrics struct {
+	batches      *prometheus.CounterVec
+	imported     prometheus.Counter
+	rejects      prometheus.Counter
+	conflicts    prometheus.Counter
+	verifies     *prometheus.CounterVec
+	tokenLatency *prometheus.HistogramVec
+}
+
+// batchError labels uploads whose import failed for another reason than
+// a refusal (not a batch status).
+const batchError = "error"
+
+func newMetrics(reg *prometheus.Registry) *metrics {
+	m := &metrics{
+		batches: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "blindperso_issuer_batch_imports_total",
+			Help: "Batch uploads imported through the API, by outcome (done, refused, error)."}, []string{"status"}),
+		imported: prometheus.NewCounter(prometheus.CounterOpts{Name: "blindperso_issuer_imported_cards_total",
+			Help: "Cards imported (the imported count of each upload's report)."}),
+		rejects: prometheus.NewCounter(prometheus.CounterOpts{Name: "blindperso_issuer_rejected_records_total",
+			Help: "Records rejected (the rejects count of each upload's report)."}),
+		conflicts: prometheus.NewCounter(prometheus.CounterOpts{Name: "blindperso_issuer_conflicts_total",
+			Help: "Conflicting records: a known card Id with another c (the conflicts count of each upload's report)."}),
+		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "blindperso_issuer_verifications_total",
+			Help: "Card verifications by result (ok, failed, blocked, refused)."}, []string{"result"}),
+		tokenLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "blindperso_issuer_token_op_seconds",
+			Help:    "Latency of token operations: import (derive and wrap one card's K_I), verify (one MAC check).",
+			Buckets: prometheus.ExponentialBuckets(0.0002, 2, 14)}, []string{"op"}),
+	}
+	reg.MustRegister(m.batches, m.imported, m.rejects, m.conflicts, m.verifies, m.tokenLatency)
+	for _, r := range []string{api.ResultOK, api.ResultFailed, api.ResultBlocked, api.ResultRefused} {
+		m.verifies.WithLabelValues(r)
+	}
+	for _, s := range []string{api.BatchDone, api.BatchRefused, batchError} {
+		m.batches.WithLabelValues(s)
+	}
+	return m
+}
+
+// timedVerifier observes the latency of each MAC check in the token.
+type timedVerifier struct {
+	v issuer.MACVerifier
+	h prometheus.Observer
+}
+
+func (t timedVerifier) Verify(ctx context.Context, ck issuer.CardKey, challenge, mac []byte) (bool, error) {
+	start := time.Now()
+	ok, err := t.v.Verify(ctx, ck, challenge, mac)
+	t.h.Observe(time.Since(start).Seconds())
+	return ok, err
+}
