@@ -37,6 +37,20 @@ type Record struct {
 	Fingerprint protocol.Hex `json:"issuer_fingerprint"`
 	Reader      string       `json:"reader,omitempty"`
 	Time        time.Time    `json:"time"`
+	// Attestation is the chip's signed statement (version 2 only; absent
+	// for a card without an attestation key).
+	Attestation *Attestation `json:"attestation,omitempty"`
+}
+
+// Attestation is what an attested card said about its record, as the
+// station read it (PROTOCOL.md §10): the chain from GET ATTESTATION
+// CHAIN, the fingerprint and SHA-256(c) it signed, and the signature from
+// READ ATTESTATION. The station is untrusted: the issuer verifies it all.
+type Attestation struct {
+	Chain       []protocol.Hex `json:"chain"`       // DER certificates, the card's first
+	Fingerprint protocol.Hex   `json:"fingerprint"` // fingerprint(PK) in A
+	CSHA256     protocol.Hex   `json:"c_sha256"`    // SHA-256(c) in A
+	Sig         protocol.Hex   `json:"sig"`         // ECDSA-P256-SHA256 over A, DER
 }
 
 // Manifest describes a batch for the issuer (docs/BATCH.md). The station

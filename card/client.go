@@ -146,3 +146,20 @@ func (c *Client) Authenticate(challenge []byte) ([]byte, error) {
 	}
 	return mac, err
 }
+
+// AttestationChain reads the card's certificate chain (card certificate
+// first, DER each; PROTOCOL.md §10.3). A card without an attestation key
+// answers 6A88.
+func (c *Client) AttestationChain() ([][]byte, error) {
+	b, err := c.run("GET ATTESTATION CHAIN", proprietary(protocol.INSGetAttestationChain, 0, nil, 256))
+	if err != nil {
+		return nil, err
+	}
+	return protocol.SplitChain(b)
+}
+
+// ReadAttestation reads the card's signature over its statement A
+// (PROTOCOL.md §10.2), in the personalized state only.
+func (c *Client) ReadAttestation() ([]byte, error) {
+	return c.run("READ ATTESTATION", proprietary(protocol.INSReadAttestation, 0, nil, 256))
+}

@@ -85,6 +85,7 @@ type Status struct {
 	State       LifeCycle
 	ProfileID   byte // 0 while blank
 	Pinned      bool
+	Attested    bool     // the card has an attestation key (§10)
 	Fingerprint [32]byte // of the key the card was personalized under; zero while blank
 	PinnedKey   [32]byte // zero unless Pinned
 }
@@ -96,6 +97,9 @@ func (s Status) Marshal() []byte {
 	if s.Pinned {
 		flags |= StatusFlagPinned
 	}
+	if s.Attested {
+		flags |= StatusFlagAttested
+	}
 	b = append(b, s.Version, byte(s.State), s.ProfileID, flags)
 	b = append(b, s.Fingerprint[:]...)
 	return append(b, s.PinnedKey[:]...)
@@ -106,7 +110,8 @@ func ParseStatus(b []byte) (Status, error) {
 	if len(b) != StatusLen {
 		return Status{}, fmt.Errorf("GET STATUS response is %d bytes, want %d", len(b), StatusLen)
 	}
-	s := Status{Version: b[0], State: LifeCycle(b[1]), ProfileID: b[2], Pinned: b[3]&StatusFlagPinned != 0}
+	s := Status{Version: b[0], State: LifeCycle(b[1]), ProfileID: b[2], Pinned: b[3]&StatusFlagPinned != 0,
+		Attested: b[3]&StatusFlagAttested != 0}
 	copy(s.Fingerprint[:], b[4:36])
 	copy(s.PinnedKey[:], b[36:68])
 	switch s.State {

@@ -29,6 +29,7 @@ const (
 	SWAppletNotFound      SW = 0x6A82
 	SWNotEnoughMemory     SW = 0x6A84
 	SWWrongP1P2           SW = 0x6A86
+	SWDataNotFound        SW = 0x6A88
 	SWINSNotSupported     SW = 0x6D00
 	SWCLANotSupported     SW = 0x6E00
 	SWUnknown             SW = 0x6F00
@@ -49,6 +50,7 @@ var swText = map[SW]string{
 	SWAppletNotFound:      "applet not found",
 	SWNotEnoughMemory:     "not enough memory",
 	SWWrongP1P2:           "incorrect P1-P2",
+	SWDataNotFound:        "referenced data not found (the card has no attestation key)",
 	SWINSNotSupported:     "instruction not supported",
 	SWCLANotSupported:     "class not supported",
 	SWUnknown:             "no precise diagnosis",
