@@ -7,13 +7,20 @@
 // command or as it is after it. Its session state (selection, a command
 // chain in progress, response bytes waiting for GET RESPONSE) is lost on
 // every power off, power on and reset, as on a chip.
+//
+// A card manufactured with an Attestation also speaks Extension A (§10):
+// it signs what it made on PERSONALIZE under a key its chip vendor
+// certified, so the issuer can tell its records from a station's forgeries.
 package card
 
 import (
 	"bytes"
+	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -61,12 +68,39 @@ type Options struct {
 	// Pinned, if set, is the SHA-256 fingerprint of the only issuer
 	// SubjectPublicKeyInfo the card will accept (§4.4).
 	Pinned []byte
+	// Attestation, if set, makes the card an attested one (PROTOCOL.md
+	// §10): it signs what it makes on PERSONALIZE. Nil: a card of
+	// version 1 alone, as before the extension.
+	Attestation *Attestation
+}
+
+// Attestation is what a chip vendor's pre-personalization gives a card
+// (§10.1); package chipca makes one for tests and vcard.
+type Attestation struct {
+	// Key is the card's ECDSA P-256 attestation key.
+	Key *ecdsa.PrivateKey
+	// Chain is the card's certificate, which must certify Key, then the
+	// CA certificates that issued it, DER each, without the root.
+	Chain [][]byte
 }
 
 // Manufacture creates a blank card whose state lives at path. It refuses
 // to overwrite an existing card.
 func Manufacture(path string, o Options) (*Applet, error) {
 	st := state{Format: stateFormat, ID: o.ID, Pinned: o.Pinned, LifeCycle: protocol.Blank}
+	if at := o.Attestation; at != nil {
+		if at.Key == nil {
+			return nil, errors.New("manufacture card: attestation without a key")
+		}
+		der, err := x509.MarshalPKCS8PrivateKey(at.Key)
+		if err != nil {
+			return nil, fmt.Errorf("manufacture card: attestation key: %w", err)
+		}
+		st.AttestKey = der
+		for _, c := range at.Chain {
+			st.AttestChain = append(st.AttestChain, bytes.Clone(c))
+		}
+	}
 	if err := st.validate(); err != nil {
 		return nil, fmt.Errorf("manufacture card: %w", err)
 	}
@@ -108,6 +142,13 @@ func (a *Applet) LifeCycle() protocol.LifeCycle {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.st.LifeCycle
+}
+
+// Attested reports whether the card has an attestation key (§10).
+func (a *Applet) Attested() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.st.attestKey != nil
 }
 
 // Path is the card's state file.
@@ -213,6 +254,10 @@ func (a *Applet) dispatch(capdu []byte) ([]byte, iso7816.SW) {
 		return a.lock(cmd)
 	case protocol.INSAuthenticate:
 		return a.authenticate(cmd)
+	case protocol.INSGetAttestationChain:
+		return a.attestationChain(cmd)
+	case protocol.INSReadAttestation:
+		return a.readAttestation(cmd)
 	}
 	return nil, iso7816.SWINSNotSupported
 }
@@ -302,6 +347,7 @@ func (a *Applet) status() protocol.Status {
 		State:     a.st.LifeCycle,
 		ProfileID: a.st.ProfileID,
 		Pinned:    len(a.st.Pinned) != 0,
+		Attested:  a.st.attestKey != nil,
 	}
 	copy(s.Fingerprint[:], a.st.IssuerKey)
 	copy(s.PinnedKey[:], a.st.Pinned)
@@ -354,6 +400,13 @@ func (a *Applet) personalize(cmd iso7816.Command, more bool) ([]byte, iso7816.SW
 	next.IssuerKey = fp[:]
 	next.KI = ki
 	next.C = c
+	if a.st.attestKey != nil {
+		sig, err := a.attest(p, fp[:], c)
+		if err != nil {
+			return nil, iso7816.SWUnknown
+		}
+		next.AttestSig = sig
+	}
 	if err := a.persist(next); err != nil {
 		return nil, iso7816.SWMemoryFailure
 	}
@@ -377,6 +430,7 @@ func (a *Applet) lock(cmd iso7816.Command) ([]byte, iso7816.SW) {
 	next := a.st
 	next.LifeCycle = protocol.Locked
 	next.C = nil
+	next.AttestSig = nil // §10.2: erased with c
 	if err := a.persist(next); err != nil {
 		return nil, iso7816.SWMemoryFailure
 	}
@@ -398,4 +452,45 @@ func (a *Applet) authenticate(cmd iso7816.Command) ([]byte, iso7816.SW) {
 		return nil, iso7816.SWUnknown
 	}
 	return a.respond(mac, cmd.Ne)
+}
+
+// attest signs A of §10.2 for the c just made. Its nonce comes from
+// crypto/rand, never from a.rand: the §8 vectors fix every byte the
+// protocol draws, and an attested card must draw the same ones.
+func (a *Applet) attest(p protocol.Profile, fp, c []byte) ([]byte, error) {
+	ch := sha256.Sum256(c)
+	msg, err := protocol.AttestMessage(a.st.ID, p.Name, fp, ch[:])
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.Sum256(msg)
+	return ecdsa.SignASN1(rand.Reader, a.st.attestKey, h[:])
+}
+
+// attestationChain answers GET ATTESTATION CHAIN in every state; the
+// chain is longer than one short response, so it goes out through
+// respond and GET RESPONSE.
+func (a *Applet) attestationChain(cmd iso7816.Command) ([]byte, iso7816.SW) {
+	if sw := noData(cmd); sw != iso7816.SWOK {
+		return nil, sw
+	}
+	if a.st.attestKey == nil {
+		return nil, iso7816.SWDataNotFound
+	}
+	return a.respond(a.st.chainBytes(), cmd.Ne)
+}
+
+// readAttestation answers READ ATTESTATION: the signature persisted with
+// c, as often as asked, between PERSONALIZE and LOCK.
+func (a *Applet) readAttestation(cmd iso7816.Command) ([]byte, iso7816.SW) {
+	if sw := noData(cmd); sw != iso7816.SWOK {
+		return nil, sw
+	}
+	if a.st.attestKey == nil {
+		return nil, iso7816.SWDataNotFound
+	}
+	if a.st.LifeCycle != protocol.Personalized {
+		return nil, iso7816.SWConditionsNotMet
+	}
+	return a.respond(bytes.Clone(a.st.AttestSig), cmd.Ne)
 }

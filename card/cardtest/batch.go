@@ -10,6 +10,7 @@ import (
 
 	"blindperso/batch"
 	"blindperso/card"
+	"blindperso/chipca"
 	"blindperso/protocol"
 )
 
@@ -24,13 +25,30 @@ type Card struct {
 // the issuer key spki (a DER SubjectPublicKeyInfo).
 func Cards(tb testing.TB, p protocol.Profile, spki []byte, ids ...byte) []Card {
 	tb.Helper()
+	return AttestedCards(tb, nil, p, spki, ids...)
+}
+
+// AttestedCards is Cards with cards that ca attested at manufacture
+// (PROTOCOL.md §10): each record carries the card's attestation. A nil
+// ca makes cards without one.
+func AttestedCards(tb testing.TB, ca *chipca.CA, p protocol.Profile, spki []byte, ids ...byte) []Card {
+	tb.Helper()
 	key, err := protocol.ParseIssuerKey(spki)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	var out []Card
 	for _, id := range ids {
-		a, err := card.Manufacture(filepath.Join(tb.TempDir(), "card.json"), card.Options{ID: []byte{0xB1, id}})
+		o := card.Options{ID: []byte{0xB1, id}}
+		if ca != nil {
+			cc, err := ca.NewCard(o.ID, chipca.CertOptions{})
+			if err != nil {
+				tb.Fatal(err)
+			}
+			at := card.Attestation(cc)
+			o.Attestation = &at
+		}
+		a, err := card.Manufacture(filepath.Join(tb.TempDir(), "card.json"), o)
 		if err != nil {
 			tb.Fatal(err)
 		}

@@ -1,6 +1,7 @@
 package cardtest
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"time"
 
@@ -34,8 +35,34 @@ func Personalize(a *card.Applet, p protocol.Profile, key *protocol.IssuerKey, re
 	}
 	fp := key.Fingerprint()
 	rec := batch.Record{V: batch.Version, ID: id, C: ct, Profile: p.Name, Fingerprint: fp[:], Reader: reader, Time: time.Now().UTC()}
+	if rec.Attestation, err = readAttestation(c, fp[:], ct); err != nil {
+		return rec, fmt.Errorf("card %x: %w", id, err)
+	}
 	if err := c.Lock(ct); err != nil {
 		return rec, fmt.Errorf("card %x: %w", id, err)
 	}
 	return rec, nil
+}
+
+// readAttestation is what the station journals of an attested card
+// (PROTOCOL.md §10.3), nil for a card without an attestation key.
+func readAttestation(c *card.Client, fp, ct []byte) (*batch.Attestation, error) {
+	st, err := c.Status()
+	if err != nil || !st.Attested {
+		return nil, err
+	}
+	chain, err := c.AttestationChain()
+	if err != nil {
+		return nil, err
+	}
+	sig, err := c.ReadAttestation()
+	if err != nil {
+		return nil, err
+	}
+	h := sha256.Sum256(ct)
+	a := &batch.Attestation{Fingerprint: fp, CSHA256: h[:], Sig: sig}
+	for _, der := range chain {
+		a.Chain = append(a.Chain, der)
+	}
+	return a, nil
 }

@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -21,6 +22,7 @@ import (
 
 	"blindperso/api"
 	"blindperso/card"
+	"blindperso/chipca"
 	"blindperso/internal/pcscd"
 	"blindperso/internal/vcard"
 	"blindperso/protocol"
@@ -48,15 +50,21 @@ A typical session:
   vcard pcscd --dir /tmp/pc &            # a private pcscd with two vpcd slots
   export PCSCLITE_CSOCK_NAME=/tmp/pc/pcscd.comm
   vcard manufacture --dir cards --count 5
-  vcard feed --reader 127.0.0.1:PORT cards/*.json`,
+  vcard feed --reader 127.0.0.1:PORT cards/*.json
+
+Attested cards (docs/PROTOCOL.md §10) need a chip vendor; vcard plays a
+test one:
+
+  vcard chip-ca init --out chip-ca       # root.pem goes to the issuer
+  vcard manufacture --dir cards --count 5 --chip-ca chip-ca`,
 		SilenceUsage: true,
 	}
-	c.AddCommand(manufactureCmd(), feedCmd(), statusCmd(), authenticateCmd(), pcscdCmd())
+	c.AddCommand(manufactureCmd(), feedCmd(), statusCmd(), authenticateCmd(), pcscdCmd(), chipCACmd())
 	return c
 }
 
 func manufactureCmd() *cobra.Command {
-	var dir, firstID, pin string
+	var dir, firstID, pin, chipCA string
 	var count int
 	c := &cobra.Command{
 		Use:   "manufacture",
@@ -64,9 +72,17 @@ func manufactureCmd() *cobra.Command {
 		Long: `Make --count blank cards in --dir, named card-<ID>.json. Ids are 8 bytes,
 counting up from --first-id. --pin sets the issuer-key fingerprint the
 cards will accept (the paper's §4.4 "PK masked into ROM"); without it they
-accept any key.`,
+accept any key.
+
+--chip-ca DIR makes attested cards (docs/PROTOCOL.md §10): each gets a
+fresh P-256 attestation key and a certificate for its Id from the chip
+vendor CA in DIR (made by vcard chip-ca init), and signs what it makes on
+PERSONALIZE. An issuer that trusts DIR/root.pem can then tell the card's
+records from a station's forgeries. Without --chip-ca the cards are
+unattested, as a card of protocol version 1 alone.`,
 		Example: `  vcard manufacture --dir cards --count 10
-  vcard manufacture --dir cards --count 10 --pin $(issuer fingerprint issuer.pub.pem)`,
+  vcard manufacture --dir cards --count 10 --pin $(issuer fingerprint issuer.pub.pem)
+  vcard manufacture --dir cards --count 10 --chip-ca chip-ca`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			first, err := hex.DecodeString(firstID)
@@ -79,6 +95,12 @@ accept any key.`,
 					return fmt.Errorf("--pin must be a SHA-256 fingerprint, 64 hex digits, got %q", pin)
 				}
 			}
+			var ca *chipca.CA
+			if chipCA != "" {
+				if ca, err = chipca.Load(chipCA); err != nil {
+					return fmt.Errorf("--chip-ca: %w", err)
+				}
+			}
 			if err := os.MkdirAll(dir, 0o700); err != nil {
 				return err
 			}
@@ -86,7 +108,15 @@ accept any key.`,
 			for range count {
 				b := id.FillBytes(make([]byte, 8))
 				path := filepath.Join(dir, fmt.Sprintf("card-%X.json", b))
-				if _, err := card.Manufacture(path, card.Options{ID: b, Pinned: pinned}); err != nil {
+				o := card.Options{ID: b, Pinned: pinned}
+				if ca != nil {
+					at, err := ca.NewCard(b, chipca.CertOptions{})
+					if err != nil {
+						return err
+					}
+					o.Attestation = (*card.Attestation)(&at)
+				}
+				if _, err := card.Manufacture(path, o); err != nil {
 					return err
 				}
 				fmt.Fprintln(cmd.OutOrStdout(), path)
@@ -99,6 +129,62 @@ accept any key.`,
 	c.Flags().IntVar(&count, "count", 1, "number of cards")
 	c.Flags().StringVar(&firstID, "first-id", "B100000000000001", "Id of the first card, 16 hex digits")
 	c.Flags().StringVar(&pin, "pin", "", "SHA-256 fingerprint of the only issuer key the cards accept (hex)")
+	c.Flags().StringVar(&chipCA, "chip-ca", "", "chip vendor CA directory (vcard chip-ca init): make attested cards")
+	return c
+}
+
+func chipCACmd() *cobra.Command {
+	c := &cobra.Command{
+		Use:   "chip-ca",
+		Short: "A test chip vendor's CA, which certifies attested cards",
+		Long: `A chip vendor certifies each chip's attestation key at manufacture, outside
+the personalization centre (docs/PROTOCOL.md §10.1); the issuer trusts the
+vendor's root and checks every record's attestation against it. This
+command plays a test vendor: init makes its CA, vcard manufacture --chip-ca
+uses it. It is for tests and demos: a real vendor's keys live in its HSM.`,
+		Args: cobra.NoArgs,
+	}
+	c.AddCommand(chipCAInitCmd())
+	return c
+}
+
+func chipCAInitCmd() *cobra.Command {
+	var out, vendor string
+	c := &cobra.Command{
+		Use:   "init --out DIR",
+		Short: "Make a chip vendor CA: a P-256 root and an intermediate that issues card certificates",
+		Long: `Make a fresh test chip vendor CA in --out (created if missing):
+
+  root.pem              self-signed root; give this to the issuer to trust
+  root.key.pem          its key (PKCS#8, mode 0600); may be moved offline
+  intermediate.pem      CA under the root, path length 0; cards carry it
+  intermediate.key.pem  its key (PKCS#8, mode 0600); signs card certificates
+
+It refuses to overwrite an existing CA: the issuer may already trust its
+root. It prints the root's fingerprint, SHA-256 of root.pem's DER, the
+value to compare when installing root.pem at the issuer (openssl x509
+-in root.pem -noout -fingerprint -sha256 shows the same, with colons).`,
+		Example: `  vcard chip-ca init --out chip-ca
+  vcard manufacture --dir cards --count 10 --chip-ca chip-ca`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ca, err := chipca.New(vendor)
+			if err != nil {
+				return err
+			}
+			if err := ca.Write(out); err != nil {
+				return err
+			}
+			fp := ca.RootFingerprint()
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "chip vendor CA in %s\n", out)
+			fmt.Fprintf(w, "root SHA-256 fingerprint %x\n", fp[:])
+			return nil
+		},
+	}
+	c.Flags().StringVar(&out, "out", "", "directory for the CA's files (required)")
+	c.Flags().StringVar(&vendor, "vendor", chipca.DefaultVendor, "vendor name, the O= of the CA certificates")
+	c.MarkFlagRequired("out")
 	return c
 }
 
@@ -131,7 +217,12 @@ func statusCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "status CARD.json...",
 		Short: "Print each card's Id, life cycle and issuer-key fingerprint as JSON lines (never its key)",
-		Args:  cobra.MinimumNArgs(1),
+		Long: `Print one JSON line per card: file, id, state (blank, personalized,
+locked), profile and issuer_fingerprint once personalized,
+pinned_fingerprint if the card has a pin, and attested (true when the card
+has an attestation key, docs/PROTOCOL.md §10; then attestation_subject is
+its certificate's subject). Never K_I or any other key.`,
+		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			enc := json.NewEncoder(cmd.OutOrStdout())
 			for _, path := range args {
@@ -154,6 +245,18 @@ func statusCmd() *cobra.Command {
 				}
 				if st.Pinned {
 					out["pinned_fingerprint"] = protocol.Hex(st.PinnedKey[:])
+				}
+				out["attested"] = st.Attested
+				if st.Attested {
+					chain, err := c.AttestationChain()
+					if err != nil {
+						return fmt.Errorf("%s: %w", path, err)
+					}
+					cert, err := x509.ParseCertificate(chain[0])
+					if err != nil {
+						return fmt.Errorf("%s: card certificate: %w", path, err)
+					}
+					out["attestation_subject"] = cert.Subject.String()
 				}
 				if err := enc.Encode(out); err != nil {
 					return err
