@@ -7,6 +7,7 @@
 package batch
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -15,12 +16,58 @@ import (
 	"blindperso/protocol"
 )
 
-// Format names the batch format in the manifest; Version is the version
-// number every record carries. They change together (docs/BATCH.md,
-// "Versioning").
+// The batch format's versions (docs/BATCH.md, "Versioning"). The
+// manifest's format names the version, and every record of the batch
+// carries its number in "v": they change together. Version 2 adds the
+// optional attestation member (PROTOCOL.md §10); readers still read
+// version 1 batches.
 const (
-	Format  = "blindperso-batch/1"
-	Version = 1
+	Format1  = "blindperso-batch/1"
+	Version1 = 1
+	Format2  = "blindperso-batch/2"
+	Version2 = 2
+)
+
+// Format and Version are the version the station writes now: what
+// MarshalRecord and MarshalManifest write.
+const (
+	Format  = Format2
+	Version = Version2
+)
+
+// FormatOf returns the manifest format of record version v, or "" for a
+// version this package does not know.
+func FormatOf(v int) string {
+	switch v {
+	case Version1:
+		return Format1
+	case Version2:
+		return Format2
+	}
+	return ""
+}
+
+// VersionOf returns the record version of manifest format f, or 0 for a
+// format this package does not know.
+func VersionOf(f string) int {
+	switch f {
+	case Format1:
+		return Version1
+	case Format2:
+		return Version2
+	}
+	return 0
+}
+
+// Limits of a version 2 record's attestation (docs/BATCH.md, "Version
+// 2"): the number of certificates in the chain, their total size
+// (protocol.MaxAttestationChain) and the size of the signature, which is
+// DER (an ECDSA-P256 one is 70 to 72 bytes; the bounds leave room for
+// other curves without admitting an arbitrary blob).
+const (
+	MaxChainCerts = 8
+	MinSigLen     = 8
+	MaxSigLen     = 80
 )
 
 // FingerprintLen is the length of an issuer key fingerprint (SHA-256 of
@@ -75,10 +122,11 @@ func ManifestPath(batch string) string { return batch + ".manifest.json" }
 func RejectsPath(batch string) string  { return batch + ".rejects.ndjson" }
 
 // MarshalRecord returns rec as one batch line, '\n' included, in the only
-// form ParseRecord accepts: V set to Version, Time in UTC. A record that
-// ParseRecord would refuse (no Id, an Id over 16 bytes, no c, no profile,
-// a fingerprint that is not 32 bytes) is an error: nothing is written
-// that cannot be read back.
+// form ParseRecord accepts: V set to Version (MarshalRecord writes
+// version 2 only), Time in UTC. A record that ParseRecord would refuse (no
+// Id, an Id over 16 bytes, no c, no profile, a fingerprint that is not 32
+// bytes, an attestation that breaks a rule of "Version 2") is an error:
+// nothing is written that cannot be read back.
 func MarshalRecord(rec Record) ([]byte, error) {
 	rec.V = Version
 	rec.Time = rec.Time.UTC()
@@ -92,6 +140,11 @@ func MarshalRecord(rec Record) ([]byte, error) {
 	case len(rec.Fingerprint) != FingerprintLen:
 		return nil, fmt.Errorf("record for card %x: issuer_fingerprint of %d bytes, want %d", []byte(rec.ID), len(rec.Fingerprint), FingerprintLen)
 	}
+	if rec.Attestation != nil {
+		if err := rec.Attestation.Check(); err != nil {
+			return nil, fmt.Errorf("record for card %x: %w", []byte(rec.ID), err)
+		}
+	}
 	b, err := json.Marshal(rec)
 	if err != nil {
 		return nil, err
@@ -99,11 +152,48 @@ func MarshalRecord(rec Record) ([]byte, error) {
 	return append(b, '\n'), nil
 }
 
+// Check reports whether a is of the shape a version 2 record's
+// attestation must have (docs/BATCH.md, "Version 2"): 1 to MaxChainCerts
+// non-empty certificates of at most protocol.MaxAttestationChain bytes in
+// all, a 32-byte fingerprint and SHA-256(c), a signature of MinSigLen to
+// MaxSigLen bytes. It checks no certificate and no signature: that is the
+// issuer's (PROTOCOL.md §10.4).
+func (a *Attestation) Check() error {
+	if len(a.Chain) < 1 || len(a.Chain) > MaxChainCerts {
+		return fieldErr("attestation.chain", "%d certificates, want 1 to %d", len(a.Chain), MaxChainCerts)
+	}
+	total := 0
+	for i, c := range a.Chain {
+		if len(c) == 0 {
+			return fieldErr(fmt.Sprintf("attestation.chain[%d]", i), "empty")
+		}
+		total += len(c)
+	}
+	if total > protocol.MaxAttestationChain {
+		return fieldErr("attestation.chain", "%d bytes in all, at most %d", total, protocol.MaxAttestationChain)
+	}
+	if len(a.Fingerprint) != FingerprintLen {
+		return fieldErr("attestation.fingerprint", "%d bytes, want %d", len(a.Fingerprint), FingerprintLen)
+	}
+	if len(a.CSHA256) != FingerprintLen {
+		return fieldErr("attestation.c_sha256", "%d bytes, want %d", len(a.CSHA256), FingerprintLen)
+	}
+	if len(a.Sig) < MinSigLen || len(a.Sig) > MaxSigLen {
+		return fieldErr("attestation.sig", "%d bytes, want %d to %d", len(a.Sig), MinSigLen, MaxSigLen)
+	}
+	return nil
+}
+
 // MarshalManifest returns m as the manifest file's content (indented,
-// ending in '\n'), Format filled in if empty and Written in UTC.
+// ending in '\n'), Format filled in if empty (with Format, the version
+// the station writes) and Written in UTC. A format this package does not
+// know is an error.
 func MarshalManifest(m Manifest) ([]byte, error) {
 	if m.Format == "" {
 		m.Format = Format
+	}
+	if VersionOf(m.Format) == 0 {
+		return nil, fmt.Errorf("manifest: unknown format %q", m.Format)
 	}
 	m.Written = m.Written.UTC()
 	if m.Station == "" {
@@ -114,4 +204,24 @@ func MarshalManifest(m Manifest) ([]byte, error) {
 		return nil, err
 	}
 	return append(b, '\n'), nil
+}
+
+// Version is the record version the manifest's format names (0 for a
+// format this package does not know; ParseManifest refuses those).
+func (m Manifest) Version() int { return VersionOf(m.Format) }
+
+// CheckRecord refuses a record that does not belong to the batch m
+// describes: a record version other than the manifest format's, another
+// profile, another issuer key. Every reader that matches records with
+// their manifest (Verify, the issuer's importer) checks these.
+func (m Manifest) CheckRecord(rec Record) error {
+	switch {
+	case rec.V != m.Version():
+		return fmt.Errorf("record version %d in a %s batch (every record's \"v\" is the manifest format's version, %d)", rec.V, m.Format, m.Version())
+	case rec.Profile != m.Profile:
+		return fmt.Errorf("profile %q differs from the manifest's %q", rec.Profile, m.Profile)
+	case !bytes.Equal(rec.Fingerprint, m.IssuerFingerprint):
+		return fmt.Errorf("issuer_fingerprint %x differs from the manifest's %x", []byte(rec.Fingerprint), []byte(m.IssuerFingerprint))
+	}
+	return nil
 }

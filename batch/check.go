@@ -12,7 +12,8 @@ import (
 
 // DefaultMaxLine is the longest line Scan reads by default; a longer line
 // is refused (and skipped) without being held in memory. A record of the
-// largest profile (RSA-2048, c of 256 bytes) is about 750 bytes.
+// largest profile (RSA-2048, c of 256 bytes) is about 750 bytes; with the
+// largest attestation (8 KiB of certificates, hex) about 17 KB.
 const DefaultMaxLine = 64 << 10
 
 // ErrNoNewline: the file's last line does not end in '\n' — a torn
@@ -141,7 +142,8 @@ func ReadManifest(path string) (Manifest, []byte, error) {
 // Verify checks the batch at path against its manifest, strictly, in one
 // streaming pass: the manifest parses and names the file; size, SHA-256
 // and count match; every line is a record (ParseRecord) of the manifest's
-// profile and issuer key; no card Id appears twice. fn, if not nil, gets
+// version, profile and issuer key (Manifest.CheckRecord); no card Id
+// appears twice. fn, if not nil, gets
 // each record in file order. Memory grows only with the set of Ids seen.
 // It checks what the station vouches for, not what only the issuer can
 // (whether the profile is known to it, whether c fits the key).
@@ -164,12 +166,10 @@ func Verify(path string, fn func(line int, rec Record) error) (Manifest, error) 
 		if err != nil {
 			return &LineError{Line: n, Err: err}
 		}
-		switch {
-		case rec.Profile != m.Profile:
-			return &LineError{n, fmt.Errorf("profile %q differs from the manifest's %q", rec.Profile, m.Profile)}
-		case !bytes.Equal(rec.Fingerprint, m.IssuerFingerprint):
-			return &LineError{n, fmt.Errorf("issuer_fingerprint %x differs from the manifest's %x", []byte(rec.Fingerprint), []byte(m.IssuerFingerprint))}
-		case seen[string(rec.ID)]:
+		if err := m.CheckRecord(rec); err != nil {
+			return &LineError{n, err}
+		}
+		if seen[string(rec.ID)] {
 			return &LineError{n, fmt.Errorf("card %x appears twice", []byte(rec.ID))}
 		}
 		seen[string(rec.ID)] = true

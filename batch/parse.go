@@ -148,6 +148,12 @@ func hexField(m map[string]json.RawMessage, field string, min, max int) (protoco
 	if err != nil {
 		return nil, err
 	}
+	return hexString(field, s, min, max)
+}
+
+// hexString decodes s, the value of field, as lower-case hex of min to
+// max bytes.
+func hexString(field, s string, min, max int) (protocol.Hex, error) {
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		switch {
@@ -213,16 +219,20 @@ func short(raw []byte) string {
 }
 
 var recordFields = map[string]bool{"v": true, "id": true, "c": true, "profile": true,
-	"issuer_fingerprint": true, "reader": true, "time": true}
+	"issuer_fingerprint": true, "reader": true, "time": true, "attestation": true}
 
 // ParseRecord parses one batch line, without its '\n', strictly
-// (docs/BATCH.md, "Records"): one JSON object in UTF-8 without BOM and
-// without a CR at the end; each member once, none unknown; "v" the
-// integer 1; "id" lower-case hex of 1 to 16 bytes; "c" lower-case hex,
-// not empty; "profile" a non-empty string; "issuer_fingerprint"
-// lower-case hex of 32 bytes; "reader" absent or a non-empty string;
-// "time" RFC 3339 in UTC. Whether the profile is known and c fits it is
-// the caller's business (it needs the profile registry and the key).
+// (docs/BATCH.md, "Records" and "Version 2"): one JSON object in UTF-8
+// without BOM and without a CR at the end; each member once, none
+// unknown; "v" the integer 1 or 2; "id" lower-case hex of 1 to 16 bytes;
+// "c" lower-case hex, not empty; "profile" a non-empty string;
+// "issuer_fingerprint" lower-case hex of 32 bytes; "reader" absent or a
+// non-empty string; "time" RFC 3339 in UTC; "attestation" absent, or in
+// a version 2 record an object of the shape Attestation.Check describes.
+// Rec.V is the version the line carries. Whether the profile is known, c
+// fits it and the attestation verifies is the caller's business (it needs
+// the profile registry, the key and the trusted roots); whether the
+// version is the batch's is Manifest.CheckRecord's.
 func ParseRecord(line []byte) (Record, error) {
 	var rec Record
 	if bytes.HasSuffix(line, []byte{'\r'}) {
@@ -239,10 +249,13 @@ func ParseRecord(line []byte) (Record, error) {
 	if err != nil {
 		return rec, err
 	}
-	if v != Version {
-		return rec, fieldErr("v", "record version %d, want %d", v, Version)
+	if v != Version1 && v != Version2 {
+		return rec, fieldErr("v", "record version %d, want %d or %d", v, Version1, Version2)
 	}
-	rec.V = Version
+	rec.V = int(v)
+	if _, ok := m["attestation"]; ok && v == Version1 {
+		return rec, fieldErr("attestation", "not in a version 1 record (attestation is version 2)")
+	}
 	if rec.ID, err = hexField(m, "id", 1, protocol.MaxIDLen); err != nil {
 		return rec, err
 	}
@@ -263,7 +276,81 @@ func ParseRecord(line []byte) (Record, error) {
 	if rec.Time, err = utcTime(m, "time"); err != nil {
 		return rec, err
 	}
+	if raw, ok := m["attestation"]; ok {
+		if rec.Attestation, err = parseAttestation(raw); err != nil {
+			return rec, err
+		}
+	}
 	return rec, nil
+}
+
+var attestationFields = map[string]bool{"chain": true, "fingerprint": true, "c_sha256": true, "sig": true}
+
+// parseAttestation reads a version 2 record's attestation member: an
+// object with exactly the members chain, fingerprint, c_sha256 and sig,
+// each once, of the shape Attestation.Check describes. Its fields are
+// named "attestation.chain" and so on in errors.
+func parseAttestation(raw json.RawMessage) (*Attestation, error) {
+	if len(raw) == 0 || raw[0] != '{' {
+		return nil, fieldErr("attestation", "want an object, got %s", short(raw))
+	}
+	in, err := members(raw, "attestation", attestationFields)
+	if err != nil {
+		return nil, err
+	}
+	m := make(map[string]json.RawMessage, len(in))
+	for k, v := range in {
+		m["attestation."+k] = v
+	}
+	a := &Attestation{}
+	const chainField = "attestation.chain"
+	craw, ok := m[chainField]
+	if !ok {
+		return nil, fieldErr(chainField, "missing")
+	}
+	if len(craw) == 0 || craw[0] != '[' {
+		return nil, fieldErr(chainField, "want an array of hex strings, got %s", short(craw))
+	}
+	var entries []json.RawMessage
+	if err := json.Unmarshal(craw, &entries); err != nil {
+		return nil, fieldErr(chainField, "%v", err)
+	}
+	if len(entries) < 1 || len(entries) > MaxChainCerts {
+		return nil, fieldErr(chainField, "%d certificates, want 1 to %d", len(entries), MaxChainCerts)
+	}
+	total := 0
+	for i, e := range entries {
+		name := fmt.Sprintf("%s[%d]", chainField, i)
+		if len(e) == 0 || e[0] != '"' {
+			return nil, fieldErr(name, "want a string, got %s", short(e))
+		}
+		var s string
+		if err := json.Unmarshal(e, &s); err != nil {
+			return nil, fieldErr(name, "%v", err)
+		}
+		if s == "" {
+			return nil, fieldErr(name, "empty")
+		}
+		cert, err := hexString(name, s, 1, protocol.MaxAttestationChain)
+		if err != nil {
+			return nil, err
+		}
+		total += len(cert)
+		a.Chain = append(a.Chain, cert)
+	}
+	if total > protocol.MaxAttestationChain {
+		return nil, fieldErr(chainField, "%d bytes in all, at most %d", total, protocol.MaxAttestationChain)
+	}
+	if a.Fingerprint, err = hexField(m, "attestation.fingerprint", FingerprintLen, FingerprintLen); err != nil {
+		return nil, err
+	}
+	if a.CSHA256, err = hexField(m, "attestation.c_sha256", FingerprintLen, FingerprintLen); err != nil {
+		return nil, err
+	}
+	if a.Sig, err = hexField(m, "attestation.sig", MinSigLen, MaxSigLen); err != nil {
+		return nil, err
+	}
+	return a, a.Check() // the same rules MarshalRecord applies
 }
 
 var manifestFields = map[string]bool{"format": true, "batch": true, "count": true, "bytes": true,
@@ -271,11 +358,12 @@ var manifestFields = map[string]bool{"format": true, "batch": true, "count": tru
 
 // ParseManifest parses a manifest file strictly (docs/BATCH.md,
 // "Manifest"): one JSON object in UTF-8 without BOM; "format" first
-// checked to be Format (else ErrFormat); then each member once, none
-// unknown, every one present but "rejects"; "batch" a plain file name;
-// "count", "bytes" and "rejects" non-negative integers; "sha256" and
-// "issuer_fingerprint" lower-case hex of 32 bytes; "profile" and
-// "station" non-empty strings; "written" RFC 3339 in UTC.
+// checked to be Format1 or Format2 (else ErrFormat); then each member
+// once, none unknown, every one present but "rejects"; "batch" a plain
+// file name; "count", "bytes" and "rejects" non-negative integers;
+// "sha256" and "issuer_fingerprint" lower-case hex of 32 bytes; "profile"
+// and "station" non-empty strings; "written" RFC 3339 in UTC. Both
+// versions have these members; m.Version() is the one its records carry.
 func ParseManifest(data []byte) (Manifest, error) {
 	var m Manifest
 	if bytes.HasPrefix(data, bom) {
@@ -286,8 +374,8 @@ func ParseManifest(data []byte) (Manifest, error) {
 	var head struct {
 		Format *string `json:"format"`
 	}
-	if err := json.Unmarshal(data, &head); err == nil && head.Format != nil && *head.Format != Format {
-		return m, fmt.Errorf("%w: manifest format %q, want %q", ErrFormat, *head.Format, Format)
+	if err := json.Unmarshal(data, &head); err == nil && head.Format != nil && VersionOf(*head.Format) == 0 {
+		return m, formatErr(*head.Format)
 	}
 	f, err := members(data, "manifest", manifestFields)
 	if err != nil {
@@ -296,8 +384,8 @@ func ParseManifest(data []byte) (Manifest, error) {
 	if m.Format, err = str(f, "format"); err != nil {
 		return m, err
 	}
-	if m.Format != Format {
-		return m, fmt.Errorf("%w: manifest format %q, want %q", ErrFormat, m.Format, Format)
+	if VersionOf(m.Format) == 0 {
+		return m, formatErr(m.Format)
 	}
 	if m.Batch, err = nonEmpty(f, "batch"); err != nil {
 		return m, err
@@ -336,6 +424,10 @@ func ParseManifest(data []byte) (Manifest, error) {
 		return m, err
 	}
 	return m, nil
+}
+
+func formatErr(f string) error {
+	return fmt.Errorf("%w: manifest format %q, want %q or %q", ErrFormat, f, Format1, Format2)
 }
 
 // CheckName refuses a manifest that names another file than path, the

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
@@ -24,6 +25,18 @@ import (
 // left unlocked and listed in the rejects file.
 var ErrDuplicateID = errors.New("duplicate card Id")
 
+// ErrOldBatch: the batch holds version 1 records (docs/BATCH.md,
+// "Versioning"). This station writes version 2 and does not append to
+// it: a batch is one version throughout, its manifest's.
+var ErrOldBatch = errors.New("batch is of an older format version")
+
+// oldBatchError is ErrOldBatch with the whole story, in the operator's
+// words.
+type oldBatchError struct{ msg string }
+
+func (e *oldBatchError) Error() string        { return e.msg }
+func (e *oldBatchError) Is(target error) bool { return target == ErrOldBatch }
+
 // ErrJournalFailed means a write or sync of the journal failed: from then
 // on nothing is known durable, so no card may be locked. The station stops.
 var ErrJournalFailed = errors.New("journal failed")
@@ -42,6 +55,7 @@ type Journal struct {
 	path    string
 	profile string
 	fp      []byte
+	version int // the records' version: batch.Version unless a sealed older batch
 	log     *slog.Logger
 
 	mu     sync.Mutex
@@ -60,7 +74,23 @@ type Journal struct {
 
 type entry struct {
 	c   []byte
-	end int64 // offset just past the record's line
+	att []byte // SHA-256 of the record's attestation (JSON), nil without one
+	end int64  // offset just past the record's line
+}
+
+// attDigest is what the journal keeps of an attestation to tell, when a
+// card is read back, whether it gave the same one: its SHA-256, not the
+// chain itself (a kilobyte and more a card).
+func attDigest(a *batch.Attestation) []byte {
+	if a == nil {
+		return nil
+	}
+	b, err := json.Marshal(a)
+	if err != nil {
+		return nil
+	}
+	h := sha256.Sum256(b)
+	return h[:]
 }
 
 // OpenJournal opens (creating if needed) the batch at path for records of
@@ -70,6 +100,14 @@ type entry struct {
 // with a corrupt line elsewhere or records of another profile or key.
 // Empty profile and nil fp take them from the first record (for sealing a
 // batch without knowing its job).
+//
+// Versions (docs/BATCH.md, "Versioning"): a run (profile and fp given)
+// appends only to a batch of batch.Version, the one it writes: a batch of
+// version 1 records is refused with ErrOldBatch, to be finished by the
+// station that started it or sealed as it is. Sealing (empty profile, nil
+// fp) takes any version this station reads, and WriteManifest writes that
+// version's format; such a journal takes no new record. A batch whose
+// records are not all of one version is corrupt.
 func OpenJournal(path, profile string, fp []byte, log *slog.Logger) (*Journal, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -97,8 +135,12 @@ func OpenJournal(path, profile string, fp []byte, log *slog.Logger) (*Journal, e
 	}
 	j := &Journal{path: path, profile: profile, fp: fp, log: log, f: f,
 		index: map[string]entry{}, sum: sha256.New()}
-	if err := j.load(); err != nil {
+	sealing := profile == "" && fp == nil
+	if err := j.load(sealing); err != nil {
 		return fail(err)
+	}
+	if j.version == 0 { // no record: the batch is written in this version
+		j.version = batch.Version
 	}
 	j.synced = j.size
 	if _, err := f.Seek(j.size, io.SeekStart); err != nil {
@@ -107,8 +149,9 @@ func OpenJournal(path, profile string, fp []byte, log *slog.Logger) (*Journal, e
 	return j, nil
 }
 
-// load reads every record, checks it and indexes it.
-func (j *Journal) load() error {
+// load reads every record, checks it and indexes it. Unless sealing,
+// the batch must be of batch.Version.
+func (j *Journal) load(sealing bool) error {
 	r := bufio.NewReaderSize(j.f, 64<<10)
 	var off int64
 	for n := 1; ; n++ {
@@ -134,7 +177,18 @@ func (j *Journal) load() error {
 			}
 			return fmt.Errorf("batch %s line %d is corrupt (%v): not a torn last line, so refusing to guess; move the file aside", j.path, n, perr)
 		}
-		if j.profile == "" && j.fp == nil { // OpenJournal for sealing: learn them
+		if j.version == 0 {
+			j.version = rec.V
+			if rec.V != batch.Version && !sealing {
+				f := batch.FormatOf(rec.V)
+				return &oldBatchError{fmt.Sprintf("batch %s is a version %d batch (%s; line %d is a version %d record), and this station writes version %d (%s): it does not append to an older batch. Finish that batch with the station version that started it, or give this run a new --batch file (perso seal --batch %s writes the old batch's %s manifest for the issuer)",
+					j.path, rec.V, f, n, rec.V, batch.Version, batch.Format, j.path, f)}
+			}
+		}
+		if rec.V != j.version {
+			return fmt.Errorf("batch %s line %d is a version %d record in a batch of version %d records (line 1): a batch is of one version; refusing it", j.path, n, rec.V, j.version)
+		}
+		if sealing && j.profile == "" && j.fp == nil { // OpenJournal for sealing: learn them
 			j.profile, j.fp = rec.Profile, rec.Fingerprint
 		}
 		if rec.Profile != j.profile || !bytes.Equal(rec.Fingerprint, j.fp) {
@@ -146,7 +200,7 @@ func (j *Journal) load() error {
 			return fmt.Errorf("batch %s line %d repeats card %s: the file was edited; refusing it", j.path, n, id)
 		}
 		off += int64(len(line))
-		j.index[id] = entry{c: rec.C, end: off}
+		j.index[id] = entry{c: rec.C, att: attDigest(rec.Attestation), end: off}
 		j.sum.Write(line)
 		j.order++
 	}
@@ -189,9 +243,12 @@ func (j *Journal) Len() int {
 
 // Commit appends rec and returns once it is on disk. A record whose Id is
 // already in the batch with the same c is durable already (a card read
-// back after a crash): Commit waits for it to be synced and returns nil.
-// Another c under a known Id is ErrDuplicateID: it is written to the
-// rejects file, never over the first record.
+// back after a crash): Commit waits for it to be synced and returns nil;
+// the record on file stands (if the card now gives another attestation,
+// which a card that persists its signature with c does not, that is
+// logged). Another c under a known Id is ErrDuplicateID: it is written to
+// the rejects file, never over the first record. A journal opened to
+// seal a batch of an older version takes no record (ErrOldBatch).
 //
 // Concurrent commits share fsyncs: a sync covers every line written
 // before it started (group commit), so many readers cost few syncs.
@@ -207,9 +264,17 @@ func (j *Journal) Commit(rec batch.Record) error {
 		j.mu.Unlock()
 		return j.failed
 	}
+	if j.version != batch.Version {
+		j.mu.Unlock()
+		return &oldBatchError{fmt.Sprintf("batch %s holds version %d records, opened to be sealed: this station appends only version %d records, to a version %d batch", j.path, j.version, batch.Version, batch.Version)}
+	}
 	if e, ok := j.index[id]; ok {
 		j.mu.Unlock()
 		if bytes.Equal(e.c, rec.C) {
+			if att := attDigest(rec.Attestation); !bytes.Equal(att, e.att) {
+				j.log.Warn("card read back gave another attestation than its record's; the record on file stands",
+					"card", id, "batch", j.path, "attested_now", rec.Attestation != nil, "attested_on_file", e.att != nil)
+			}
 			return j.syncTo(e.end)
 		}
 		return j.reject(rec, line)
@@ -234,7 +299,7 @@ func (j *Journal) Commit(rec batch.Record) error {
 	}
 	j.size += int64(n)
 	end := j.size
-	j.index[id] = entry{c: rec.C, end: end}
+	j.index[id] = entry{c: rec.C, att: attDigest(rec.Attestation), end: end}
 	j.sum.Write(line)
 	j.order++
 	j.mu.Unlock()
@@ -297,6 +362,10 @@ func (j *Journal) Summary() (count int, size int64, sum []byte, err error) {
 	}
 	return j.order, j.size, j.sum.Sum(nil), nil
 }
+
+// Version is the version of the batch's records: batch.Version, or an
+// older one for a batch opened to be sealed.
+func (j *Journal) Version() int { return j.version }
 
 // Path is the batch file.
 func (j *Journal) Path() string { return j.path }

@@ -42,19 +42,23 @@ func TestOpenJournal(t *testing.T) {
 		wantLen int
 	}{
 		{"clean", "", "ecdh-p256-aes", "", 3},
-		{"torn, no newline", `{"v":1,"id":"0`, "ecdh-p256-aes", "", 3},
+		{"torn, no newline", `{"v":2,"id":"0`, "ecdh-p256-aes", "", 3},
 		{"torn, garbage last line", "\x00\x00\x00\n", "ecdh-p256-aes", "", 3},
-		{"corrupt middle line", "garbage\n" + `{"v":1,"id":"09","c":"63","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", "line 4 is corrupt", 0},
+		{"corrupt middle line", "garbage\n" + `{"v":2,"id":"09","c":"63","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", "line 4 is corrupt", 0},
 		{"other profile", "", "rsa-oaep-aes", "holds records for profile ecdh-p256-aes", 0},
-		{"repeated id", `{"v":1,"id":"01","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", "repeats card 01", 0},
+		{"repeated id", `{"v":2,"id":"01","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", "repeats card 01", 0},
 		{"torn, empty last line", "\n", "ecdh-p256-aes", "", 3},
 		// A whole last line that is JSON but breaks a rule was not left by a
 		// crash (it may be a locked card's record): refused, not cut.
-		{"upper-case id on the last line", `{"v":1,"id":"0A","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (field "id": upper-case hex digit`, 0},
-		{"offset time on the last line", `{"v":1,"id":"0a","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T02:00:00+02:00"}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (field "time"`, 0},
-		{"CRLF on the last line", `{"v":1,"id":"0a","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\r\n", "ecdh-p256-aes", "line 4 is corrupt (line ends in CR LF", 0},
-		{"repeated member on the last line", `{"v":2,"v":1,"id":"0a","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (record repeats member "v"`, 0},
-		{"future version", `{"v":2,"id":"07","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n" + "{}\n", "ecdh-p256-aes", "record version 2", 0},
+		{"upper-case id on the last line", `{"v":2,"id":"0A","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (field "id": upper-case hex digit`, 0},
+		{"offset time on the last line", `{"v":2,"id":"0a","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T02:00:00+02:00"}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (field "time"`, 0},
+		{"CRLF on the last line", `{"v":2,"id":"0a","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\r\n", "ecdh-p256-aes", "line 4 is corrupt (line ends in CR LF", 0},
+		{"repeated member on the last line", `{"v":2,"v":2,"id":"0a","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (record repeats member "v"`, 0},
+		{"future version", `{"v":3,"id":"07","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n" + "{}\n", "ecdh-p256-aes", "record version 3", 0},
+		// A batch is of one version: a version 1 record among version 2
+		// ones is corruption, even on the last line.
+		{"version 1 record in a version 2 batch", `{"v":1,"id":"07","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n", "ecdh-p256-aes", "line 4 is a version 1 record in a batch of version 2 records", 0},
+		{"attestation in a version 1 record", `{"v":1,"id":"07","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z","attestation":{}}` + "\n", "ecdh-p256-aes", `line 4 is corrupt (field "attestation": not in a version 1 record`, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "b.ndjson")
@@ -182,7 +186,7 @@ func TestJournalReadOnly(t *testing.T) {
 // line is the last: a BOM is not what a torn append leaves.
 func TestOpenJournalBOM(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "b.ndjson")
-	line := `{"v":1,"id":"01","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n"
+	line := `{"v":2,"id":"01","c":"64","profile":"ecdh-p256-aes","issuer_fingerprint":"` + strings.Repeat("00", 32) + `","time":"1970-01-01T00:00:00Z"}` + "\n"
 	if err := os.WriteFile(path, []byte("\uFEFF"+line), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -83,7 +83,7 @@ func TestCrashAtEveryAPDU(t *testing.T) {
 				st.Run(context.Background(), persotest.LocalSlots{N: 1, Hopper: hopper(&crashing{LocalCard: persotest.AppletCard(open(t, paths[0])), n: n})})
 				j.Close() // the flock goes with the process; no manifest
 				if torn {
-					appendBytes(t, batch, `{"v":1,"id":"b1`)
+					appendBytes(t, batch, `{"v":2,"id":"b1`)
 				}
 				log, logs := newLog()
 				j = openJournal(t, job, batch, log)

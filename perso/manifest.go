@@ -11,14 +11,16 @@ import (
 	"blindperso/internal/atomicfile"
 )
 
-// WriteManifest writes the manifest for the journal's current content.
+// WriteManifest writes the manifest for the journal's current content,
+// in the format of its records' version (batch.Format, or an older one
+// for a batch opened to be sealed).
 func WriteManifest(j *Journal, station string) (batch.Manifest, error) {
 	count, size, sum, err := j.Summary()
 	if err != nil {
 		return batch.Manifest{}, err
 	}
 	m := batch.Manifest{
-		Format: batch.Format, Batch: filepath.Base(j.path), Count: count, Bytes: size,
+		Format: batch.FormatOf(j.version), Batch: filepath.Base(j.path), Count: count, Bytes: size,
 		SHA256: sum, Profile: j.profile, IssuerFingerprint: j.fp, Station: station,
 		Rejects: countLines(batch.RejectsPath(j.path)), Written: time.Now().UTC(),
 	}

@@ -233,7 +233,17 @@ func (s *Station) card(sl Slot, conn Conn, log *slog.Logger) (locked bool, fatal
 				s.Stats.Card(sl.Name(), id, "skipped")
 				return false, nil
 			default:
-				log.Info("card locked", "card", id, "outcome", outcome.String(), "ms", time.Since(start).Milliseconds())
+				if rec.Attestation != nil {
+					// The operator's early look; the record stands as
+					// the card gave it (docs/STATION.md).
+					if aerr := CheckAttestation(rec); aerr != nil {
+						log.Warn("attestation does not verify: recorded and locked as the card gave it; the issuer will refuse this record",
+							"card", id, "err", aerr)
+						s.Stats.Warning(sl.Name(), aerr)
+					}
+				}
+				log.Info("card locked", "card", id, "outcome", outcome.String(), "attested", rec.Attestation != nil,
+					"ms", time.Since(start).Milliseconds())
 				s.Stats.Card(sl.Name(), id, outcome.String())
 				return true, nil
 			}

@@ -6,6 +6,7 @@ package perso
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"time"
@@ -77,6 +78,12 @@ var (
 	ErrForeign = errors.New("card was personalized under another profile or issuer key")
 	// ErrBadCiphertext: the card answered a c of the wrong shape.
 	ErrBadCiphertext = errors.New("card answered a malformed c")
+	// ErrAttestation: the card says it has an attestation key (GET
+	// STATUS) but its chain or its signature could not be read, or is not
+	// of the shape a record carries. It is not recorded and not locked:
+	// a record without the attestation the card has would be refused by
+	// an issuer that requires it, and could not be told from a forgery.
+	ErrAttestation = errors.New("card claims an attestation key, but its attestation could not be read")
 	// ErrLockUnconfirmed: the record is durable and LOCK was sent, but its
 	// answer was lost (pcscd or the reader went away, the card was pulled
 	// or timed out under it): the card may be locked. If it shows up
@@ -89,6 +96,14 @@ var (
 // has its c read back; a locked one must already be in the ledger. The
 // record is committed before LOCK is sent, and LOCK carries SHA-256(c), so
 // a card is locked only once its exact c is durable.
+//
+// An attested card (GET STATUS flag, PROTOCOL.md §10) has its chain read
+// before PERSONALIZE (or READ CIPHERTEXT) and its signature after it; the
+// record carries both, with the fingerprint and SHA-256(c) the card
+// signed, and is committed with them before LOCK. If either cannot be
+// read the card is set aside unrecorded and unlocked (ErrAttestation).
+// Personalize does not check the signature: the station is untrusted and
+// the issuer verifies it; CheckAttestation is the operator's early look.
 //
 // The returned record carries the card's Id as soon as it is known, also
 // with an error, so failures can name the card.
@@ -121,17 +136,43 @@ func (j Job) Personalize(c *card.Client, reader string, l Ledger) (batch.Record,
 			return rec, 0, fmt.Errorf("card %x: %w (profile id %#x, key %x): set it aside", id, ErrForeign, st.ProfileID, st.Fingerprint)
 		}
 		outcome = Recovered
-		rec.C, err = c.ReadCiphertext()
 	case protocol.Blank:
-		rec.C, err = c.Personalize(j.Profile, j.Key.SPKI)
 	default:
 		return rec, 0, fmt.Errorf("card %x reports life-cycle state %v", id, st.State)
+	}
+	var chain [][]byte
+	if st.Attested {
+		// Before PERSONALIZE: a blank card whose chain cannot be read
+		// stays blank.
+		if chain, err = c.AttestationChain(); err != nil {
+			return rec, 0, fmt.Errorf("card %x: %w: %w; not recorded, not locked", id, ErrAttestation, err)
+		}
+	}
+	if outcome == Recovered {
+		rec.C, err = c.ReadCiphertext()
+	} else {
+		rec.C, err = c.Personalize(j.Profile, j.Key.SPKI)
 	}
 	if err != nil {
 		return rec, 0, fmt.Errorf("card %x: %w", id, err)
 	}
 	if err := protocol.ValidCiphertext(j.Profile, j.Key, rec.C); err != nil {
 		return rec, 0, fmt.Errorf("card %x: %w (%d bytes): %v; not recorded, not locked", id, ErrBadCiphertext, len(rec.C), err)
+	}
+	if st.Attested {
+		sig, err := c.ReadAttestation()
+		if err != nil {
+			return rec, 0, fmt.Errorf("card %x: %w: %w; not recorded, not locked (its c can be read back)", id, ErrAttestation, err)
+		}
+		ch := sha256.Sum256(rec.C)
+		a := &batch.Attestation{Fingerprint: fp[:], CSHA256: ch[:], Sig: sig}
+		for _, cert := range chain {
+			a.Chain = append(a.Chain, cert)
+		}
+		if err := a.Check(); err != nil {
+			return rec, 0, fmt.Errorf("card %x: %w: %w; not recorded, not locked", id, ErrAttestation, err)
+		}
+		rec.Attestation = a
 	}
 	rec.Time = time.Now().UTC()
 	if err := l.Commit(rec); err != nil {

@@ -17,6 +17,7 @@ type Stats struct {
 	locked  int // personalized + recovered
 	skipped int
 	errors  int
+	warns   int // attestations that did not verify (CheckAttestation)
 	readers map[string]*readerStat
 	lastErr []string
 }
@@ -76,6 +77,20 @@ func (s *Stats) Error(reader string, err error) {
 	}
 }
 
+// Warning records a card locked with a warning in reader (an
+// attestation that does not verify): shown with the errors, counted
+// apart.
+func (s *Stats) Warning(reader string, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.warns++
+	msg := fmt.Sprintf("%s %s: warning: %v", time.Now().Format("15:04:05"), reader, err)
+	s.lastErr = append(s.lastErr, msg)
+	if len(s.lastErr) > 3 {
+		s.lastErr = s.lastErr[1:]
+	}
+}
+
 // Render writes the display: a summary line, a line per reader, the last
 // errors. count is the target (0: none).
 func (s *Stats) Render(w io.Writer, count int) int {
@@ -88,8 +103,12 @@ func (s *Stats) Render(w io.Writer, count int) int {
 		target = fmt.Sprintf("/%d", count)
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "perso  %d%s locked  %d skipped  %d errors  %.2f cards/s  %s\n",
-		s.locked, target, s.skipped, s.errors, rate, el.Truncate(time.Second))
+	warns := ""
+	if s.warns > 0 {
+		warns = fmt.Sprintf("  %d warnings", s.warns)
+	}
+	fmt.Fprintf(&b, "perso  %d%s locked  %d skipped  %d errors%s  %.2f cards/s  %s\n",
+		s.locked, target, s.skipped, s.errors, warns, rate, el.Truncate(time.Second))
 	names := make([]string, 0, len(s.readers))
 	for n := range s.readers {
 		names = append(names, n)

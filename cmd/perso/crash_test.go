@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/hex"
 	"fmt"
 	"math/rand/v2"
@@ -17,7 +18,9 @@ import (
 	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/card/cardtest"
+	"blindperso/chipca"
 	"blindperso/internal/vcard"
+	"blindperso/perso"
 	"blindperso/protocol"
 )
 
@@ -29,11 +32,12 @@ ShOjsgzGRFRPuVIOxsPwPCkH/jTM6f8s0uQR7X525j0ld2LXtgcEVHciHw==
 `
 
 // The crash campaign: the station process is killed with SIGKILL 30
-// times over a run of 40 cards in two vpcd readers — half at a random
+// times over a run of 40 cards (half of them attested) in two vpcd readers — half at a random
 // instant, half the moment the batch grows (a record just synced, LOCK
 // about to go) — and restarted each time with the same batch. At the end
 // no card is stranded (all locked), every card has exactly one record, the
-// manifest matches, and nothing written or logged holds a K_I.
+// manifest matches, every attested card's record carries an attestation
+// that verifies, and nothing written or logged holds a K_I.
 func TestCrashCampaign(t *testing.T) {
 	if daemon == nil {
 		t.Skip("needs a private pcscd (not with -short)")
@@ -42,10 +46,23 @@ func TestCrashCampaign(t *testing.T) {
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "issuer.pub.pem")
 	must(t, os.WriteFile(keyFile, []byte(testKey), 0o644))
+	// Every other card is attested (PROTOCOL.md §10): its record must
+	// carry the attestation it signed, whatever the kills did.
+	ca, err := chipca.New("crash campaign vendor")
+	must(t, err)
 	var paths []string
+	attested := map[string]bool{}
 	for i := range nCards {
 		p := filepath.Join(dir, fmt.Sprintf("card-%02d.json", i))
-		_, err := card.Manufacture(p, card.Options{ID: []byte{0xC0, byte(i)}})
+		o := card.Options{ID: []byte{0xC0, byte(i)}}
+		if i%2 == 0 {
+			cc, err := ca.NewCard(o.ID, chipca.CertOptions{})
+			must(t, err)
+			at := card.Attestation(cc)
+			o.Attestation = &at
+			attested[hex.EncodeToString(o.ID)] = true
+		}
+		_, err := card.Manufacture(p, o)
 		must(t, err)
 		paths = append(paths, p)
 	}
@@ -105,7 +122,23 @@ func TestCrashCampaign(t *testing.T) {
 	}
 	ids := map[string]bool{}
 	for _, r := range recs {
-		ids[hex.EncodeToString(r.ID)] = true
+		id := hex.EncodeToString(r.ID)
+		ids[id] = true
+		switch {
+		case attested[id] && r.Attestation == nil:
+			t.Errorf("attested card %s: record without attestation", id)
+		case attested[id]:
+			if err := perso.CheckAttestation(r); err != nil {
+				t.Errorf("attested card %s: %v", id, err)
+			}
+			if leaf, err := x509.ParseCertificate(r.Attestation.Chain[0]); err != nil {
+				t.Error(err)
+			} else if _, err := leaf.Verify(x509.VerifyOptions{Roots: ca.Roots(), Intermediates: pool(t, r.Attestation.Chain[1:])}); err != nil {
+				t.Errorf("attested card %s: chain: %v", id, err)
+			}
+		case r.Attestation != nil:
+			t.Errorf("unattested card %s: record with attestation", id)
+		}
 	}
 	for _, p := range paths {
 		a, err := card.Open(p)
@@ -118,6 +151,17 @@ func TestCrashCampaign(t *testing.T) {
 	t.Logf("torn lines repaired: %d; cards recovered: %d", bytes.Count(logs, []byte("torn last line")), bytes.Count(logs, []byte("outcome=recovered")))
 	files, _ := filepath.Glob(batch + "*")
 	checkNoKI(t, paths, append(files, logFile))
+}
+
+// pool holds the DER certificates.
+func pool(t *testing.T, ders []protocol.Hex) *x509.CertPool {
+	p := x509.NewCertPool()
+	for _, d := range ders {
+		c, err := x509.ParseCertificate(d)
+		must(t, err)
+		p.AddCert(c)
+	}
+	return p
 }
 
 func countLocked(t *testing.T, paths []string) int {

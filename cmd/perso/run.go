@@ -25,10 +25,15 @@ func runCmd() *cobra.Command {
 		Long: `Personalize every card presented in the selected readers under the issuer
 public key in --issuer-key (PEM SubjectPublicKeyInfo) and --profile.
 
-Each card's record (Id, c, profile, issuer-key fingerprint, reader, time) is
-appended to the batch (--batch, NDJSON, docs/BATCH.md) and flushed to disk
-before the card is locked, so a crash never strands a card: on restart a
-personalized card has its c read back and is locked. On exit the manifest
+Each card's record (Id, c, profile, issuer-key fingerprint, reader, time;
+for an attested card also its certificate chain and its signature over what
+it made) is appended to the batch (--batch, NDJSON, format
+blindperso-batch/2, docs/BATCH.md) and flushed to disk before the card is
+locked, so a crash never strands a card: on restart a personalized card has
+its c (and signature) read back and is locked. An attested card whose
+attestation cannot be read is set aside unlocked. A batch begun by an older
+station (blindperso-batch/1) is not resumed: finish it with that station or
+start a new --batch file (perso seal writes the old batch's manifest). On exit the manifest
 (BATCH.manifest.json: count, SHA-256, profile, key fingerprint, station) is
 written for the issuer. With --expect-fingerprint the station refuses to
 start unless the key's SHA-256 fingerprint is the one given (get it from the

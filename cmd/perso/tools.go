@@ -20,8 +20,12 @@ func sealCmd() *cobra.Command {
 	var batchPath, station string
 	c := &cobra.Command{
 		Use:   "seal",
-		Short: "Repair a batchPath after a crash and write its manifest",
-		Args:  cobra.NoArgs,
+		Short: "Repair a batch after a crash and write its manifest",
+		Long: `Repair a batch left by a crashed station (a torn last line is cut off and
+kept beside it) and write its manifest, without touching a card. The
+manifest is of the batch's own version: blindperso-batch/2, or
+blindperso-batch/1 for a batch an older station wrote (docs/BATCH.md).`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if _, err := os.Stat(batchPath); err != nil {
 				return fmt.Errorf("batch: %w", err)

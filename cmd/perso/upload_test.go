@@ -178,7 +178,7 @@ func TestUpload(t *testing.T) {
 	stationBatch(t, f("good.ndjson"), spki, 1, 2, 3)
 	stationBatch(t, f("mtls.ndjson"), spki, 4)
 	stationBatch(t, f("mixed.ndjson"), spki, 5, 6)
-	insertLine(t, f("mixed.ndjson"), 2, `{"v":1,"id":"b1ff","c":"00"`) // a torn record between the two cards
+	insertLine(t, f("mixed.ndjson"), 2, `{"v":2,"id":"b1ff","c":"00"`) // a torn record between the two cards
 	stationBatch(t, f("changed.ndjson"), spki, 7)
 	must(t, os.WriteFile(f("changed.ndjson"), []byte("{}\n"), 0o644)) // no longer the sealed file
 	must(t, os.WriteFile(f("unsealed.ndjson"), nil, 0o644))
