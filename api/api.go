@@ -69,10 +69,13 @@ type Batch struct {
 	Duplicates int             `json:"duplicates"`
 	Conflicts  int             `json:"conflicts"`
 	Rejects    int             `json:"rejects"`
-	Status     string          `json:"status"`
-	Reason     string          `json:"reason,omitempty"` // why a refused batch was refused
-	Created    time.Time       `json:"created"`
-	Updated    time.Time       `json:"updated"`
+	// Unattested counts the batch's imported cards without a verified
+	// chip attestation (PROTOCOL.md §10).
+	Unattested int       `json:"unattested"`
+	Status     string    `json:"status"`
+	Reason     string    `json:"reason,omitempty"` // why a refused batch was refused
+	Created    time.Time `json:"created"`
+	Updated    time.Time `json:"updated"`
 }
 
 // BatchDetail is a batch's report with its rejects and conflicts (the
@@ -114,8 +117,11 @@ type Card struct {
 	State             string       `json:"state"`
 	FailedAuth        int          `json:"failed_auth"`
 	StateReason       string       `json:"state_reason,omitempty"`
-	Created           time.Time    `json:"created"`
-	Updated           time.Time    `json:"updated"`
+	// Attested: the chip attestation of the card's record verified at
+	// import (PROTOCOL.md §10.4).
+	Attested bool      `json:"attested"`
+	Created  time.Time `json:"created"`
+	Updated  time.Time `json:"updated"`
 }
 
 // Blob says how the card's K_I is wrapped at the issuer: the scheme, the

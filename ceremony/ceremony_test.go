@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"blindperso/chipca"
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
 )
@@ -325,5 +326,71 @@ func TestCanonical(t *testing.T) {
 		if _, err := Canonical([]byte(bad)); err == nil {
 			t.Errorf("Canonical(%s) accepted", bad)
 		}
+	}
+}
+
+// chip-attestation: the roots are checked before anything is made,
+// copied to the output, and recorded with each key's policy in the
+// signed transcript.
+func TestChipAttestationRoots(t *testing.T) {
+	f := softFixture(t, "-att")
+	ca, err := chipca.New("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := ca.Write(dir); err != nil {
+		t.Fatal(err)
+	}
+	roots := filepath.Join(dir, chipca.RootFile)
+	yaml := strings.Replace(f.script, "fingerprint-file:", "chip-attestation:\n  roots: "+roots+"\nfingerprint-file:", 1)
+	yaml = strings.Replace(yaml, "    profiles: [ecdh-p256-aes]\n", "    profiles: [ecdh-p256-aes]\n    attestation: optional\n", 1)
+
+	// A roots file that is not one: refused before anything is made.
+	before := count(t, f.tok.URI)
+	bad := filepath.Join(dir, "bad.pem")
+	os.WriteFile(bad, []byte("not a certificate"), 0o644)
+	if _, err := run(t, strings.Replace(yaml, roots, bad, 1), false); err == nil || !strings.Contains(err.Error(), "no PEM certificate") {
+		t.Fatalf("bad roots: %v", err)
+	}
+	if after := count(t, f.tok.URI); after != before {
+		t.Fatalf("a refused roots file left %d objects in the token", after-before)
+	}
+
+	res, err := run(t, yaml, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := os.ReadFile(filepath.Join(f.out, ChipRootsFile))
+	want, _ := os.ReadFile(roots)
+	if string(got) != string(want) {
+		t.Errorf("%s is not a copy of the roots", ChipRootsFile)
+	}
+	fp := ca.RootFingerprint()
+	var found bool
+	for _, st := range res.Body.Steps {
+		if st.Step != "trust-chip-roots" {
+			continue
+		}
+		found = true
+		list := st.Result["roots"].([]map[string]any)
+		pol := st.Result["attestation"].(map[string]any)
+		if len(list) != 1 || list[0]["sha256"] != fmt.Sprintf("%x", fp) || pol["issuer-rsa-att"] != "required" || pol["issuer-ec-att"] != "optional" {
+			t.Errorf("trust-chip-roots step: %v", st.Result)
+		}
+	}
+	if !found {
+		t.Fatal("no trust-chip-roots step in the transcript")
+	}
+	if _, err := Verify(filepath.Join(f.out, TranscriptFile), "", res.Body.TranscriptKey.Fingerprint); err != nil {
+		t.Fatalf("verify: %v", err)
+	}
+	if tr, _ := os.ReadFile(filepath.Join(f.out, TranscriptFile)); !strings.Contains(string(tr), fmt.Sprintf("%x", fp)) {
+		t.Error("the signed transcript does not name the root's fingerprint")
+	}
+	// A policy without roots is refused by the script check.
+	noRoots := strings.Replace(f.script, "    profiles: [ecdh-p256-aes]\n", "    profiles: [ecdh-p256-aes]\n    attestation: required\n", 1)
+	if _, err := Parse([]byte(noRoots)); err == nil || !strings.Contains(err.Error(), "needs chip-attestation.roots") {
+		t.Errorf("policy without roots: %v", err)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"blindperso/attest"
 	"blindperso/hsm"
 )
 
@@ -51,6 +52,8 @@ type runner struct {
 	signer  *hsm.SigningKey
 	// rotFrom is the existing KEK of kek-rotation (found in preflight).
 	rotFrom *hsm.KEKRef
+	// roots is chip-attestation.roots, read and checked in preflight.
+	roots []byte
 }
 
 func (r *runner) now() string { return r.opt.Now().UTC().Format(time.RFC3339Nano) }
@@ -121,6 +124,14 @@ func Run(ctx context.Context, s *Script, opt Options) (*Result, error) {
 // created; it opens the token and probes it.
 func (r *runner) preflight(ctx context.Context) (soPIN string, err error) {
 	s := r.s
+	if a := s.ChipAttestation; a != nil {
+		if r.roots, err = os.ReadFile(a.Roots); err != nil {
+			return "", fmt.Errorf("chip-attestation.roots: %w (nothing was created)", err)
+		}
+		if _, err := attest.ParseRoots(r.roots); err != nil {
+			return "", fmt.Errorf("chip-attestation.roots %s: %w (nothing was created)", a.Roots, err)
+		}
+	}
 	for _, f := range s.Outputs() {
 		p := filepath.Join(r.dir, f)
 		if _, err := os.Lstat(p); err == nil {
@@ -233,6 +244,9 @@ func (r *runner) plan() {
 			rot.To, rot.From, trust, rot.From, rot.To)
 	}
 	say("write the pinned fingerprints to %s", filepath.Join(r.dir, s.FingerprintFile))
+	if a := s.ChipAttestation; a != nil {
+		say("trust the chip-vendor roots of %s for attestation and copy them to %s", a.Roots, filepath.Join(r.dir, ChipRootsFile))
+	}
 	say("sign the transcript in the token and write %s", filepath.Join(r.dir, TranscriptFile))
 }
 
@@ -353,6 +367,40 @@ func (r *runner) execute(ctx context.Context, soPIN string) error {
 	}
 	r.step("write-fingerprint-file", map[string]any{"keys": len(s.IssuerKeys)}, map[string]any{"file": s.FingerprintFile, "file_sha256": fh})
 	r.logf("pinned fingerprints -> %s", s.FingerprintFile)
+	if a := s.ChipAttestation; a != nil {
+		return r.trustChipRoots(a.Roots)
+	}
+	return nil
+}
+
+// trustChipRoots copies the chip-vendor roots to the output and records
+// them, with each issuer key's attestation policy, in the transcript.
+func (r *runner) trustChipRoots(src string) error {
+	roots, err := attest.ParseRoots(r.roots)
+	if err != nil {
+		return err
+	}
+	var list []map[string]any
+	for _, x := range roots.List() {
+		list = append(list, map[string]any{"subject": x.Subject, "sha256": hex.EncodeToString(x.Fingerprint[:]),
+			"not_after": x.NotAfter.UTC().Format(time.RFC3339)})
+		r.logf("trusted chip-vendor root %q sha256 %x", x.Subject, x.Fingerprint)
+	}
+	policies := map[string]any{}
+	for _, k := range r.s.IssuerKeys {
+		p, err := r.s.attestationPolicy(k)
+		if err != nil {
+			return err
+		}
+		policies[k.Label] = string(p)
+	}
+	fh, err := r.write(ChipRootsFile, r.roots)
+	if err != nil {
+		return err
+	}
+	r.step("trust-chip-roots", map[string]any{"roots": src},
+		map[string]any{"file": ChipRootsFile, "file_sha256": fh, "roots": list, "attestation": policies})
+	r.logf("chip-vendor roots -> %s (issuer import/serve --chip-roots)", ChipRootsFile)
 	return nil
 }
 

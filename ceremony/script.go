@@ -15,6 +15,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"blindperso/attest"
 	"blindperso/hsm"
 	"blindperso/protocol"
 )
@@ -53,6 +54,14 @@ type Script struct {
 	// The re-wrap itself needs the store and is not part of the ceremony:
 	// issuer kek rotate --from From --to To (docs/OPERATIONS.md).
 	KEKRotation *KEKRotation `yaml:"kek-rotation"`
+	// ChipAttestation, if set, names the chip-vendor roots the issuer will
+	// trust for attestation (PROTOCOL.md §10): the ceremony checks them,
+	// records each root's SHA-256 and each issuer key's policy in the
+	// transcript, and copies them to Output as ChipRootsFile, which
+	// issuer import and serve take as --chip-roots.
+	ChipAttestation *struct {
+		Roots string `yaml:"roots"`
+	} `yaml:"chip-attestation"`
 	// FingerprintFile is the file (in Output) of pinned fingerprints a
 	// card manufacturer masks into ROM (§4.4).
 	FingerprintFile string `yaml:"fingerprint-file"`
@@ -83,7 +92,14 @@ type IssuerKey struct {
 	Label    string   `yaml:"label"`
 	Kind     string   `yaml:"kind"`
 	Profiles []string `yaml:"profiles"`
+	// Attestation is the key's import policy for chip attestation:
+	// required, optional or off; default required with chip-attestation,
+	// else off.
+	Attestation string `yaml:"attestation"`
 }
+
+// ChipRootsFile is the copy of the trusted chip-vendor roots in Output.
+const ChipRootsFile = "chip-roots.pem"
 
 // Load reads and checks a script. Strings in token.uri, token.so-pin.file
 // and output may use ${VAR}; an unset VAR is an error.
@@ -154,6 +170,11 @@ func (s *Script) expand() error {
 			return err
 		}
 	}
+	if a := s.ChipAttestation; a != nil {
+		if a.Roots, err = expandEnv("chip-attestation.roots", a.Roots); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -210,6 +231,12 @@ func (s *Script) check() error {
 		if len(k.Profiles) == 0 {
 			bad("%s.profiles: name the profiles this key serves", where)
 		}
+		switch p, err := s.attestationPolicy(k); {
+		case err != nil:
+			bad("%s.attestation: %v", where, err)
+		case p != attest.Off && s.ChipAttestation == nil:
+			bad("%s.attestation %s needs chip-attestation.roots (the chip-vendor roots to check against)", where, p)
+		}
 		for _, name := range k.Profiles {
 			p, err := protocol.ProfileByName(name)
 			if err != nil {
@@ -237,6 +264,9 @@ func (s *Script) check() error {
 			bad("kek-rotation.from %q is a label this ceremony creates (%s): it must name the KEK already in the token", r.From, labels[r.From])
 		}
 	}
+	if a := s.ChipAttestation; a != nil && a.Roots == "" {
+		bad("chip-attestation.roots: the PEM file of the chip-vendor root certificates is required")
+	}
 	if s.FingerprintFile == "" {
 		s.FingerprintFile = "pinned-fingerprints.txt"
 	}
@@ -256,7 +286,22 @@ func (s *Script) Outputs() []string {
 	for _, k := range s.IssuerKeys {
 		out = append(out, k.Label+".pub.pem")
 	}
-	return append(out, s.FingerprintFile, TranscriptFile)
+	out = append(out, s.FingerprintFile)
+	if s.ChipAttestation != nil {
+		out = append(out, ChipRootsFile)
+	}
+	return append(out, TranscriptFile)
+}
+
+// attestationPolicy is k's policy, with the default.
+func (s *Script) attestationPolicy(k IssuerKey) (attest.Policy, error) {
+	if k.Attestation == "" {
+		if s.ChipAttestation != nil {
+			return attest.Required, nil
+		}
+		return attest.Off, nil
+	}
+	return attest.ParsePolicy(k.Attestation)
 }
 
 // TranscriptFile is the transcript's name in the output directory.

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"blindperso/attest"
 	"blindperso/batch"
 	"blindperso/protocol"
 )
@@ -55,6 +56,10 @@ type Importer struct {
 	Store   Store
 	Workers int // token sessions used in parallel; at least 1
 	MaxLine int // 0 means DefaultMaxLine
+	// Attest checks each record's chip attestation under the issuer
+	// key's policy (PROTOCOL.md §10.4) before any token work; nil is the
+	// policy off. A refused attestation is the record's reject reason.
+	Attest *attest.Checker
 	// Log, if set, gets the token's own words when it refuses a c; the
 	// reject reason stays ReasonTokenRefused (paper §4.5).
 	Log *slog.Logger
@@ -140,8 +145,9 @@ func (im *Importer) ImportFile(ctx context.Context, path string) (BatchReport, e
 }
 
 type job struct {
-	line int
-	rec  batch.Record
+	line     int
+	rec      batch.Record
+	attested bool // its attestation verified (Importer.Attest)
 	// known: the Id is stored or pending (no token work), as found by
 	// the worker's lookup of the records queued with this one.
 	known bool
@@ -318,10 +324,33 @@ func (im *Importer) stream(ctx context.Context, path, batchID string, m batch.Ma
 			send(RecordResult{Batch: batchID, Line: line, Reason: err.Error()})
 			return nil
 		}
+		// A record of an unknown profile, or of another version,
+		// profile or key than its manifest's, is rejected before its
+		// attestation is looked at.
+		if _, err := protocol.ProfileByName(rec.Profile); err != nil {
+			send(RecordResult{Batch: batchID, Line: line, Reason: fmt.Sprintf("unknown profile %q", rec.Profile)})
+			return nil
+		}
+		if err := m.CheckRecord(rec); err != nil {
+			send(RecordResult{Batch: batchID, Line: line, Reason: err.Error()})
+			return nil
+		}
+		// The attestation is checked here, on the host, while the
+		// workers' token calls run: public data only, before the token
+		// sees c (PROTOCOL.md §10.4).
+		attested, err := im.Attest.Check(rec)
+		var ae *attest.Error
+		switch {
+		case errors.As(err, &ae):
+			send(RecordResult{Batch: batchID, Line: line, Reason: err.Error()})
+			return nil
+		case err != nil:
+			return err
+		}
 		hh := fnv.New32a()
 		hh.Write(rec.ID)
 		select {
-		case queues[int(hh.Sum32()%uint32(n))] <- job{line: line, rec: rec}:
+		case queues[int(hh.Sum32()%uint32(n))] <- job{line: line, rec: rec, attested: attested}:
 		case <-ctx.Done():
 		}
 		return nil
@@ -465,15 +494,12 @@ func (im *Importer) card(ctx context.Context, batchID string, m batch.Manifest, 
 		res.Reason = reason
 		return res, nil
 	}
+	// The record matches its manifest (stream: Manifest.CheckRecord),
+	// whose profile is known and whose key is this issuer's (ImportFile).
 	fp := im.Issuer.Key.Fingerprint()
-	p, perr := protocol.ProfileByName(rec.Profile)
-	switch {
-	case perr != nil:
-		return reject(fmt.Sprintf("unknown profile %q", rec.Profile))
-	case rec.Profile != m.Profile:
-		return reject(fmt.Sprintf("profile %q differs from the manifest's %q", rec.Profile, m.Profile))
-	case !bytes.Equal(rec.Fingerprint, fp[:]):
-		return reject(fmt.Sprintf("issuer key fingerprint %x is not this issuer's", []byte(rec.Fingerprint)))
+	p, err := protocol.ProfileByName(rec.Profile)
+	if err != nil {
+		return res, err
 	}
 	if err := protocol.ValidCiphertext(p, im.Issuer.Key.Public, rec.C); err != nil {
 		return reject("bad c: " + err.Error())
@@ -504,6 +530,7 @@ func (im *Importer) card(ctx context.Context, batchID string, m batch.Manifest, 
 	}
 	res.Card = &StoredCard{
 		CardKey: ck, IssuerKeyLabel: im.Issuer.Key.Label, CSHA256: ch[:], Batch: batchID, Line: j.line,
+		Attested: j.attested,
 	}
 	return res, nil
 }

@@ -306,7 +306,7 @@ func TestImportManifestRules(t *testing.T) {
 		{"unknown field", `"station":`, `"extra":1,"station":`, `unknown field "extra" in manifest`},
 		{"no station", `"station":"test",`, ``, `field "station": missing`},
 		{"repeated count", `"count":`, `"count":7,"count":`, `repeats member "count"`},
-		{"other format", `batch/1"`, `batch/2"`, `manifest format "blindperso-batch/2"`},
+		{"other format", `batch/2"`, `batch/3"`, `manifest format "blindperso-batch/3"`},
 		{"unknown profile", `"profile":"ecdh-p256-aes"`, `"profile":"ecdh-p384-aes"`, `the manifest names unknown profile`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

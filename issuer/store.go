@@ -113,8 +113,11 @@ type StoredCard struct {
 	State          string       `json:"state"`
 	FailedAuth     int          `json:"failed_auth"`
 	StateReason    string       `json:"state_reason,omitempty"`
-	Created        time.Time    `json:"created"`
-	Updated        time.Time    `json:"updated"`
+	// Attested: the record's chip attestation verified at import
+	// (PROTOCOL.md §10.4).
+	Attested bool      `json:"attested"`
+	Created  time.Time `json:"created"`
+	Updated  time.Time `json:"updated"`
 }
 
 // A batch's row and its report are the API's wire types (package api
@@ -349,8 +352,9 @@ func (s *sqlStore) FinishBatch(ctx context.Context, id string) (BatchReport, err
 				imported = (SELECT COUNT(*) FROM cards WHERE batch_id = ?),
 				conflicts = (SELECT COUNT(*) FROM conflicts WHERE batch_id = ?),
 				rejects = (SELECT COUNT(*) FROM rejects WHERE batch_id = ?),
+				unattested = (SELECT COUNT(*) FROM cards WHERE batch_id = ? AND attested = 0),
 				status = ?, updated_at = ?
-			WHERE id = ?`, id, id, id, BatchDone, now(), id); err != nil {
+			WHERE id = ?`, id, id, id, id, BatchDone, now(), id); err != nil {
 			return err
 		}
 		if _, err := s.exec(ctx, tx, `UPDATE batches SET duplicates = records - imported - conflicts - rejects WHERE id = ?`, id); err != nil {
@@ -520,13 +524,17 @@ func (s *sqlStore) putCard(ctx context.Context, tx execer, c StoredCard) (Outcom
 		}
 		return s.known(ctx, tx, c, id, ch, have, t, rejected)
 	}
+	attested := 0
+	if c.Attested {
+		attested = 1
+	}
 	res, err := s.exec(ctx, tx, `INSERT INTO cards (id, profile, issuer_key_label, issuer_fingerprint,
-			blob_scheme, blob_mechanism, blob_kek, blob_wrapped, c_sha256, batch_id, line, state, failed_auth, created_at, updated_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', 0, ?, ?)
+			blob_scheme, blob_mechanism, blob_kek, blob_wrapped, c_sha256, batch_id, line, state, failed_auth, created_at, updated_at, attested)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active', 0, ?, ?, ?)
 		ON CONFLICT (id) DO NOTHING`,
 		id, c.Profile, c.IssuerKeyLabel, hex.EncodeToString(c.IssuerFingerprint),
 		c.Blob.Scheme, int64(c.Blob.Mechanism), c.Blob.KEK, hex.EncodeToString(c.Blob.Wrapped),
-		ch, c.Batch, c.Line, t, t)
+		ch, c.Batch, c.Line, t, t, attested)
 	if err != nil {
 		return 0, err
 	}
@@ -576,18 +584,19 @@ func (s *sqlStore) unreject(ctx context.Context, tx execer, c StoredCard, reject
 }
 
 const cardColumns = `id, profile, issuer_key_label, issuer_fingerprint, blob_scheme, blob_mechanism, blob_kek, blob_wrapped,
-	c_sha256, batch_id, line, state, failed_auth, created_at, updated_at, state_reason`
+	c_sha256, batch_id, line, state, failed_auth, created_at, updated_at, state_reason, attested`
 
 type scanner interface{ Scan(dest ...any) error }
 
 func scanCard(r scanner) (StoredCard, error) {
 	var c StoredCard
 	var id, fp, wrapped, ch, created, updated string
-	var mech int64
+	var mech, attested int64
 	if err := r.Scan(&id, &c.Profile, &c.IssuerKeyLabel, &fp, &c.Blob.Scheme, &mech, &c.Blob.KEK, &wrapped,
-		&ch, &c.Batch, &c.Line, &c.State, &c.FailedAuth, &created, &updated, &c.StateReason); err != nil {
+		&ch, &c.Batch, &c.Line, &c.State, &c.FailedAuth, &created, &updated, &c.StateReason, &attested); err != nil {
 		return c, err
 	}
+	c.Attested = attested == 1
 	var errs [4]error
 	c.ID, errs[0] = hex.DecodeString(id)
 	c.IssuerFingerprint, errs[1] = hex.DecodeString(fp)
@@ -632,12 +641,12 @@ func (s *sqlStore) Cards(ctx context.Context, state string) ([]StoredCard, error
 	return out, rows.Err()
 }
 
-const batchColumns = `id, manifest, records, imported, duplicates, conflicts, rejects, status, reason, created_at, updated_at`
+const batchColumns = `id, manifest, records, imported, duplicates, conflicts, rejects, unattested, status, reason, created_at, updated_at`
 
 func scanBatch(r scanner) (BatchReport, error) {
 	var b BatchReport
 	var m, created, updated string
-	err := r.Scan(&b.ID, &m, &b.Records, &b.Imported, &b.Duplicates, &b.Conflicts, &b.Rejects, &b.Status, &b.Reason, &created, &updated)
+	err := r.Scan(&b.ID, &m, &b.Records, &b.Imported, &b.Duplicates, &b.Conflicts, &b.Rejects, &b.Unattested, &b.Status, &b.Reason, &created, &updated)
 	b.Manifest = json.RawMessage(m)
 	b.Created, b.Updated = parseTime(created), parseTime(updated)
 	return b, err

@@ -292,7 +292,7 @@ func TestStoreRejects(t *testing.T) {
 		{mod(func(r *batch.Record) { r.C = r.C[:100]; r.ID = []byte{0xE4} }), "bad c"},
 		{"\n", "empty line"},
 		{mod(func(r *batch.Record) { r.C = garbage; r.ID = []byte{0xE5} }), "token refused"},
-		{mod(func(r *batch.Record) { r.V = 2; r.ID = []byte{0xE6} }), "version"},
+		{mod(func(r *batch.Record) { r.V = 3; r.ID = []byte{0xE6} }), "version"},
 		{`{"v":1,"id":"` + strings.Repeat("ab", 17) + `","c":"00","profile":"x","issuer_fingerprint":"00","time":"2026-01-01T00:00:00Z"}` + "\n", `field "id": 17 bytes, want 1 to 16`},
 		{`{"v":1,"id":"zz"}` + "\n", `field "id": not hex`},
 		{strings.Repeat("x", 5000) + "\n", "longer than"},

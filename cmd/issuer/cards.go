@@ -92,15 +92,20 @@ Importing a batch again, after a crash or not, changes nothing that is
 already stored. The command exits non-zero if any record was rejected or
 conflicted. See docs/ISSUER.md.
 
+` + attestHelp + `
+
 ` + uriHelp,
 		Example: `  issuer import --token "$BLINDPERSO_TOKEN" --key issuer-2026 --kek kek-1 \
       --batch batch.ndjson --db /var/lib/blindperso-issuer
+  issuer import --key issuer-2026 --kek kek-1 --batch batch.ndjson \
+      --chip-roots ceremony-2026/chip-roots.pem --attestation required
   issuer import --key issuer-2026 --kek kek-1 --batch batch.ndjson \
       --db postgres://issuer@db.internal/issuer --workers 4 --json`,
 		Args: cobra.NoArgs,
 	}
 	openIssuer := issuerFlags(c, true)
 	openStore := dbFlag(c)
+	checker := attestFlags(c)
 	c.Flags().StringVar(&batch, "batch", "", "station batch (NDJSON with its .manifest.json beside it)")
 	c.Flags().IntVar(&workers, "workers", 2, "token sessions working in parallel")
 	c.Flags().BoolVar(&asJSON, "json", false, "print the batch report as JSON")
@@ -113,12 +118,16 @@ conflicted. See docs/ISSUER.md.
 			return err
 		}
 		defer is.Token.Close()
+		ck, err := checker(is)
+		if err != nil {
+			return err
+		}
 		st, err := openStore(ctx) // after the token: a failing token leaves no new store
 		if err != nil {
 			return err
 		}
 		defer st.Close()
-		im := &issuer.Importer{Issuer: is, Store: st, Workers: workers, Log: slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))}
+		im := &issuer.Importer{Issuer: is, Store: st, Workers: workers, Attest: ck, Log: slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))}
 		rep, err := im.ImportFile(ctx, batch)
 		if err != nil {
 			return err
@@ -138,8 +147,8 @@ conflicted. See docs/ISSUER.md.
 			for _, k := range d.ConflictList {
 				fmt.Fprintf(cmd.ErrOrStderr(), "%s line %d: CONFLICT: card %x is stored with another c (possible active attack or double personalization); the stored key is kept\n", batch, k.Line, []byte(k.CardID))
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "batch %s: %d records: %d cards imported, %d duplicates, %d conflicts, %d rejected\n",
-				rep.ID, rep.Records, rep.Imported, rep.Duplicates, rep.Conflicts, rep.Rejects)
+			fmt.Fprintf(cmd.OutOrStdout(), "batch %s: %d records: %d cards imported (%d unattested), %d duplicates, %d conflicts, %d rejected\n",
+				rep.ID, rep.Records, rep.Imported, rep.Unattested, rep.Duplicates, rep.Conflicts, rep.Rejects)
 		}
 		if rep.Rejects+rep.Conflicts > 0 {
 			return fmt.Errorf("%d rejected and %d conflicting of %d records", rep.Rejects, rep.Conflicts, rep.Records)
@@ -245,6 +254,7 @@ blocked, refused, challenge-refused) and admin block/unblock.`,
 		fmt.Fprintf(w, "state        %s%s\n", card.State, paren(card.StateReason))
 		fmt.Fprintf(w, "failed auth  %d\n", card.FailedAuth)
 		fmt.Fprintf(w, "profile      %s\n", card.Profile)
+		fmt.Fprintf(w, "attested     %s\n", attestedText(card.Attested))
 		fmt.Fprintf(w, "issuer key   %s sha256 %x\n", card.IssuerKeyLabel, []byte(card.IssuerFingerprint))
 		fmt.Fprintf(w, "K_I          wrapped (%s) under KEK %s\n", card.Blob.Scheme, card.Blob.KEK)
 		fmt.Fprintf(w, "batch        %s line %d\n", card.Batch, card.Line)
@@ -463,6 +473,13 @@ error (exit 1) that does not count against the card: get a new one.
 		}
 	}
 	return c
+}
+
+func attestedText(ok bool) string {
+	if ok {
+		return "yes (the chip's attestation verified at import)"
+	}
+	return "no (imported without a verified chip attestation)"
 }
 
 // printCard prints a card's new state after block or unblock.

@@ -53,6 +53,9 @@ The server logs to stderr, starting with a line "serving" that has the
 address it listens on (--addr 127.0.0.1:0 picks a free port). SIGINT or
 SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 
+` + attestHelp + ` Uploads are checked as issuer import
+checks them.
+
 ` + uriHelp,
 		Example: `  issuer serve --addr :8443 --tls-cert server.pem --tls-key server.key \
       --tokens /etc/blindperso/tokens --client-ca clients-ca.pem \
@@ -63,6 +66,7 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 	}
 	openIssuer := issuerFlags(c, true)
 	openStore := dbFlag(c)
+	checker := attestFlags(c)
 	f := c.Flags()
 	f.StringVar(&addr, "addr", ":8443", "address to listen on")
 	f.StringVar(&certFile, "tls-cert", "", "server certificate (PEM; required)")
@@ -109,6 +113,10 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 			return err
 		}
 		defer is.Token.Close()
+		ck, err := checker(is)
+		if err != nil {
+			return err
+		}
 		st, err := openStore(ctx) // after the token: a failing token leaves no new store
 		if err != nil {
 			return err
@@ -119,7 +127,7 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 		}
 		log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
 		h, err := server.New(server.Config{Issuer: is, Store: st, UploadDir: uploadDir, Workers: workers,
-			MaxBatchBytes: maxBatch, Tokens: tokens, ChallengeTTL: ttl, ChallengeRetention: retention,
+			MaxBatchBytes: maxBatch, Tokens: tokens, Attest: ck, ChallengeTTL: ttl, ChallengeRetention: retention,
 			MaxFailures: maxFailures, Logger: log})
 		if err != nil {
 			return err
@@ -137,6 +145,11 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 		srv.ErrorLog = slog.NewLogLogger(log.Handler(), slog.LevelWarn)
 		errc := make(chan error, 1)
 		go func() { errc <- srv.ServeTLS(ln, "", "") }()
+		if ck != nil {
+			for _, r := range ck.Roots.List() {
+				log.Info("trusted chip-vendor root", "subject", r.Subject, "sha256", fmt.Sprintf("%x", r.Fingerprint), "policy", ck.Policy)
+			}
+		}
 		log.Info("serving", "addr", ln.Addr().String(), "tokens", len(tokens), "mtls", clientCA != "", "upload_dir", uploadDir)
 		select {
 		case err := <-errc:

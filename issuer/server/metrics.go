@@ -15,6 +15,7 @@ type metrics struct {
 	imported     prometheus.Counter
 	rejects      prometheus.Counter
 	conflicts    prometheus.Counter
+	unattested   prometheus.Counter
 	verifies     *prometheus.CounterVec
 	tokenLatency *prometheus.HistogramVec
 }
@@ -33,13 +34,15 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Help: "Records rejected (the rejects count of each upload's report)."}),
 		conflicts: prometheus.NewCounter(prometheus.CounterOpts{Name: "blindperso_issuer_conflicts_total",
 			Help: "Conflicting records: a known card Id with another c (the conflicts count of each upload's report)."}),
+		unattested: prometheus.NewCounter(prometheus.CounterOpts{Name: "blindperso_issuer_unattested_cards_total",
+			Help: "Cards imported without a verified chip attestation (the unattested count of each upload's report; PROTOCOL.md §10)."}),
 		verifies: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "blindperso_issuer_verifications_total",
 			Help: "Card verifications by result (ok, failed, blocked, refused)."}, []string{"result"}),
 		tokenLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "blindperso_issuer_token_op_seconds",
 			Help:    "Latency of token operations: import (derive and wrap one card's K_I), verify (one MAC check).",
 			Buckets: prometheus.ExponentialBuckets(0.0002, 2, 14)}, []string{"op"}),
 	}
-	reg.MustRegister(m.batches, m.imported, m.rejects, m.conflicts, m.verifies, m.tokenLatency)
+	reg.MustRegister(m.batches, m.imported, m.rejects, m.conflicts, m.unattested, m.verifies, m.tokenLatency)
 	for _, r := range []string{api.ResultOK, api.ResultFailed, api.ResultBlocked, api.ResultRefused} {
 		m.verifies.WithLabelValues(r)
 	}

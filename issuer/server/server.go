@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"blindperso/api"
+	"blindperso/attest"
 	"blindperso/issuer"
 	"blindperso/protocol"
 )
@@ -45,8 +46,11 @@ type Config struct {
 	Workers       int    // token sessions per import; 0 means 2
 	MaxBatchBytes int64  // 0 means DefaultMaxBatchBytes
 	Tokens        []TokenEntry
-	ChallengeTTL  time.Duration
-	MaxFailures   int
+	// Attest checks uploaded records' chip attestations under the issuer
+	// key's policy; nil is the policy off.
+	Attest       *attest.Checker
+	ChallengeTTL time.Duration
+	MaxFailures  int
 	// ChallengeRetention is how long an expired challenge is kept before
 	// it is purged; 0 means issuer.DefaultChallengeRetention.
 	ChallengeRetention time.Duration
@@ -208,7 +212,7 @@ func toCard(c issuer.StoredCard) api.Card {
 		ID: c.ID, Profile: c.Profile, IssuerFingerprint: c.IssuerFingerprint,
 		Blob:           api.Blob{Scheme: c.Blob.Scheme, Mechanism: c.Blob.Mechanism, KEK: c.Blob.KEK},
 		IssuerKeyLabel: c.IssuerKeyLabel, CSHA256: c.CSHA256, Batch: c.Batch, Line: c.Line,
-		State: c.State, FailedAuth: c.FailedAuth, StateReason: c.StateReason,
+		State: c.State, FailedAuth: c.FailedAuth, StateReason: c.StateReason, Attested: c.Attested,
 		Created: c.Created, Updated: c.Updated,
 	}
 }

@@ -104,7 +104,7 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	lat := h.m.tokenLatency.WithLabelValues("import")
-	im := &issuer.Importer{Issuer: h.cfg.Issuer, Store: h.cfg.Store, Workers: h.cfg.Workers, Log: h.log,
+	im := &issuer.Importer{Issuer: h.cfg.Issuer, Store: h.cfg.Store, Workers: h.cfg.Workers, Attest: h.cfg.Attest, Log: h.log,
 		TokenTime: func(d time.Duration) { lat.Observe(d.Seconds()) }}
 	ctx := r.Context()
 	rep, ierr := im.ImportFile(ctx, path)
@@ -123,8 +123,9 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 	h.m.imported.Add(float64(rep.Imported))
 	h.m.rejects.Add(float64(rep.Rejects))
 	h.m.conflicts.Add(float64(rep.Conflicts))
+	h.m.unattested.Add(float64(rep.Unattested))
 	h.log.Info("batch imported", "batch", rep.ID, "records", rep.Records, "imported", rep.Imported,
-		"duplicates", rep.Duplicates, "conflicts", rep.Conflicts, "rejects", rep.Rejects)
+		"unattested", rep.Unattested, "duplicates", rep.Duplicates, "conflicts", rep.Conflicts, "rejects", rep.Rejects)
 	d, err := issuer.Detail(ctx, h.cfg.Store, rep)
 	if err != nil {
 		h.fail(w, r, err)
