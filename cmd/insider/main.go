@@ -1,11 +1,21 @@
-// Command insider is an ATTACK TOOL for demos and tests only: the active
-// insider of the paper's Fig. 2 (PK substitution). It is the perso station
-// (package perso, unchanged) run with the attacker's own public key PK′
-// and a ledger that forges each record for the genuine issuer key (package
-// internal/insider). Cards personalized by it hold K_I′ = KDF(S, B(PK′));
-// the issuer imports its batch, derives KDF(S, B(PK)), and blocks the
-// cards when they fail to authenticate. scripts/demo.sh and the e2e test
-// run it to show exactly that. Never install it on a perso line.
+// Command insider is an ATTACK TOOL for demos and tests only: two attacks
+// of an insider at the perso station (package internal/insider). Never
+// install it on a perso line.
+//
+// insider run is the active insider of the paper's Fig. 2 (PK
+// substitution). It is the perso station (package perso, unchanged) run
+// with the attacker's own public key PK′ and a ledger that forges each
+// record for the genuine issuer key. Cards personalized by it hold K_I′ =
+// KDF(S, B(PK′)); the issuer imports its batch, derives KDF(S, B(PK)), and
+// blocks the cards when they fail to authenticate. scripts/demo.sh and
+// the e2e test run it to show exactly that.
+//
+// insider clone is record replacement and injection (docs/PROTOCOL.md
+// §10): a sealed batch's record (Id, c) is replaced by (Id, c*) with c* =
+// E_PK(r*) from an emulated clone personalized under the genuine PK, or a
+// record is added for an Id no card carries. Against an issuer that does
+// not check chip attestation the clone authenticates and the genuine card
+// fails.
 package main
 
 import (
@@ -37,26 +47,34 @@ func main() {
 func root() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "insider",
-		Short: "ATTACK TOOL (demos and tests only): a perso station that substitutes its own key (paper Fig. 2)",
+		Short: "ATTACK TOOL (demos and tests only): an insider at the perso station (Fig. 2 key substitution; record replacement with a clone)",
 		Long: `insider is an attack tool for demonstrations and tests of blindperso. Do
 not install it on a perso line.
 
-It plays the paper's active insider (Handschuh, Naccache, Paillier, Tymen
-2002, §4.3, Fig. 2): a perso station that sends the cards its own public
-key PK′ instead of the issuer's PK. It opens each card's c′ with its private
-key, re-encrypts the secret S under the genuine PK (rsa-raw, rsa-oaep; for
-ecdh it forwards c′, which it cannot re-encrypt) and writes the record with
-PK's fingerprint, so the batch and its manifest look like an honest
-station's and the issuer imports them.
-
-The attack fails: the card bound PK′ into its key, K_I′ = KDF(S, B(PK′)),
+insider run plays the paper's active insider (Handschuh, Naccache,
+Paillier, Tymen 2002, §4.3, Fig. 2): a perso station that sends the cards
+its own public key PK′ instead of the issuer's PK. It opens each card's c′
+with its private key, re-encrypts the secret S under the genuine PK
+(rsa-raw, rsa-oaep; for ecdh it forwards c′, which it cannot re-encrypt)
+and writes the record with PK's fingerprint, so the batch and its manifest
+look like an honest station's and the issuer imports them.
+That attack fails: the card bound PK′ into its key, K_I′ = KDF(S, B(PK′)),
 while the issuer's token derives KDF(S, B(PK)). The card never
 authenticates, and the issuer blocks it after --max-failures tries.
 
-insider never prints or logs S or any card key.`,
+insider clone is the attack that the binding does not stop (PROTOCOL.md
+§10): it replaces a card's record in a sealed batch by one for an emulated
+clone personalized under the genuine PK, or injects a record for an Id no
+card carries. Against an issuer that does not check chip attestation it
+works: the clone authenticates, the genuine card fails. See insider clone
+--help.
+
+insider never prints or logs S, r* or any card key; insider clone writes
+its clone's state file, which holds the clone's key: that file is the
+attack's loot.`,
 		SilenceUsage: true,
 	}
-	c.AddCommand(runCmd(), keygenCmd())
+	c.AddCommand(runCmd(), cloneCmd(), keygenCmd())
 	return c
 }
 

@@ -1,14 +1,21 @@
-// Package insider is an ATTACK TOOL, for demos and tests only: the active
-// insider of the paper's Fig. 2 (Handschuh, Naccache, Paillier, Tymen
-// 2002, §4.3; docs/PROTOCOL.md §5.3). It must never run on a real perso
-// line.
+// Package insider is an ATTACK TOOL, for demos and tests only: two
+// attacks of an insider at the perso station. It must never run on a real
+// perso line.
 //
-// The insider controls the perso station. She personalizes cards under her
-// own public key PK′ instead of the issuer's PK, so that she can open each
-// card's c′ and learn its secret S — and from it the card's key. To keep
-// the issuer from noticing, she rewrites every record before it reaches
-// the batch: S re-encrypted under the genuine PK, the genuine key's
-// fingerprint. The batch and its manifest then look exactly like an
+//   - PK substitution, the active insider of the paper's Fig. 2
+//     (Handschuh, Naccache, Paillier, Tymen 2002, §4.3; docs/PROTOCOL.md
+//     §5.3): Job, Ledger, Forge, below. It fails: B binds the key.
+//   - Record replacement and injection with an emulated clone
+//     (docs/PROTOCOL.md §10, "What it closes"): Clone, Emulate, Replace in
+//     clone.go. It works against an issuer that does not check chip
+//     attestation.
+//
+// Fig. 2. The insider controls the perso station. She personalizes cards
+// under her own public key PK′ instead of the issuer's PK, so that she can
+// open each card's c′ and learn its secret S — and from it the card's key.
+// To keep the issuer from noticing, she rewrites every record before it
+// reaches the batch: S re-encrypted under the genuine PK, the genuine
+// key's fingerprint. The batch and its manifest then look exactly like an
 // honest station's, and the issuer imports them.
 //
 // The attack fails, and that is what the demo and the tests show: the card
