@@ -69,7 +69,9 @@ func members(data []byte, what string, known map[string]bool) (map[string]json.R
 	if bytes.HasPrefix(data, bom) {
 		return nil, ErrBOM
 	}
-	if !json.Valid(data) {
+	// A nested object (an attestation) was validated with its line.
+	nested := what == "attestation"
+	if !nested && !validPrefix(data) {
 		// Say where, from the decoder's own words.
 		var v any
 		err := json.Unmarshal(data, &v)
@@ -78,7 +80,7 @@ func members(data []byte, what string, known map[string]bool) (map[string]json.R
 		}
 		return nil, fmt.Errorf("%w (%v)", ErrNotJSON, err)
 	}
-	if !utf8.Valid(data) {
+	if !nested && !utf8.Valid(data) {
 		return nil, fmt.Errorf("%s is not valid UTF-8", what)
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
@@ -112,7 +114,7 @@ func members(data []byte, what string, known map[string]bool) (map[string]json.R
 		return nil, fmt.Errorf("%w (%v)", ErrNotJSON, err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return nil, fmt.Errorf("more than one JSON value in the %s", what)
+		return nil, fmt.Errorf("%w (more than one JSON value in the %s)", ErrNotJSON, what)
 	}
 	return out, nil
 }
@@ -126,6 +128,12 @@ func str(m map[string]json.RawMessage, field string) (string, error) {
 	}
 	if len(raw) == 0 || raw[0] != '"' {
 		return "", fieldErr(field, "want a string, got %s", short(raw))
+	}
+	// Without a backslash, a valid JSON string is its own text: the
+	// hex fields of a record (the attestation's chain is kilobytes)
+	// are read without decoding them once more.
+	if bytes.IndexByte(raw, '\\') < 0 {
+		return string(raw[1 : len(raw)-1]), nil
 	}
 	var s string
 	if err := json.Unmarshal(raw, &s); err != nil {
@@ -437,4 +445,12 @@ func (m Manifest) CheckName(path string) error {
 		return fmt.Errorf("manifest names batch %q, but the file is %q (a batch and its manifest are renamed only by sealing again)", m.Batch, name)
 	}
 	return nil
+}
+
+// validPrefix is json.Valid, skipping the scan of a line that starts like
+// an object: the walk below refuses what is not JSON with the decoder's
+// own words.
+func validPrefix(data []byte) bool {
+	t := bytes.TrimLeft(data, " \t\n\r")
+	return len(t) > 0 && t[0] == '{' || json.Valid(data)
 }
