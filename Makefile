@@ -51,6 +51,8 @@ bench: deps
 	$(GO) test -run '^$$' -bench 'CardAlone|StationLocal' -benchtime 1000x ./perso
 	$(GO) test -run '^$$' -bench StationPCSC -benchtime 10x ./perso
 	$(GO) test -run '^$$' -bench 'IssuerImport$$' -benchtime 8000x ./issuer
+	$(GO) test -run '^$$' -bench IssuerImportAttested -benchtime 8000x ./issuer
+	$(GO) test -run '^$$' -bench Check -benchtime 5000x ./attest
 	$(GO) test -run '^$$' -bench IssuerVerify -benchtime 2000x ./issuer
 	$(GO) test -run '^$$' -bench KEKRotate -benchtime 8000x ./issuer
 	$(GO) test -run '^$$' -bench IssuerNaive -benchtime 1x ./issuer

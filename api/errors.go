@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 )
 
 // Error is the body of every answer that is not 200, and the error the
@@ -16,7 +17,7 @@ type Error struct {
 
 func (e *Error) Error() string {
 	s := fmt.Sprintf("issuer answered %d %s", e.Status, http.StatusText(e.Status))
-	if e.Title != "" && e.Title != http.StatusText(e.Status) {
+	if e.Title != "" && !strings.EqualFold(e.Title, http.StatusText(e.Status)) {
 		s += ": " + e.Title
 	}
 	if e.Detail != "" {

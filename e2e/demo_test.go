@@ -28,7 +28,6 @@ import (
 const (
 	demoCards    = 6
 	demoAttacked = 2
-	maxFailures  = 3 // the demo's --max-failures
 )
 
 // TestDemo runs the whole main job as `make demo` does — fresh token and
@@ -39,8 +38,10 @@ const (
 //
 //   - passive insider (paper §4.2): no card's K_I, in any encoding, in any
 //     file of the run but the cards' own state files and the token;
-//   - active insider (§4.3, Fig. 2): every attacked card is blocked in the
-//     issuer's store, every honest card active.
+//   - active insiders (§4.3, Fig. 2; PROTOCOL.md §10): the chips are
+//     attested, so the Fig. 2 cards, the replaced record (emulated clone)
+//     and the injected one are refused at import and absent from the
+//     issuer's store; every honest card is there, active and attested.
 //
 // Like every PC/SC test it needs root or user namespaces (the demo's
 // pcscd runs in its own mount namespace); -short skips it.
@@ -67,9 +68,9 @@ func TestDemo(t *testing.T) {
 			out := t.TempDir()
 			log := runDemo(t, root, bin, out, mode.args)
 			checkSummary(t, log, mode.name, mode.profile)
-			honest, attacked := cardKeys(t, out)
-			checkNoKI(t, out, honest, attacked)
-			checkStates(t, out, honest, attacked)
+			honest, attacked, victims := cardKeys(t, out)
+			checkNoKI(t, out, honest, attacked, victims)
+			checkStates(t, out, honest, attacked, victims)
 		})
 	}
 }
@@ -113,13 +114,18 @@ func checkSummary(t *testing.T, log, token, profile string) {
 		`cards personalized \(honest station\) +6 of 6\n`,
 		`imported by the issuer \(K_I derived in-token\) +6\n`,
 		`authenticated in-token \(honest\) +6 of 6\n`,
+		`with a verified chip attestation +6 of 6\n`,
 		`attacked \(personalized under the insider's key\) +2 of 2\n`,
-		`attacked, imported all the same +2\n`,
-		`attacked and caught \(blocked\) +2 of 2\n`,
+		`Fig. 2: refused at import \(PK substitution\) +2 of 2\n`,
+		`record replaced \(emulated clone\), refused +1 of 1\n`,
+		`record injected \(no genuine chip\), refused +1 of 1\n`,
 		`honest cards still active +6 of 6\n`,
 		`time taken +[0-9.]+ s\n`,
 		`result +PASS\n`,
-		`a100000000000001: failed 1, failed 2, blocked 3, then no challenge\n`,
+		`a100000000000001  not imported \(refused at import\)\n`,
+		`the card was personalized under another issuer key \(fingerprint [0-9a-f]{64}\): the station is under attack`,
+		`refused: attestation: the record's c is not the one the chip made .*: the record was replaced\n`,
+		`the clone at the issuer: no challenge: the issuer has no card c100000000000001 \(404\)\n`,
 	} {
 		if !regexp.MustCompile(re).MatchString(log) {
 			t.Errorf("demo output lacks %q:\n%s", re, log)
@@ -128,8 +134,9 @@ func checkSummary(t *testing.T, log, token, profile string) {
 }
 
 // cardKeys reads K_I from every virtual card's state file (only the test
-// may: it plays the card's EEPROM), by card Id.
-func cardKeys(t *testing.T, out string) (honest, attacked map[string][]byte) {
+// may: it plays the card's EEPROM), by card Id: the honest cards, the
+// Fig. 2 insider's, and the two genuine cards of the clone attack.
+func cardKeys(t *testing.T, out string) (honest, attacked, victims map[string][]byte) {
 	t.Helper()
 	read := func(dir string, want int) map[string][]byte {
 		paths, _ := filepath.Glob(filepath.Join(out, "cards", dir, "*.json"))
@@ -150,7 +157,7 @@ func cardKeys(t *testing.T, out string) (honest, attacked map[string][]byte) {
 		}
 		return keys
 	}
-	return read("honest", demoCards), read("attacked", demoAttacked)
+	return read("honest", demoCards), read("attacked", demoAttacked), read("clone-victims", 2)
 }
 
 // checkNoKI is the passive insider of the issue: no card's K_I — the
@@ -178,6 +185,7 @@ func checkNoKI(t *testing.T, out string, keyMaps ...map[string][]byte) {
 		"logs/perso.log", "logs/insider.log", "logs/issuer-serve.log", "logs/pcscd.log",
 		"logs/feed-honest-0.log", "logs/feed-attacked-1.log",
 		"api/import-station.json", "api/import-insider.json", "api/auth-honest.txt", "summary.txt",
+		"clone/batch.ndjson", "clone/batch.ndjson.manifest.json", "api/import-clone.json", "logs/perso-clone.log",
 	} {
 		if !strings.Contains(have, want+"\n") {
 			t.Errorf("the run left no %s to scan", want)
@@ -273,9 +281,9 @@ func TestScannerFindsPlantedKeys(t *testing.T) {
 	}
 }
 
-// checkStates reads the issuer's store: attacked cards blocked after
-// maxFailures failures, honest cards active.
-func checkStates(t *testing.T, out string, honest, attacked map[string][]byte) {
+// checkStates reads the issuer's store: no card of an attack in it, the
+// honest cards active and attested.
+func checkStates(t *testing.T, out string, honest, attacked, victims map[string][]byte) {
 	t.Helper()
 	ctx := context.Background()
 	st, err := issuer.OpenSQLite(ctx, filepath.Join(out, "issuer-data"))
@@ -291,17 +299,27 @@ func checkStates(t *testing.T, out string, honest, attacked map[string][]byte) {
 	for _, c := range all {
 		state[hex.EncodeToString(c.ID)] = c
 	}
-	if len(state) != len(honest)+len(attacked) {
-		t.Errorf("store holds %d cards, want %d", len(state), len(honest)+len(attacked))
+	// The honest cards and the clone attack's untouched card.
+	if len(state) != len(honest)+1 {
+		t.Errorf("store holds %d cards, want %d", len(state), len(honest)+1)
 	}
 	for id := range attacked {
-		if c, ok := state[id]; !ok || c.State != "blocked" || c.FailedAuth < maxFailures {
-			t.Errorf("attacked card %s: %+v; want blocked after %d failures", id, c, maxFailures)
+		if c, ok := state[id]; ok {
+			t.Errorf("attacked card %s is in the store: %+v; want refused at import", id, c)
 		}
 	}
+	for _, id := range []string{"c100000000000001", "c1000000000000ff"} {
+		if c, ok := state[id]; ok {
+			t.Errorf("card %s (record replaced, or injected) is in the store: %+v", id, c)
+		}
+	}
+	if len(victims) != 2 {
+		t.Errorf("%d genuine cards of the clone attack, want 2", len(victims))
+	}
+	honest["c100000000000002"] = victims["c100000000000002"]
 	for id := range honest {
-		if c, ok := state[id]; !ok || c.State != "active" || c.FailedAuth != 0 {
-			t.Errorf("honest card %s: %+v; want active, no failure", id, c)
+		if c, ok := state[id]; !ok || c.State != "active" || c.FailedAuth != 0 || !c.Attested {
+			t.Errorf("honest card %s: %+v; want active, attested, no failure", id, c)
 		}
 	}
 }

@@ -15,13 +15,23 @@
 #     imports the batch the station uploads — the token derives and wraps
 #     every K_I in-token — and then authenticates every card through its
 #     API: challenge, the card's AES-CMAC, verified in the token.
+#     Every card is attested (docs/PROTOCOL.md §10): a test chip vendor's
+#     CA (vcard chip-ca) certified its attestation key at manufacture, the
+#     ceremony records the vendor's root, and the service imports only
+#     records whose chip attestation verifies (--attestation required).
 #  4. Active insider (paper Fig. 2): a station that sends DEMO_ATTACKED
 #     more cards its own key PK′, re-encrypts what it learns under the
-#     genuine PK and uploads a batch that looks genuine. The issuer imports
-#     it; the cards then fail authentication --max-failures times and end
-#     blocked, while the honest cards stay active.
-#  5. A summary table. The script exits non-zero unless every honest card
-#     authenticated and every attacked card is blocked.
+#     genuine PK and uploads a batch that looks genuine. The chips signed
+#     the key they were given: the issuer refuses every record at import,
+#     "personalized under another issuer key".
+#  5. Active insider, record replacement and injection: the station
+#     personalizes two more cards; the insider replaces one's record by
+#     (Id, c*) for an emulated clone whose K* she knows (insider clone) and
+#     injects a record for an Id no chip carries. The issuer refuses both at
+#     import ("the record was replaced", "requires one"); the other card
+#     lands. The clone gets no challenge.
+#  6. A summary table. The script exits non-zero unless every honest card
+#     authenticated and every attack was caught at import.
 #
 # K_I exists only in the cards (their state files) and inside the token:
 # the e2e test (e2e/demo_test.go) searches every other file of the run.
@@ -92,7 +102,7 @@ esac
 rm -rf "$out"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-mkdir -p "$out/logs" "$out/api" "$out/station" "$out/insider" "$out/cards"
+mkdir -p "$out/logs" "$out/api" "$out/station" "$out/insider" "$out/cards" "$out/clone"
 # pcscd's socket path must stay short (sun_path is 108 bytes).
 pcdir=$(mktemp -d /tmp/bp-pcscd.XXXXXX)
 pids=() # every background process, for the trap
@@ -194,9 +204,14 @@ if ! grep -q "^$profile .*runnable" "$out/probe.txt" || grep -q "^$profile .*not
 fi
 echo "   probe: $(grep "^$profile " "$out/probe.txt" | sed -E 's/ +/ /')"
 
-echo "== key ceremony: $ceremony_script"
+echo "== chip vendor: a test CA (root and intermediate) that certifies each chip's attestation key at manufacture"
+"$bin/vcard" chip-ca init --out "$out/chip-vendor" >"$out/chip-vendor.txt"
+sed 's/^/   /' "$out/chip-vendor.txt"
+
+echo "== key ceremony: $ceremony_script, trusting the chip vendor's root for attestation"
 export CEREMONY_OUT="$out/ceremony"
-"$bin/issuer" ceremony run "$ceremony_script" >"$out/logs/ceremony.log" 2>&1 ||
+{ cat "$ceremony_script"; printf '\nchip-attestation:\n  roots: %s\n' "$out/chip-vendor/root.pem"; } >"$out/ceremony.yaml"
+"$bin/issuer" ceremony run "$out/ceremony.yaml" >"$out/logs/ceremony.log" 2>&1 ||
 	{ cat "$out/logs/ceremony.log"; exit 1; }
 tkey=$(sed -n 's/.*signing key sha256 \([0-9a-f]\{64\}\).*/\1/p' "$out/logs/ceremony.log" | tail -1)
 "$bin/issuer" ceremony verify --expect-key-fingerprint "$tkey" "$out/ceremony/transcript.json" >"$out/ceremony/verify.txt" 2>&1 ||
@@ -219,7 +234,7 @@ reader1=$(sed -n 's/^slot 1: [^ ]* "\(.*\)"$/\1/p' "$out/logs/pcscd.out")
 echo "   \"$reader0\" (vpcd $addr0), \"$reader1\" (vpcd $addr1); $PCSCLITE_CSOCK_NAME"
 
 echo "== $cards blank virtual cards, fed into both readers"
-"$bin/vcard" manufacture --dir "$out/cards/honest" --count "$cards" --first-id B100000000000001 >/dev/null
+"$bin/vcard" manufacture --dir "$out/cards/honest" --count "$cards" --first-id B100000000000001 --chip-ca "$out/chip-vendor" >/dev/null
 honest=("$out"/cards/honest/*.json)
 feed honest "${honest[@]}"
 
@@ -253,6 +268,7 @@ for _ in 1 2 3 4 5; do
 	url=https://127.0.0.1:$port
 	"$bin/issuer" serve --addr "127.0.0.1:$port" --tls-cert "$out/api/server.pem" --tls-key "$out/api/server.key" \
 		--tokens "$out/api/tokens" --key "$key" --kek "$kek" --db "$out/issuer-data" \
+		--chip-roots "$out/ceremony/chip-roots.pem" --attestation required \
 		--max-failures "$max_failures" 2>>"$out/logs/issuer-serve.log" &
 	serve=$!
 	for _ in $(seq 100); do
@@ -264,7 +280,7 @@ for _ in 1 2 3 4 5; do
 done
 kill -0 "$serve" 2>/dev/null || { cat "$out/logs/issuer-serve.log"; exit 1; }
 pids+=($serve)
-echo "   $url (key $key, KEK $kek, --max-failures $max_failures)"
+echo "   $url (key $key, KEK $kek, --max-failures $max_failures, --attestation required)"
 if [ "$token_kind" = nss ]; then
 	# NSS's database takes several processes at once (SoftHSM2's file
 	# store does not: there, the service is the token's only process).
@@ -275,7 +291,9 @@ echo "   the station uploads its batch"
 "$bin/perso" upload --url "$url" --batch "$out/station/batch.ndjson" \
 	--ca "$out/api/server.pem" --token-file "$out/api/perso.token" >"$out/api/import-station.json"
 imported=$(json_field imported <"$out/api/import-station.json")
-echo "   $imported cards imported: the token derived and wrapped each K_I in-token (report $out/api/import-station.json)"
+unattested=$(json_field unattested <"$out/api/import-station.json")
+attested=$((imported - unattested))
+echo "   $imported cards imported, $attested with a verified chip attestation: the token derived and wrapped each K_I in-token (report $out/api/import-station.json)"
 
 echo "== issuer: authenticate every card through the API (challenge, card's MAC, verified in the token)"
 "$bin/vcard" authenticate --issuer "$url" --ca "$out/api/server.pem" --token-file "$out/api/verifier.token" \
@@ -286,7 +304,7 @@ head -4 "$out/api/auth-honest.txt" | sed 's/^/   /'
 echo "   $ok of $cards cards authenticated"
 
 echo "== active insider (paper Fig. 2): a station that sends $attacked more cards its own key PK′"
-"$bin/vcard" manufacture --dir "$out/cards/attacked" --count "$attacked" --first-id A100000000000001 >/dev/null
+"$bin/vcard" manufacture --dir "$out/cards/attacked" --count "$attacked" --first-id A100000000000001 --chip-ca "$out/chip-vendor" >/dev/null
 victims=("$out"/cards/attacked/*.json)
 "$bin/insider" keygen --kind "$kind" --issuer-key "$out/issuer.pub.pem" \
 	--out "$out/insider/attacker.pem" --pub-out "$out/insider/attacker.pub.pem" | sed 's/^/   /'
@@ -303,23 +321,41 @@ ecdh-*) how="forwarded c′ (a Diffie-Hellman secret cannot be re-encrypted)" ;;
 esac
 echo "   $forged cards locked under PK′; the insider $how;"
 echo "   its manifest names the genuine key: $(json_field issuer_fingerprint <"$out/insider/batch.ndjson.manifest.json")"
+# The upload exits non-zero: the issuer rejects the records.
 "$bin/perso" upload --url "$url" --batch "$out/insider/batch.ndjson" \
-	--ca "$out/api/server.pem" --token-file "$out/api/perso.token" >"$out/api/import-insider.json"
+	--ca "$out/api/server.pem" --token-file "$out/api/perso.token" >"$out/api/import-insider.json" 2>>"$out/logs/upload.log" || true
 imported_forged=$(json_field imported <"$out/api/import-insider.json")
-echo "   the issuer imports the forged batch: $imported_forged cards (report $out/api/import-insider.json)"
+substituted=$(grep -c 'personalized under another issuer key' "$out/api/import-insider.json" || true)
+echo "   the issuer imports $imported_forged of them; $substituted refused at import, before any token work:"
+grep -m1 '"reason"' "$out/api/import-insider.json" | sed -E 's/^ *"reason": "(.*)",?$/   \1/'
 
-echo "== issuer: authenticate the attacked cards until they are blocked"
-echo "   (each card holds KDF(S, B(PK′)); the issuer's token derived KDF(S, B(PK)))"
-for try in $(seq "$max_failures") last; do
-	"$bin/vcard" authenticate --issuer "$url" --ca "$out/api/server.pem" --token-file "$out/api/verifier.token" \
-		"${victims[@]}" 2>>"$out/logs/auth.log" | sed "s/^/try $try: /" >>"$out/api/auth-attacked.txt" || true
-done
-for v in "${victims[@]}"; do
-	id=$(basename "$v" .json)
-	id=${id#card-}
-	id=$(printf %s "$id" | tr A-F a-f) # card Ids are printed in lower-case hex everywhere
-	echo "   $id: $(grep " $id " "$out/api/auth-attacked.txt" | cut -d' ' -f4- | paste -sd, | sed 's/,/, /g; s/not-active/then no challenge/')"
-done
+echo "== active insider: record replacement and injection (an emulated clone whose K* the insider knows)"
+"$bin/vcard" manufacture --dir "$out/cards/clone-victims" --count 2 --first-id C100000000000001 --chip-ca "$out/chip-vendor" >/dev/null
+cvictims=("$out"/cards/clone-victims/*.json)
+feed clone "${cvictims[@]}"
+timeout --foreground --signal=INT "$station_timeout" "$bin/perso" run --issuer-key "$out/issuer.pub.pem" --profile "$profile" \
+	--expect-fingerprint "$fp" --reader "$reader0" --reader "$reader1" --count 2 \
+	--batch "$out/clone/batch.ndjson" --station demo-station --progress off --log "$out/logs/perso-clone.log"
+wait_for "${feeders[@]}"
+mkdir -p "$out/cards/insider-clones"
+"$bin/insider" clone --batch "$out/clone/batch.ndjson" --issuer-key "$out/issuer.pub.pem" --id c100000000000001 \
+	--keep-attestation --card-out "$out/cards/insider-clones/card-C100000000000001.json" >"$out/clone/replace.txt" 2>>"$out/logs/insider.log"
+"$bin/insider" clone --batch "$out/clone/batch.ndjson" --issuer-key "$out/issuer.pub.pem" --id c1000000000000ff \
+	--inject --card-out "$out/cards/insider-clones/card-C1000000000000FF.json" >"$out/clone/inject.txt" 2>>"$out/logs/insider.log"
+echo "   card c100000000000001's record replaced by (Id, c*), its chip's attestation kept; c1000000000000ff injected"
+"$bin/perso" upload --url "$url" --batch "$out/clone/batch.ndjson" \
+	--ca "$out/api/server.pem" --token-file "$out/api/perso.token" >"$out/api/import-clone.json" 2>>"$out/logs/upload.log" || true
+imported_clone=$(json_field imported <"$out/api/import-clone.json")
+replaced=$(grep -c 'the record was replaced' "$out/api/import-clone.json" || true)
+injected=$(grep -c 'requires one' "$out/api/import-clone.json" || true)
+grep '"reason"' "$out/api/import-clone.json" | sed -E 's/^ *"reason": "(.*)",?$/   refused: \1/'
+echo "   the genuine card beside them imported: $imported_clone"
+clone_auth=$("$bin/vcard" authenticate --issuer "$url" --ca "$out/api/server.pem" --token-file "$out/api/verifier.token" \
+	"$out/cards/insider-clones/card-C100000000000001.json" 2>&1 || true)
+case $clone_auth in
+*"404 Not Found"*) clone_auth="no challenge: the issuer has no card c100000000000001 (404)" ;;
+esac
+echo "   the clone at the issuer: $clone_auth"
 
 echo "== issuer API (admin): card states"
 caught=0 active=0
@@ -327,31 +363,34 @@ for c in "${victims[@]}" "${honest[@]}"; do
 	id=$(basename "$c" .json)
 	id=${id#card-}
 	id=$(printf %s "$id" | tr A-F a-f) # card Ids are printed in lower-case hex everywhere
-	api GET "/v1/cards/$id" admin >"$out/api/card-$id.json" || true
+	api GET "/v1/cards/$id" admin >"$out/api/card-$id.json" 2>/dev/null || true
 	state=$(json_field state <"$out/api/card-$id.json")
 	case $c in
 	*/attacked/*)
-		[ "$state" = blocked ] && caught=$((caught + 1))
-		echo "   $id  $state  ($(json_field state_reason <"$out/api/card-$id.json"))"
+		[ -z "$state" ] && caught=$((caught + 1))
+		echo "   $id  ${state:-not imported (refused at import)}"
 		;;
-	*) [ "$state" = active ] && active=$((active + 1)) ;;
+	*) [ "$state" = active ] && [ "$(json_field attested <"$out/api/card-$id.json")" = true ] && active=$((active + 1)) ;;
 	esac
 done
-echo "   honest cards active: $active of $cards"
+echo "   honest cards active and attested: $active of $cards"
 
 t9=$(date +%s.%N)
 result=PASS
-[ "$personalized" = "$cards" ] && [ "$imported" = "$cards" ] && [ "$ok" = "$cards" ] && [ "$active" = "$cards" ] &&
-	[ "$forged" = "$attacked" ] && [ "$caught" = "$attacked" ] || result=FAIL
+[ "$personalized" = "$cards" ] && [ "$imported" = "$cards" ] && [ "$attested" = "$cards" ] && [ "$ok" = "$cards" ] &&
+	[ "$active" = "$cards" ] && [ "$forged" = "$attacked" ] && [ "$substituted" = "$attacked" ] && [ "$caught" = "$attacked" ] &&
+	[ "$replaced" = 1 ] && [ "$injected" = 1 ] && [ "$imported_clone" = 1 ] || result=FAIL
 {
 	echo "== summary: $token_kind token, profile $profile"
 	printf '   %-48s %s\n' \
 		"cards personalized (honest station)" "$personalized of $cards" \
 		"imported by the issuer (K_I derived in-token)" "$imported" \
+		"with a verified chip attestation" "$attested of $imported" \
 		"authenticated in-token (honest)" "$ok of $cards" \
 		"attacked (personalized under the insider's key)" "$forged of $attacked" \
-		"attacked, imported all the same" "$imported_forged" \
-		"attacked and caught (blocked)" "$caught of $attacked" \
+		"Fig. 2: refused at import (PK substitution)" "$substituted of $attacked" \
+		"record replaced (emulated clone), refused" "$replaced of 1" \
+		"record injected (no genuine chip), refused" "$injected of 1" \
 		"honest cards still active" "$active of $cards" \
 		"PIN holder's ways out the token closed" "$pin_closed (issuer probe)" \
 		"still open (the token cannot close them)" "${pin_open:-none}" \
