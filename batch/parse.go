@@ -329,12 +329,9 @@ func parseAttestation(raw json.RawMessage) (*Attestation, error) {
 	total := 0
 	for i, e := range entries {
 		name := fmt.Sprintf("%s[%d]", chainField, i)
-		if len(e) == 0 || e[0] != '"' {
-			return nil, fieldErr(name, "want a string, got %s", short(e))
-		}
-		var s string
-		if err := json.Unmarshal(e, &s); err != nil {
-			return nil, fieldErr(name, "%v", err)
+		s, err := str(map[string]json.RawMessage{name: e}, name)
+		if err != nil {
+			return nil, err
 		}
 		if s == "" {
 			return nil, fieldErr(name, "empty")
