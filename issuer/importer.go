@@ -33,7 +33,8 @@ const DefaultMaxLine = batch.DefaultMaxLine
 //     manifest for another issuer key, is refused before any record is
 //     imported (the batch row says why).
 //  2. A second streaming pass reads the records line by line
-//     (batch.Scan: the one strict record parser) and hands each to one
+//     (batch.Scan: the one strict record parser), checks each against
+//     its manifest and its chip attestation (Attest), and hands it to one
 //     of Workers goroutines, chosen by a hash of the card Id,
 //     so that records for one Id are handled in file order (the first c
 //     in the file is the one kept, on every run). Each worker validates
@@ -303,7 +304,7 @@ func (im *Importer) stream(ctx context.Context, path, batchID string, m batch.Ma
 					for k := 0; k < len(sent) && !j.known; k++ {
 						j.known = bytes.Equal(sent[k], j.rec.ID)
 					}
-					r, err := im.card(ctx, batchID, m, j)
+					r, err := im.card(ctx, batchID, j)
 					if err != nil {
 						cancel(err)
 						break
@@ -487,7 +488,7 @@ func (im *Importer) write(ctx context.Context, q *resultQueue, pend *pending, st
 // or found already stored or pending: then without a wrapped key, and
 // PutResults decides duplicate or conflict). Its error is not about the
 // record: it stops the import.
-func (im *Importer) card(ctx context.Context, batchID string, m batch.Manifest, j job) (RecordResult, error) {
+func (im *Importer) card(ctx context.Context, batchID string, j job) (RecordResult, error) {
 	rec := j.rec
 	res := RecordResult{Batch: batchID, Line: j.line}
 	reject := func(reason string) (RecordResult, error) {
@@ -512,7 +513,6 @@ func (im *Importer) card(ctx context.Context, batchID string, m batch.Manifest, 
 	if j.known {
 		ck = CardKey{ID: rec.ID, Profile: p.Name, IssuerFingerprint: fp[:]}
 	} else {
-		var err error
 		start := time.Now()
 		ck, err = im.Issuer.Import(ctx, rec)
 		if im.TokenTime != nil {

@@ -95,7 +95,7 @@ type apiEnv struct {
 // newAPIEnv serves the API over TLS (httptest) on the store db (a
 // storeKind's DSN or directory), with a bearer token for every role and a
 // client CA for mTLS.
-func newAPIEnv(t *testing.T, is *issuer.Issuer, db string, maxBatch int64) *apiEnv {
+func newAPIEnv(t *testing.T, is *issuer.Issuer, db string, maxBatch int64, opts ...func(*Config)) *apiEnv {
 	t.Helper()
 	dir := t.TempDir()
 	st := openStore(t, db)
@@ -110,7 +110,11 @@ func newAPIEnv(t *testing.T, is *issuer.Issuer, db string, maxBatch int64) *apiE
 	if err != nil {
 		t.Fatal(err)
 	}
-	h, err := New(Config{Issuer: is, Store: st, UploadDir: filepath.Join(dir, "uploads"), Tokens: entries, MaxBatchBytes: maxBatch})
+	cfg := Config{Issuer: is, Store: st, UploadDir: filepath.Join(dir, "uploads"), Tokens: entries, MaxBatchBytes: maxBatch}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	h, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
