@@ -5,7 +5,7 @@ GO      ?= go
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the build, the tests and the demo need.
 DEBS    := gcc pkg-config libpcsclite-dev pcscd vsmartcard-vpcd opensc \
-           softhsm2 libnss3 libnss3-tools openssl util-linux mount postgresql-15 curl
+           softhsm2 libnss3 libnss3-tools opencryptoki openssl util-linux mount postgresql-15 curl
 FUZZTIME ?= 10s
 
 .PHONY: all deps build test vet fuzz demo bench clean
@@ -22,6 +22,14 @@ deps:
 		$(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# opencryptoki's clients must be in group pkcs11 (its package makes the
+	@# group and adds root; a user who installs with sudo is added here, from
+	@# the next login on). The tests run its token in a private mount
+	@# namespace (hsm/hsmtest), which needs root.
+	@getent group pkcs11 >/dev/null || $(SUDO) groupadd --system pkcs11
+	@u=$$(id -un); id -nG "$$u" | tr ' ' '\n' | grep -qx pkcs11 || { \
+		echo "adding $$u to group pkcs11 (for opencryptoki; effective at the next login)"; \
+		$(SUDO) usermod -a -G pkcs11 "$$u"; }
 
 ## build: bin/issuer, bin/perso, bin/vcard, and bin/insider (an attack tool for the demo)
 build:

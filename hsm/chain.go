@@ -12,10 +12,12 @@ import (
 // of steps from the card's c to K_I; one engine (derive.go) runs any of
 // them. Each step makes exactly one new key object from the previous one
 // (the first from the issuer key SK), so the engine can destroy every
-// intermediate as soon as the next step has run. Adding a KDF — SP800-108
-// counter mode, say — is a profile in package protocol, a step value here
-// (with a parameter kind and its marshaller if the mechanism needs a new
-// parameter structure) and a table entry; the engine does not change.
+// intermediate as soon as the next step has run. Adding a KDF is a profile
+// in package protocol, a step value here (with a parameter kind and its
+// marshaller if the mechanism needs a new parameter structure) and a table
+// entry; the engine does not change. SP 800-108 (kbkdfKI) added one step
+// attribute besides its parameter kind, extractableByToken: NSS softokn
+// will not make an extractable K_I from a non-extractable S with it.
 
 // stepOp is the PKCS#11 call a step makes.
 type stepOp uint8
@@ -38,6 +40,10 @@ const (
 	paramOAEPSHA1             // CK_RSA_PKCS_OAEP_PARAMS: SHA-1, MGF1-SHA1, empty label
 	paramECDH                 // CK_ECDH1_DERIVE_PARAMS: kdf, shared data, public data c
 	paramStringData           // CK_KEY_DERIVATION_STRING_DATA (cgo helper)
+	// CK_SP800_108_KDF_PARAMS (cgo helper, kbkdf_cgo.go): counter mode,
+	// PRF HMAC-SHA256, PRF input u32be(i) ‖ protocol.KBKDFLabel ‖ 0x00 ‖
+	// data ‖ u32be(L), L the new key's length in bits.
+	paramKBKDF
 )
 
 // input names the public bytes a step feeds the token.
@@ -75,6 +81,13 @@ type step struct {
 	// would happily make a key of that length. Rejecting it keeps the
 	// chain to exactly the KDF the protocol defines.
 	wantLen int
+	// extractableByToken leaves CKA_EXTRACTABLE out of the new object's
+	// template: the token decides. Only for kbkdfKI (see DeriveCardKey):
+	// NSS softokn refuses an SP800_108 derivation that would make an
+	// extractable key from a non-extractable one
+	// (CKR_KEY_FUNCTION_NOT_PERMITTED) and, unasked, makes K_I
+	// non-extractable like S, which it still wraps.
+	extractableByToken bool
 }
 
 // The steps, shared between the chains that use them.
@@ -95,6 +108,13 @@ var (
 		param: paramECDH, kdf: pkcs11.CKD_SHA1_KDF, data: inBinding, keyType: pkcs11.CKK_AES, valueLen: protocol.KeySize}
 	ecdhZ = step{name: "Z (ECDH1_DERIVE, CKD_NULL)", op: opDerive, mech: pkcs11.CKM_ECDH1_DERIVE,
 		param: paramECDH, kdf: pkcs11.CKD_NULL, data: inNone, keyType: pkcs11.CKK_AES, valueLen: 32}
+	// Z as a generic secret: the key of an HMAC PRF (PKCS#11 HMAC takes
+	// CKK_GENERIC_SECRET keys).
+	ecdhZGeneric = step{name: "Z (ECDH1_DERIVE, CKD_NULL)", op: opDerive, mech: pkcs11.CKM_ECDH1_DERIVE,
+		param: paramECDH, kdf: pkcs11.CKD_NULL, data: inNone, keyType: pkcs11.CKK_GENERIC_SECRET, valueLen: 32}
+	kbkdfKI = step{name: "K_I = SP 800-108 counter KDF, HMAC-SHA256, key S, context B (SP800_108_COUNTER_KDF)", op: opDerive,
+		mech: MechSP800108CounterKDF, param: paramKBKDF, data: inBinding, keyType: pkcs11.CKK_AES, valueLen: protocol.KeySize,
+		extractableByToken: true}
 )
 
 // chains maps a profile name to its steps (docs/PROTOCOL.md §3.4). The last
@@ -105,6 +125,10 @@ var chains = map[string][]step{
 	protocol.RSAOAEPAES.Name:   {unwrapOAEPAES, aesKI},
 	protocol.ECDHP256X963.Name: {ecdhX963KI},
 	protocol.ECDHP256AES.Name:  {ecdhZ, aesKI},
+	// The base key of kbkdfKI must be a generic secret (HMAC key): S
+	// unwrapped as one, Z derived as one.
+	protocol.RSAOAEPKBKDF.Name:  {unwrapOAEPGeneric, kbkdfKI},
+	protocol.ECDHP256KBKDF.Name: {ecdhZGeneric, kbkdfKI},
 }
 
 func chainFor(p protocol.Profile) ([]step, error) {

@@ -159,11 +159,13 @@ func badCiphertext(_ testing.TB, p protocol.Profile, k *protocol.IssuerKey, good
 // other ECDH profile's (the same shape: only B differs).
 func otherProfileCiphertext(tb testing.TB, p protocol.Profile, k *protocol.IssuerKey, good []byte) []byte {
 	other := map[string]protocol.Profile{
-		protocol.RSARawSHA1.Name:   protocol.RSAOAEPSHA1,
-		protocol.RSAOAEPSHA1.Name:  protocol.RSARawSHA1,
-		protocol.RSAOAEPAES.Name:   protocol.RSARawSHA1,
-		protocol.ECDHP256X963.Name: protocol.ECDHP256AES,
-		protocol.ECDHP256AES.Name:  protocol.ECDHP256X963,
+		protocol.RSARawSHA1.Name:    protocol.RSAOAEPSHA1,
+		protocol.RSAOAEPSHA1.Name:   protocol.RSARawSHA1,
+		protocol.RSAOAEPAES.Name:    protocol.RSARawSHA1,
+		protocol.ECDHP256X963.Name:  protocol.ECDHP256AES,
+		protocol.ECDHP256AES.Name:   protocol.ECDHP256X963,
+		protocol.RSAOAEPKBKDF.Name:  protocol.RSARawSHA1,
+		protocol.ECDHP256KBKDF.Name: protocol.ECDHP256AES,
 	}[p.Name]
 	_, c, err := protocol.Encapsulate(other, k, rand.Reader)
 	if err != nil {

@@ -42,6 +42,15 @@ import (
 //     (Mechanisms.EnforcesWrapWithTrusted), so there the guarantee rests
 //     on K_I being a short-lived session object of the issuer's own
 //     session, wrapped and destroyed at once (ImportCard).
+//   - K_I of the kbkdf profiles (CKM_SP800_108_COUNTER_KDF): no
+//     CKA_EXTRACTABLE in the template, the token decides. NSS softokn
+//     refuses to derive an extractable key from a non-extractable S by
+//     SP 800-108 (CKR_KEY_FUNCTION_NOT_PERMITTED) and, unasked, makes
+//     K_I non-extractable like S; it wraps such keys all the same
+//     (measured, NSS softokn 3.87). A token that does not refuse and
+//     defaults to extractable gives the K_I of the other chains. The
+//     probe's trial wraps what the step makes, so a token whose K_I
+//     then cannot be wrapped is reported as missing the step.
 //
 // kek is the trusted KEK, used only on tokens that do not report the
 // length of an unwrapped key (Mechanisms.UnwrapLenSilent: SoftHSM2): there
@@ -159,6 +168,12 @@ func (st step) mechanism(in *chainInput) (m *pkcs11.Mechanism, mem *cMem, err er
 			return nil, nil, err
 		}
 		return pkcs11.NewMechanism(st.mech, p), mem, nil
+	case paramKBKDF:
+		p, mem, err := sp800108CounterParams(kbkdfPRF, []byte(protocol.KBKDFLabel), in.get(st.data))
+		if err != nil {
+			return nil, nil, err
+		}
+		return pkcs11.NewMechanism(st.mech, p), mem, nil
 	}
 	return nil, nil, fmt.Errorf("unknown parameter kind %d", st.param)
 }
@@ -174,8 +189,10 @@ func (st step) template(m *Mechanisms, final, extractable bool) []*pkcs11.Attrib
 		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, false),
 		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
 		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, final || extractable),
 		pkcs11.NewAttribute(pkcs11.CKA_WRAP_WITH_TRUSTED, true),
+	}
+	if !st.extractableByToken {
+		t = append(t, pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, final || extractable))
 	}
 	if final {
 		t = append(t, usages(secretUsages)...)

@@ -17,7 +17,9 @@ import (
 // and require exactly this.
 var briefRunnable = map[string][]string{
 	kindSoftHSM2: {"rsa-oaep-aes", "ecdh-p256-aes"},
-	kindNSS:      {"rsa-raw-sha1", "rsa-oaep-sha1", "rsa-oaep-aes", "ecdh-p256-x963", "ecdh-p256-aes"},
+	// NSS softokn also runs CKM_SP800_108_COUNTER_KDF (DESIGN.md §11).
+	kindNSS: {"rsa-raw-sha1", "rsa-oaep-sha1", "rsa-oaep-aes", "ecdh-p256-x963", "ecdh-p256-aes",
+		"rsa-oaep-kbkdf", "ecdh-p256-kbkdf"},
 }
 
 // vectorExceptions are vectors of a runnable profile that the token still

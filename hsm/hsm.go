@@ -32,10 +32,49 @@ type Session struct {
 type Mechanisms struct {
 	// Name says which table this is ("SoftHSM2", "NSS softokn", "generic").
 	Name string
+	// Key names the table in a token URI (x-blindperso-table=KEY), for a
+	// token whose CK_TOKEN_INFO fields do not select it ("softhsm2",
+	// "luna7", …; TableNames lists them).
+	Key string
+	// Published: the facts of this table come from the vendor's published
+	// documentation (Source), not from `issuer probe` on the token. The
+	// probe's trials still decide; where they disagree with the table the
+	// probe says so, and the row is corrected and marked measured.
+	Published bool
+	// Source says where a published table's facts come from and what the
+	// pages say (docs/HSM.md, "Published vendor tables", has the long form).
+	Source string
+	// Unsuitable, when set, says why the token cannot hold the issuer's
+	// keys without putting a secret into host memory. Open refuses such a
+	// token before logging in, with this sentence (UnsuitableError).
+	Unsuitable string
 	// KeyWrapRFC5649 is the code of AES key wrap with padding as in
 	// RFC 5649: CKM_AES_KEY_WRAP_PAD (0x210A) in SoftHSM2, 0x210B
 	// (CKM_AES_KEY_WRAP_KWP) in NSS, whose 0x210A is RFC 3394 + PKCS#7.
 	KeyWrapRFC5649 uint
+	// KeyWrapRFC3394 is the code of AES key wrap without padding (RFC
+	// 3394) where the vendor's differs from CKM_AES_KEY_WRAP (0x2109):
+	// Luna's CKM_AES_KW 0x80000170, CloudHSM's
+	// CKM_CLOUDHSM_AES_KEY_WRAP_NO_PAD 0x80002109. 0: 0x2109 (AESKeyWrap).
+	// K_I is 16 bytes, so RFC 3394 wraps it as well as RFC 5649 does.
+	KeyWrapRFC3394 uint
+	// SP800108Counter is the code of the token's SP 800-108 counter-mode
+	// KDF where it differs from PKCS#11 3.0's CKM_SP800_108_COUNTER_KDF
+	// (0x3AC): Luna's CKM_NIST_PRF_KDF 0x80000A02, CloudHSM's 0x80000001.
+	// 0: 0x3AC, if the token has it at all (KBKDF; the probe decides).
+	SP800108Counter uint
+	// SP800108VendorParams: SP800108Counter takes the vendor's own
+	// parameter structure, not PKCS#11 3.0's CK_SP800_108_KDF_PARAMS, so
+	// a chain written for the standard mechanism cannot just swap the code.
+	SP800108VendorParams bool
+	// VendorMechNames names this vendor's own mechanism codes (vendor
+	// codes collide between vendors: 0x80000001 is CloudHSM's SP 800-108
+	// KDF and Utimaco's CKM_RSA_PKCS_MULTI). See (*Mechanisms).MechName.
+	VendorMechNames map[uint]string
+	// Claims is what the published documentation says about each of the
+	// project's profiles on this token (nil: measured tables, where the
+	// probe's profile matrix is the record).
+	Claims []ProfileClaim
 	// UnlistedButWorking lists mechanisms the token performs although its
 	// mechanism list omits them (NSS's "NSS Certificate DB" slot:
 	// CONCATENATE_BASE_AND_DATA, SHA1_KEY_DERIVATION). The probe confirms
@@ -65,3 +104,24 @@ type Mechanisms struct {
 	// equal to what the token does). nil: not measured.
 	OpenPaths []string
 }
+
+// ProfileClaim is a published table's assessment of one profile: whether
+// the vendor's published mechanism list has every step of the profile's
+// chain (docs/PROTOCOL.md §3.4), and which mechanism decides it.
+type ProfileClaim struct {
+	Profile string
+	Verdict ClaimVerdict
+	// Why names the mechanisms that make it run, or the missing one.
+	Why string
+}
+
+// ClaimVerdict is the published answer for a profile.
+type ClaimVerdict string
+
+// Published verdicts. ClaimUnknown: the pages read do not settle it (a
+// footnote not read, a vendor code not published); the probe decides.
+const (
+	ClaimRuns    ClaimVerdict = "runs"
+	ClaimMissing ClaimVerdict = "does not run"
+	ClaimUnknown ClaimVerdict = "unknown"
+)

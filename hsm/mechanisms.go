@@ -33,6 +33,7 @@ var mechNames = map[uint]string{
 	pkcs11.CKM_SHA256_KEY_DERIVATION:     "CKM_SHA256_KEY_DERIVATION",
 	pkcs11.CKM_SHA_1:                     "CKM_SHA_1",
 	pkcs11.CKM_SHA256:                    "CKM_SHA256",
+	MechSP800108CounterKDF:                "CKM_SP800_108_COUNTER_KDF",
 }
 
 // MechName returns the CKM_ name of a mechanism code, or its hex code if
@@ -44,19 +45,27 @@ func MechName(m uint) string {
 	return fmt.Sprintf("CKM_0x%X", m)
 }
 
-// vendor selects a table by the CK_TOKEN_INFO manufacturerID and model
-// (prefix match, after the library's trimming of blank padding).
+// vendor is one table and the tokens it is for: the CK_TOKEN_INFO
+// manufacturerID and model prefixes (after the library's trimming of blank
+// padding) that select it, and the key a URI names it by
+// (x-blindperso-table=KEY). A vendor with no ids is chosen only by its key.
 type vendor struct {
-	manufacturer, model string
-	table               Mechanisms
+	ids   []tokenID
+	table Mechanisms
 }
 
-// vendors is the per-token table. To support a new token, add a line here
-// (the manufacturer and model exactly as `issuer probe` prints them), then
-// run `issuer probe` against it and record its output in docs/HSM.md.
-var vendors = []vendor{
-	{"SoftHSM", "SoftHSM v2", Mechanisms{
+type tokenID struct{ manufacturer, model string }
+
+// vendors is the per-token table: the measured rows here, then the
+// published ones (vendors.go). To support a new token, add a line (the
+// manufacturer and model exactly as `issuer probe` prints them), then run
+// `issuer probe` against it and record its output in docs/HSM.md.
+var vendors = append(measured, published...)
+
+var measured = []vendor{
+	{[]tokenID{{"SoftHSM", "SoftHSM v2"}}, Mechanisms{
 		Name:                    "SoftHSM2",
+		Key:                     "softhsm2",
 		KeyWrapRFC5649:          pkcs11.CKM_AES_KEY_WRAP_PAD,
 		RSAExponent:             3,
 		EnforcesWrapWithTrusted: true,
@@ -66,8 +75,9 @@ var vendors = []vendor{
 		// sensitivity, and C_DigestKey takes sensitive keys.
 		OpenPaths: []string{"s-derive-extractable", "s-digest-key", "ec-derive-extractable"},
 	}},
-	{"Mozilla Foundation", "NSS 3", Mechanisms{
+	{[]tokenID{{"Mozilla Foundation", "NSS 3"}}, Mechanisms{
 		Name:           "NSS softokn",
+		Key:            "nss",
 		KeyWrapRFC5649: MechAESKeyWrapKWP,
 		// NSS softokn refuses e = 3 (CKR_ARGUMENTS_BAD).
 		RSAExponent: 65537,
@@ -86,6 +96,22 @@ var vendors = []vendor{
 			"s-unwrap-extractable", "s-unwrap-encrypt", "s-unwrap-wrap-under-own-key", "s-derive-extractable", "s-digest-key",
 			"ec-derive-extractable", "ec-wrap-under-own-key", "transcript-copy-extractable", "transcript-wrap-under-own-key"},
 	}},
+	{[]tokenID{{"IBM Corp.", "IBM SoftTok"}}, Mechanisms{
+		Name: "opencryptoki soft token",
+		Key:  "opencryptoki",
+		// 3.8.1 has no AES key wrap under any code point, no AES-CMAC,
+		// no EC and no secret-key derivation: it runs no profile, and
+		// the ceremony refuses it (docs/HSM.md, "opencryptoki").
+		KeyWrapRFC5649: pkcs11.CKM_AES_KEY_WRAP_PAD,
+		RSAExponent:    3,
+		// It knows neither CKA_WRAP_WITH_TRUSTED, CKA_COPYABLE,
+		// CKA_DERIVE_TEMPLATE nor CKA_UNWRAP_TEMPLATE, and C_UnwrapKey
+		// makes every secret non-sensitive and extractable whatever the
+		// template asks: a holder of the user PIN reads S. OpenPaths is
+		// nil: the ceremony's keys cannot be made there, so the
+		// adversary's matrix cannot run (package pinholder's
+		// opencryptoki test runs what it can).
+	}},
 }
 
 // generic is the table of a token nobody has measured: the PKCS#11 v2.40
@@ -93,6 +119,7 @@ var vendors = []vendor{
 // CKA_WRAP_WITH_TRUSTED. `issuer probe` checks each of these by trial.
 var generic = Mechanisms{
 	Name:           "generic",
+	Key:            "generic",
 	KeyWrapRFC5649: pkcs11.CKM_AES_KEY_WRAP_PAD,
 	RSAExponent:    65537,
 }
@@ -101,16 +128,119 @@ var generic = Mechanisms{
 // CK_TOKEN_INFO manufacturerID and model, or the generic table.
 func MechanismsFor(manufacturer, model string) *Mechanisms {
 	for _, v := range vendors {
-		if strings.HasPrefix(manufacturer, v.manufacturer) && strings.HasPrefix(model, v.model) {
-			return cloneMechanisms(v.table)
+		for _, id := range v.ids {
+			// An id without a manufacturer would match every token.
+			if id.manufacturer != "" && strings.HasPrefix(manufacturer, id.manufacturer) && strings.HasPrefix(model, id.model) {
+				return cloneMechanisms(v.table)
+			}
 		}
 	}
 	return cloneMechanisms(generic)
 }
 
+// TableNames lists the keys x-blindperso-table accepts, in table order.
+func TableNames() []string {
+	names := make([]string, 0, len(vendors)+1)
+	for _, v := range vendors {
+		names = append(names, v.table.Key)
+	}
+	return append(names, generic.Key)
+}
+
+// TableByName returns (a copy of) the table whose Key is name.
+func TableByName(name string) (*Mechanisms, error) {
+	for _, v := range vendors {
+		if v.table.Key == name {
+			return cloneMechanisms(v.table), nil
+		}
+	}
+	if name == generic.Key {
+		return cloneMechanisms(generic), nil
+	}
+	return nil, fmt.Errorf("no mechanism table %q (known: %s)", name, strings.Join(TableNames(), ", "))
+}
+
+// TableFor chooses the table of a token: the one a URI names
+// (x-blindperso-table, Config.Table) if any, else the one its
+// CK_TOKEN_INFO fields select. It does not refuse an unsuitable token;
+// Refusal does.
+func TableFor(name, manufacturer, model string) (*Mechanisms, error) {
+	if name != "" {
+		return TableByName(name)
+	}
+	return MechanismsFor(manufacturer, model), nil
+}
+
+// UnsuitableError refuses a token whose table says it cannot hold the
+// issuer's keys (Mechanisms.Unsuitable).
+type UnsuitableError struct {
+	Token  string // the token's label
+	Table  string // the table's Name
+	Reason string
+}
+
+func (e *UnsuitableError) Error() string {
+	return fmt.Sprintf("refused for the issuer's keys (token %q, mechanism table %q): %s", e.Token, e.Table, e.Reason)
+}
+
+// Refusal is the error that refuses the token labelled label if its
+// table says it is unsuitable, else nil. Open calls it before logging in,
+// so every command that opens a token for issuer work (probe, keygen,
+// kek, import, serve, ceremony, …) refuses it the same way.
+func (m *Mechanisms) Refusal(label string) error {
+	if m.Unsuitable == "" {
+		return nil
+	}
+	return &UnsuitableError{Token: label, Table: m.Name, Reason: m.Unsuitable}
+}
+
+// AESKeyWrap is the token's code for AES key wrap without padding (RFC 3394).
+func (m *Mechanisms) AESKeyWrap() uint {
+	if m.KeyWrapRFC3394 != 0 {
+		return m.KeyWrapRFC3394
+	}
+	return pkcs11.CKM_AES_KEY_WRAP
+}
+
+// KBKDF is the token's code for the SP 800-108 counter-mode KDF; see
+// SP800108VendorParams before passing it PKCS#11 3.0 parameters.
+func (m *Mechanisms) KBKDF() uint {
+	if m.SP800108Counter != 0 {
+		return m.SP800108Counter
+	}
+	return MechSP800108CounterKDF
+}
+
+// Claim returns the published claim about profile, if the table has one.
+func (m *Mechanisms) Claim(profile string) (ProfileClaim, bool) {
+	for _, c := range m.Claims {
+		if c.Profile == profile {
+			return c, true
+		}
+	}
+	return ProfileClaim{}, false
+}
+
+// MechName names a mechanism code as this token's vendor does, falling
+// back to the PKCS#11 names (package func MechName).
+func (m *Mechanisms) MechName(code uint) string {
+	if n, ok := m.VendorMechNames[code]; ok {
+		return n
+	}
+	return MechName(code)
+}
+
 func cloneMechanisms(m Mechanisms) *Mechanisms {
 	m.UnlistedButWorking = append([]uint(nil), m.UnlistedButWorking...)
 	m.OpenPaths = append([]string(nil), m.OpenPaths...)
+	m.Claims = append([]ProfileClaim(nil), m.Claims...)
+	if m.VendorMechNames != nil {
+		names := make(map[uint]string, len(m.VendorMechNames))
+		for k, v := range m.VendorMechNames {
+			names[k] = v
+		}
+		m.VendorMechNames = names
+	}
 	return &m
 }
 

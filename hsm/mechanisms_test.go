@@ -16,6 +16,7 @@ func TestMechanismsFor(t *testing.T) {
 	}{
 		{"SoftHSM project", "SoftHSM v2", "SoftHSM2", 0x210A, 3, true},
 		{"Mozilla Foundation", "NSS 3", "NSS softokn", 0x210B, 65537, false},
+		// Not a string any Luna is published to report: generic.
 		{"Thales", "Luna K7", "generic", 0x210A, 65537, false},
 		{"", "", "generic", 0x210A, 65537, false},
 	} {

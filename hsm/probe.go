@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha1"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -93,9 +94,11 @@ const (
 	ckX509Unwrap  = "rsa-x509-unwrap"
 	ckOAEPGeneric = "rsa-oaep-unwrap-generic"
 	ckOAEPAES     = "rsa-oaep-unwrap-aes"
+	ckOAEPSHA256  = "rsa-oaep-sha256-unwrap"
 	ckConcat      = "concatenate"
 	ckSHA1KD      = "sha1-key-derivation"
 	ckAESData     = "aes-ecb-encrypt-data"
+	ckKBKDF       = "sp800-108-counter-kdf"
 	ckECDHNull    = "ecdh-null"
 	ckECDHSHA1    = "ecdh-sha1-kdf"
 	ckWrap        = "rfc5649-wrap"
@@ -117,9 +120,11 @@ var checkSpecs = []checkSpec{
 	{ckX509Unwrap, "raw RSA unwrap of c into a secret", "CKM_RSA_X_509 unwrap", pkcs11.CKM_RSA_X_509, pkcs11.CKF_UNWRAP},
 	{ckOAEPGeneric, "RSA-OAEP (SHA-1) unwrap into a generic secret", "CKM_RSA_PKCS_OAEP unwrap (SHA-1)", pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.CKF_UNWRAP},
 	{ckOAEPAES, "RSA-OAEP (SHA-1) unwrap into an AES key", "CKM_RSA_PKCS_OAEP unwrap (SHA-1)", pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.CKF_UNWRAP},
+	{ckOAEPSHA256, "RSA-OAEP (SHA-256, MGF1-SHA256) unwrap into a generic secret", "CKM_RSA_PKCS_OAEP unwrap (SHA-256)", pkcs11.CKM_RSA_PKCS_OAEP, pkcs11.CKF_UNWRAP},
 	{ckConcat, "S ‖ B in the token", "CKM_CONCATENATE_BASE_AND_DATA", pkcs11.CKM_CONCATENATE_BASE_AND_DATA, pkcs11.CKF_DERIVE},
 	{ckSHA1KD, "SHA-1 of a key into an AES key", "CKM_SHA1_KEY_DERIVATION", pkcs11.CKM_SHA1_KEY_DERIVATION, pkcs11.CKF_DERIVE},
 	{ckAESData, "AES-ECB of data under a key into a key", "CKM_AES_ECB_ENCRYPT_DATA", pkcs11.CKM_AES_ECB_ENCRYPT_DATA, pkcs11.CKF_DERIVE},
+	{ckKBKDF, "SP 800-108 counter KDF (HMAC-SHA256) into an AES key", "CKM_SP800_108_COUNTER_KDF", MechSP800108CounterKDF, pkcs11.CKF_DERIVE},
 	{ckECDHNull, "ECDH, raw shared secret", "CKM_ECDH1_DERIVE", pkcs11.CKM_ECDH1_DERIVE, pkcs11.CKF_DERIVE},
 	{ckECDHSHA1, "ECDH with the X9.63 SHA-1 KDF", "CKM_ECDH1_DERIVE with CKD_SHA1_KDF", pkcs11.CKM_ECDH1_DERIVE, pkcs11.CKF_DERIVE},
 	{ckWrap, "RFC 5649 wrap and unwrap of K_I", "", 0, pkcs11.CKF_WRAP | pkcs11.CKF_UNWRAP},
@@ -142,6 +147,8 @@ func stepCheck(st ChainStep) string {
 		return ckSHA1KD
 	case pkcs11.CKM_AES_ECB_ENCRYPT_DATA:
 		return ckAESData
+	case MechSP800108CounterKDF:
+		return ckKBKDF
 	case pkcs11.CKM_ECDH1_DERIVE:
 		if st.ECKDF == pkcs11.CKD_SHA1_KDF {
 			return ckECDHSHA1
@@ -351,7 +358,8 @@ func (p *prober) run(r *ProbeReport) {
 }
 
 // trySymmetric: AES keygen, AES_ECB_ENCRYPT_DATA, CONCATENATE, SHA-1
-// derivation, RFC 5649, AES-CMAC, and CKA_WRAP_WITH_TRUSTED enforcement.
+// derivation, the SP 800-108 counter KDF, RFC 5649, AES-CMAC, and
+// CKA_WRAP_WITH_TRUSTED enforcement.
 func (p *prober) trySymmetric(r *ProbeReport) {
 	s := p.s
 	gen := func(mech uint, tmpl []*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
@@ -375,6 +383,8 @@ func (p *prober) trySymmetric(r *ProbeReport) {
 		p.tryWrap(r, aes256)
 		p.tryCMAC()
 	}
+	// The SP 800-108 KDF; its result is wrapped under aes256 if there is one.
+	p.record(specOf(ckKBKDF), MechSP800108CounterKDF, p.tryKBKDF(aes256), true, "")
 
 	// CONCATENATE and SHA-1 derivation start from a generic secret.
 	base, err := gen(pkcs11.CKM_GENERIC_SECRET_KEY_GEN, secretTemplate(pkcs11.CKK_GENERIC_SECRET, 32, attr(pkcs11.CKA_DERIVE, true)))
@@ -408,6 +418,41 @@ func (p *prober) derive(mech uint, base pkcs11.ObjectHandle, data []byte, tmpl [
 		return Call("C_DeriveKey", m, err)
 	}
 	p.keep(h)
+	return nil
+}
+
+// tryKBKDF runs the kbkdf profiles' step (chain.go kbkdfKI) as the chain
+// does, with meaningless context: from a throwaway non-extractable
+// generic secret (as S and Z are) to an AES-128 key whose template, like
+// K_I's, leaves CKA_EXTRACTABLE to the token; then that key must wrap
+// under kek with the table's RFC 5649 code, as K_I must be stored.
+func (p *prober) tryKBKDF(kek pkcs11.ObjectHandle) error {
+	s := p.s
+	gen := pkcs11.NewMechanism(pkcs11.CKM_GENERIC_SECRET_KEY_GEN, nil)
+	base, err := s.P.GenerateKey(s.H, []*pkcs11.Mechanism{gen}, secretTemplate(pkcs11.CKK_GENERIC_SECRET, 32,
+		attr(pkcs11.CKA_DERIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false)))
+	if err != nil {
+		return Call("C_GenerateKey", gen, err)
+	}
+	p.keep(base)
+	param, mem, err := sp800108CounterParams(kbkdfPRF, []byte(protocol.KBKDFLabel), []byte("blindperso probe"))
+	if err != nil {
+		return err
+	}
+	defer mem.free()
+	m := pkcs11.NewMechanism(MechSP800108CounterKDF, param)
+	h, err := s.P.DeriveKey(s.H, []*pkcs11.Mechanism{m}, base, secretTemplate(pkcs11.CKK_AES, protocol.KeySize))
+	if err != nil {
+		return Call("C_DeriveKey", m, err)
+	}
+	p.keep(h)
+	if kek == 0 {
+		return nil
+	}
+	if _, err := p.wrap(s.M.KeyWrapRFC5649, kek, h); err != nil {
+		return fmt.Errorf("the derived key cannot be wrapped for storage: %w",
+			Call("C_WrapKey", pkcs11.NewMechanism(s.M.KeyWrapRFC5649, nil), err))
+	}
 	return nil
 }
 
@@ -538,7 +583,7 @@ func (p *prober) tryRSA(r *ProbeReport) {
 	}
 	p.record(specOf(ckRSAGen), pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN, err, true, note)
 	if err != nil {
-		for _, id := range []string{ckX509Unwrap, ckOAEPGeneric, ckOAEPAES} {
+		for _, id := range []string{ckX509Unwrap, ckOAEPGeneric, ckOAEPAES, ckOAEPSHA256} {
 			p.record(specOf(id), specOf(id).mech, errNotTried, false, "")
 		}
 		return
@@ -565,10 +610,20 @@ func (p *prober) tryRSA(r *ProbeReport) {
 	if err != nil {
 		p.record(specOf(ckOAEPGeneric), pkcs11.CKM_RSA_PKCS_OAEP, err, false, "")
 		p.record(specOf(ckOAEPAES), pkcs11.CKM_RSA_PKCS_OAEP, err, false, "")
+		p.record(specOf(ckOAEPSHA256), pkcs11.CKM_RSA_PKCS_OAEP, err, false, "")
 		return
 	}
 	p.record(specOf(ckOAEPGeneric), pkcs11.CKM_RSA_PKCS_OAEP, unwrap(oaep(), c, pkcs11.CKK_GENERIC_SECRET), true, "")
 	p.record(specOf(ckOAEPAES), pkcs11.CKM_RSA_PKCS_OAEP, unwrap(oaep(), c, pkcs11.CKK_AES), true, "")
+	// SHA-256 OAEP: no profile uses it (rsa-oaep is SHA-1), but it is
+	// what a token can do (SoftHSM2 2.6.1 refuses it: CKR_ARGUMENTS_BAD).
+	c, err = rsa.EncryptOAEP(sha256.New(), rand.Reader, pub, secret, nil)
+	tried := err == nil
+	if tried {
+		err = unwrap(pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS_OAEP,
+			pkcs11.NewOAEPParams(pkcs11.CKM_SHA256, pkcs11.CKG_MGF1_SHA256, pkcs11.CKZ_DATA_SPECIFIED, nil)), c, pkcs11.CKK_GENERIC_SECRET)
+	}
+	p.record(specOf(ckOAEPSHA256), pkcs11.CKM_RSA_PKCS_OAEP, err, tried, "")
 }
 
 func (p *prober) rsaKey(e int) (*rsa.PublicKey, pkcs11.ObjectHandle, error) {

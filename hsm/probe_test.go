@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/miekg/pkcs11"
+
+	"blindperso/protocol"
 )
 
 // What the brief measured on Debian 12 (SoftHSM2 2.6.1, NSS 3.87), and
@@ -26,12 +28,16 @@ var probeWant = map[string]struct {
 			"rsa-raw-sha1":   {"CKM_RSA_X_509 unwrap", "CKM_CONCATENATE_BASE_AND_DATA", "CKM_SHA1_KEY_DERIVATION"},
 			"rsa-oaep-sha1":  {"CKM_CONCATENATE_BASE_AND_DATA", "CKM_SHA1_KEY_DERIVATION"},
 			"ecdh-p256-x963": {"CKM_ECDH1_DERIVE with CKD_SHA1_KDF"},
+			// DESIGN.md §11: SoftHSM2 2.6.1 answers 0x70 to SP 800-108.
+			"rsa-oaep-kbkdf":  {"CKM_SP800_108_COUNTER_KDF"},
+			"ecdh-p256-kbkdf": {"CKM_SP800_108_COUNTER_KDF"},
 		},
 		exponent: 3,
 		trusted:  true,
 	},
 	"NSS": {
-		runnable: []string{"rsa-raw-sha1", "rsa-oaep-sha1", "rsa-oaep-aes", "ecdh-p256-x963", "ecdh-p256-aes"},
+		runnable: []string{"rsa-raw-sha1", "rsa-oaep-sha1", "rsa-oaep-aes", "ecdh-p256-x963", "ecdh-p256-aes",
+			"rsa-oaep-kbkdf", "ecdh-p256-kbkdf"},
 		// The "NSS Certificate DB" slot does these without listing them.
 		byTrial: map[string][]string{
 			"rsa-raw-sha1":  {"CKM_CONCATENATE_BASE_AND_DATA", "CKM_SHA1_KEY_DERIVATION"},
@@ -95,7 +101,7 @@ func TestProbe(t *testing.T) {
 				t.Fatal(err)
 			}
 			var back ProbeReport
-			if err := json.Unmarshal(b, &back); err != nil || len(back.Profiles) != 5 {
+			if err := json.Unmarshal(b, &back); err != nil || len(back.Profiles) != len(protocol.Profiles()) {
 				t.Errorf("JSON round trip: %v, %d profiles", err, len(back.Profiles))
 			}
 			// Every throwaway object is gone.

@@ -227,8 +227,8 @@ func Open(cfg Config) (*Token, error) {
 	return t, nil
 }
 
-// find selects the slot whose token matches the configuration and
-// chooses the token's mechanism table.
+// find selects the slot whose token matches the configuration, chooses
+// the token's mechanism table, and refuses an unsuitable token.
 func (t *Token) find() error {
 	slot, ti, err := t.lookup()
 	if err != nil {
@@ -238,7 +238,16 @@ func (t *Token) find() error {
 		Label: ti.Label, Manufacturer: ti.ManufacturerID, Model: ti.Model, Serial: ti.SerialNumber,
 		Slot: slot, Module: t.cfg.Module, LoginRequired: ti.Flags&pkcs11.CKF_LOGIN_REQUIRED != 0,
 	}
-	t.mech = MechanismsFor(ti.ManufacturerID, ti.Model)
+	mech, err := TableFor(t.cfg.Table, ti.ManufacturerID, ti.Model)
+	if err != nil {
+		return err
+	}
+	// A token that cannot keep secrets inside is refused here, before
+	// any login: every command opens its token through Open.
+	if err := mech.Refusal(ti.Label); err != nil {
+		return err
+	}
+	t.mech = mech
 	t.slot, t.slotGen = slot, t.mod.gen.Load()
 	return nil
 }

@@ -16,12 +16,11 @@ import (
 	"blindperso/hsm/hsmtest"
 )
 
-// TestMain removes the test tokens (hsmtest.Dir) after the package's
-// tests and benchmarks.
+// TestMain runs the tests in a private mount namespace where
+// opencryptoki can run (hsmtest.Run) and removes the test tokens
+// (hsmtest.Dir) after the package's tests and benchmarks.
 func TestMain(m *testing.M) {
-	code := m.Run()
-	hsmtest.Cleanup()
-	os.Exit(code)
+	os.Exit(hsmtest.Run(m))
 }
 
 // scratchKey is an operation that needs a live, logged-in session: it

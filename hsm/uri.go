@@ -29,6 +29,10 @@ type Config struct {
 	PIN string
 	// Sessions is the size of the session pool; 0 means GOMAXPROCS.
 	Sessions int
+	// Table names the token's mechanism table (Mechanisms.Key; the URI's
+	// x-blindperso-table). Empty: the table the token's CK_TOKEN_INFO
+	// manufacturerID and model select (MechanismsFor).
+	Table string
 }
 
 // NSSInitArgs is the C_Initialize pReserved string that opens the NSS
@@ -42,7 +46,7 @@ func NSSInitArgs(dir string) string {
 // filter that opens the wrong token.
 var (
 	uriPath  = map[string]bool{"token": true, "serial": true}
-	uriQuery = map[string]bool{"module-path": true, "pin-source": true, "x-nss-configdir": true}
+	uriQuery = map[string]bool{"module-path": true, "pin-source": true, "x-nss-configdir": true, "x-blindperso-table": true}
 )
 
 // ParseURI reads an RFC 7512 PKCS#11 URI naming a token, and the PIN from
@@ -54,7 +58,9 @@ var (
 // dropped) or env:VAR (an extension of this project). pin-value is
 // refused: a PIN in a URI ends up in argv, shell history and logs. The
 // vendor extension x-nss-configdir=DIR opens NSS softokn's database in
-// DIR (see NSSInitArgs).
+// DIR (see NSSInitArgs). x-blindperso-table=KEY (this project's extension)
+// names the token's mechanism table when its CK_TOKEN_INFO fields do not
+// select it (TableNames lists the keys): it wins over those fields.
 func ParseURI(uri string) (Config, error) {
 	var cfg Config
 	// The URI library's own words for a relative module path name an
@@ -94,6 +100,12 @@ func ParseURI(uri string) (Config, error) {
 		}
 		cfg.InitArgs = NSSInitArgs(dir)
 	}
+	if name, ok := u.GetQueryAttribute("x-blindperso-table", false); ok {
+		if _, err := TableByName(name); err != nil {
+			return cfg, fmt.Errorf("token URI: x-blindperso-table: %w", err)
+		}
+		cfg.Table = name
+	}
 	if src, ok := u.GetQueryAttribute("pin-source", false); ok {
 		pin, err := readPIN(src)
 		if err != nil {
@@ -125,7 +137,7 @@ func unknownAttrs(uri string) error {
 	check(query, "&", uriQuery)
 	if len(bad) > 0 {
 		sort.Strings(bad)
-		return fmt.Errorf("token URI: unsupported attribute(s) %s (known: token, serial; module-path, pin-source, x-nss-configdir)", strings.Join(bad, ", "))
+		return fmt.Errorf("token URI: unsupported attribute(s) %s (known: token, serial; module-path, pin-source, x-nss-configdir, x-blindperso-table)", strings.Join(bad, ", "))
 	}
 	return nil
 }

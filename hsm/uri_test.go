@@ -39,6 +39,12 @@ func TestParseURI(t *testing.T) {
 			want: Config{Module: "/usr/lib/x86_64-linux-gnu/libsoftokn3.so", TokenLabel: "NSS Certificate DB",
 				InitArgs: "configdir='sql:/var/lib/issuer/nssdb' certPrefix='' keyPrefix='' secmod='secmod.db' flags= "}},
 
+		{name: "table by name", uri: "pkcs11:token=issuer" + mod + "&x-blindperso-table=luna7",
+			want: Config{Module: "/usr/lib/softhsm/libsofthsm2.so", TokenLabel: "issuer", Table: "luna7"}},
+		{name: "unsuitable table parses", uri: "pkcs11:token=issuer" + mod + "&x-blindperso-table=yubihsm2",
+			want: Config{Module: "/usr/lib/softhsm/libsofthsm2.so", TokenLabel: "issuer", Table: "yubihsm2"}},
+
+		{name: "unknown table", uri: "pkcs11:token=issuer" + mod + "&x-blindperso-table=luna", err: `x-blindperso-table: no mechanism table "luna" (known: softhsm2, nss, opencryptoki, luna7`},
 		{name: "pin-value", uri: "pkcs11:token=issuer" + mod + "&pin-value=1234", err: "PINs never go in argv or URIs"},
 		{name: "no module", uri: "pkcs11:token=issuer", err: "module-path"},
 		{name: "relative module", uri: "pkcs11:token=issuer?module-path=libsofthsm2.so", err: `module-path "libsofthsm2.so" must be an absolute path`},

@@ -100,7 +100,8 @@ func newBenchToken(b *testing.B, kind string) *benchToken {
 		bt.runs = []protocol.Profile{protocol.RSAOAEPAES, protocol.ECDHP256AES}
 	case "nss":
 		bt.tt = hsmtest.NSS(b)
-		bt.runs = []protocol.Profile{protocol.RSARawSHA1, protocol.RSAOAEPSHA1, protocol.RSAOAEPAES, protocol.ECDHP256X963, protocol.ECDHP256AES}
+		bt.runs = []protocol.Profile{protocol.RSARawSHA1, protocol.RSAOAEPSHA1, protocol.RSAOAEPAES, protocol.ECDHP256X963, protocol.ECDHP256AES,
+			protocol.RSAOAEPKBKDF, protocol.ECDHP256KBKDF}
 	}
 	// NSS keeps one database per process: labels must differ per call.
 	bt.prefix = fmt.Sprintf("bench%d-", benchNSSLabels.Add(1))

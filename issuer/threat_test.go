@@ -145,13 +145,16 @@ func TestTamperedCNeverYieldsAWorkingWrongKey(t *testing.T) {
 	for _, tc := range []struct {
 		profile protocol.Profile
 		kind    string
+		token   string
 	}{
-		{protocol.RSAOAEPAES, hsm.KindRSA2048},
-		{protocol.ECDHP256AES, hsm.KindP256},
+		{protocol.RSAOAEPAES, hsm.KindRSA2048, tokSoftHSM2},
+		{protocol.ECDHP256AES, hsm.KindP256, tokSoftHSM2},
+		{protocol.RSAOAEPKBKDF, hsm.KindRSA2048, tokNSS},
+		{protocol.ECDHP256KBKDF, hsm.KindP256, tokNSS},
 	} {
 		t.Run(tc.profile.Name, func(t *testing.T) {
 			ctx := context.Background()
-			is := newIssuer(t, tc.kind)
+			is := newIssuerOn(t, tc.token, tc.kind)
 			rec, a := personalize(t, tc.profile, is.Key.Public.SPKI, 0x7C)
 			n := len(rec.C)
 			for _, pos := range []int{0, 1, n / 2, n - 1} {

@@ -11,10 +11,10 @@ import (
 	"blindperso/hsm/hsmtest"
 )
 
+// TestMain runs the tests in a private mount namespace where
+// opencryptoki can run (hsmtest.Run), and removes the test tokens.
 func TestMain(m *testing.M) {
-	code := m.Run()
-	hsmtest.Cleanup()
-	os.Exit(code)
+	os.Exit(hsmtest.Run(m))
 }
 
 // TestMatrixMatchesTable runs the adversary on both tokens against keys

@@ -172,6 +172,12 @@ func DeriveKey(p Profile, s, b []byte) ([]byte, error) {
 		ki := make([]byte, KeySize)
 		blk.Encrypt(ki, m)
 		return ki, nil
+	case KBKDF:
+		// S is 32 bytes for both transports it is paired with (r, Z).
+		if len(s) != 32 {
+			return nil, fmt.Errorf("kdf kbkdf: S is %d bytes, want 32", len(s))
+		}
+		return CounterKDFHMACSHA256(s, []byte(KBKDFLabel), b, 8*KeySize)
 	}
 	return nil, fmt.Errorf("profile %s: unknown KDF", p.Name)
 }

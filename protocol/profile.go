@@ -51,6 +51,11 @@ const (
 	// AES is K_I = AES-256-Encrypt_S(SHA-256(B)[0:16]), for tokens that
 	// cannot derive with a hash (the ideal-cipher variant of the paper's H).
 	AES
+	// KBKDF is the NIST SP 800-108r1 KDF in counter mode with PRF
+	// HMAC-SHA256, key S, Label KBKDFLabel, Context B and L = 128 bits
+	// (kbkdf.go): a PRF in place of the random oracle, for tokens that
+	// offer CKM_SP800_108_COUNTER_KDF but no hash derivation.
+	KBKDF
 )
 
 func (k KDF) String() string {
@@ -61,6 +66,8 @@ func (k KDF) String() string {
 		return "x963"
 	case AES:
 		return "aes"
+	case KBKDF:
+		return "kbkdf"
 	}
 	return fmt.Sprintf("kdf(%d)", uint8(k))
 }
@@ -76,16 +83,18 @@ type Profile struct {
 
 func (p Profile) String() string { return p.Name }
 
-// The five profiles. IDs and names are part of the wire format and of B:
+// The seven profiles. IDs and names are part of the wire format and of B:
 // never renumber or rename one, add new ones instead.
 var (
-	RSARawSHA1   = Profile{0x01, "rsa-raw-sha1", RSARaw, SHA1}
-	RSAOAEPSHA1  = Profile{0x02, "rsa-oaep-sha1", RSAOAEP, SHA1}
-	RSAOAEPAES   = Profile{0x03, "rsa-oaep-aes", RSAOAEP, AES}
-	ECDHP256X963 = Profile{0x04, "ecdh-p256-x963", ECDHP256, X963}
-	ECDHP256AES  = Profile{0x05, "ecdh-p256-aes", ECDHP256, AES}
-	profiles     = []Profile{RSARawSHA1, RSAOAEPSHA1, RSAOAEPAES, ECDHP256X963, ECDHP256AES}
-	profileNames = func() string {
+	RSARawSHA1    = Profile{0x01, "rsa-raw-sha1", RSARaw, SHA1}
+	RSAOAEPSHA1   = Profile{0x02, "rsa-oaep-sha1", RSAOAEP, SHA1}
+	RSAOAEPAES    = Profile{0x03, "rsa-oaep-aes", RSAOAEP, AES}
+	ECDHP256X963  = Profile{0x04, "ecdh-p256-x963", ECDHP256, X963}
+	ECDHP256AES   = Profile{0x05, "ecdh-p256-aes", ECDHP256, AES}
+	RSAOAEPKBKDF  = Profile{0x06, "rsa-oaep-kbkdf", RSAOAEP, KBKDF}
+	ECDHP256KBKDF = Profile{0x07, "ecdh-p256-kbkdf", ECDHP256, KBKDF}
+	profiles      = []Profile{RSARawSHA1, RSAOAEPSHA1, RSAOAEPAES, ECDHP256X963, ECDHP256AES, RSAOAEPKBKDF, ECDHP256KBKDF}
+	profileNames  = func() string {
 		var n []string
 		for _, p := range profiles {
 			n = append(n, p.Name)

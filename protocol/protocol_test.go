@@ -56,8 +56,8 @@ func TestCMACIsRFC4493(t *testing.T) {
 }
 
 func TestProfiles(t *testing.T) {
-	if len(Profiles()) != 5 {
-		t.Fatalf("%d profiles, want the brief's 5", len(Profiles()))
+	if len(Profiles()) != 7 {
+		t.Fatalf("%d profiles, want 7 (the brief's 5 and the two kbkdf ones)", len(Profiles()))
 	}
 	for _, p := range Profiles() {
 		byName, err := ProfileByName(p.Name)

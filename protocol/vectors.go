@@ -25,11 +25,14 @@ type Vector struct {
 	Binding  Hex `json:"binding"` // B
 	// AESKDFInput is SHA-256(B)[0:16], for the aes KDF only.
 	AESKDFInput Hex `json:"aes_kdf_input,omitempty"`
-	C           Hex `json:"c"`
-	KI          Hex `json:"k_i"`
-	CardID      Hex `json:"card_id"`
-	Challenge   Hex `json:"challenge"`
-	MAC         Hex `json:"mac"`
+	// KBKDFInput is the kbkdf KDF's PRF input u32be(1) ‖ KBKDFLabel ‖
+	// 0x00 ‖ B ‖ u32be(128), for the kbkdf KDF only.
+	KBKDFInput Hex `json:"kbkdf_input,omitempty"`
+	C          Hex `json:"c"`
+	KI         Hex `json:"k_i"`
+	CardID     Hex `json:"card_id"`
+	Challenge  Hex `json:"challenge"`
+	MAC        Hex `json:"mac"`
 }
 
 // ReadVectors loads a vectors file.

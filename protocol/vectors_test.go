@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ecdh"
 	"crypto/ecdsa"
+	"crypto/hmac"
 	"crypto/rsa"
 	"crypto/sha1"
 	"crypto/sha256"
@@ -39,6 +40,10 @@ var vectorInputs = []struct{ name, profile, keyFile string }{
 	{"rsa-oaep-aes/rsa3072", "rsa-oaep-aes", "keys/rsa3072.pem"},
 	{"ecdh-p256-x963/p256", "ecdh-p256-x963", "keys/p256.pem"},
 	{"ecdh-p256-aes/p256", "ecdh-p256-aes", "keys/p256.pem"},
+	{"rsa-oaep-kbkdf/rsa2048-e3", "rsa-oaep-kbkdf", "keys/rsa2048-e3.pem"},
+	{"rsa-oaep-kbkdf/rsa2048", "rsa-oaep-kbkdf", "keys/rsa2048.pem"},
+	{"rsa-oaep-kbkdf/rsa3072", "rsa-oaep-kbkdf", "keys/rsa3072.pem"},
+	{"ecdh-p256-kbkdf/p256", "ecdh-p256-kbkdf", "keys/p256.pem"},
 }
 
 // testStream is the card RNG of the vectors: SHA-256(seed ‖ u32be(i)) for
@@ -129,8 +134,11 @@ func makeVector(t *testing.T, name, profile, keyFile string) Vector {
 		Secret: s, Binding: b, C: c, KI: ki,
 		CardID: id, Challenge: challenge, MAC: mac,
 	}
-	if p.KDF == AES {
+	switch p.KDF {
+	case AES:
 		v.AESKDFInput = AESKDFInput(b)
+	case KBKDF:
+		v.KBKDFInput = KBKDFInput(b)
 	}
 	return v
 }
@@ -242,6 +250,20 @@ func TestVectorsIndependently(t *testing.T) {
 					t.Fatal("aes_kdf_input is not SHA-256(B)[0:16]")
 				}
 				ki = aesEncryptBlock(t, s, h[:16])
+			case KBKDF:
+				// SP 800-108r1 counter mode, one iteration:
+				// HMAC-SHA256(S, u32be(1) ‖ label ‖ 00 ‖ B ‖ u32be(128)).
+				m := []byte{0, 0, 0, 1}
+				m = append(m, "blindperso kbkdf v1"...)
+				m = append(m, 0x00)
+				m = append(m, b...)
+				m = append(m, 0, 0, 0, 128)
+				if !bytes.Equal(m, v.KBKDFInput) {
+					t.Fatal("kbkdf_input is not u32be(1) ‖ label ‖ 00 ‖ B ‖ u32be(128)")
+				}
+				h := hmac.New(sha256.New, s)
+				h.Write(m)
+				ki = h.Sum(nil)[:16]
 			}
 			if !bytes.Equal(ki, v.KI) {
 				t.Fatal("k_i does not follow from secret and binding")

@@ -43,7 +43,8 @@
 #                  examples/ceremony-nss.yaml
 #   DEMO_CARDS     honest cards (20)       DEMO_ATTACKED  attacked cards (3)
 #   DEMO_PROFILE   softhsm2: rsa-oaep-aes (or ecdh-p256-aes);
-#                  nss: rsa-raw-sha1 (or rsa-oaep-sha1, ecdh-p256-x963)
+#                  nss: rsa-raw-sha1 (or rsa-oaep-sha1, ecdh-p256-x963,
+#                  rsa-oaep-kbkdf, ecdh-p256-kbkdf)
 #   DEMO_OUT       output directory (demo-out), emptied first
 #   BIN            directory of the issuer, perso, vcard, insider binaries (bin)
 #   DEMO_TIMEOUT   longest run of one station, in seconds (120)
@@ -91,9 +92,9 @@ nss)
 	profile=${DEMO_PROFILE:-rsa-raw-sha1}
 	kek=kek-2026-nss
 	case $profile in
-	rsa-raw-sha1 | rsa-oaep-sha1) key=issuer-2026-nss-rsa kind=rsa2048 ;;
-	ecdh-p256-x963) key=issuer-2026-nss-ec kind=p256 ;;
-	*) echo "demo.sh: $ceremony_script makes keys for rsa-raw-sha1, rsa-oaep-sha1 and ecdh-p256-x963, not $profile" >&2; exit 2 ;;
+	rsa-raw-sha1 | rsa-oaep-sha1 | rsa-oaep-kbkdf) key=issuer-2026-nss-rsa kind=rsa2048 ;;
+	ecdh-p256-x963 | ecdh-p256-kbkdf) key=issuer-2026-nss-ec kind=p256 ;;
+	*) echo "demo.sh: $ceremony_script makes keys for rsa-raw-sha1, rsa-oaep-sha1, rsa-oaep-kbkdf, ecdh-p256-x963 and ecdh-p256-kbkdf, not $profile" >&2; exit 2 ;;
 	esac
 	;;
 *) echo "demo.sh: DEMO_TOKEN must be softhsm2 or nss, got $token_kind" >&2; exit 2 ;;

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,13 +17,13 @@ func TestMain(m *testing.M) {
 	testscript.Main(cleanupM{m}, map[string]func(){"issuer": main})
 }
 
-// cleanupM removes the test tokens after the tests.
+// cleanupM runs the tests in a private mount namespace where
+// opencryptoki can run (hsmtest.Run), and removes the test tokens after
+// them. The script commands (issuer) that testscript runs are children
+// of that process, so they share its namespace and pkcsslotd.
 type cleanupM struct{ m *testing.M }
 
-func (c cleanupM) Run() int {
-	defer hsmtest.Cleanup()
-	return c.m.Run()
-}
+func (c cleanupM) Run() int { return hsmtest.Run(c.m) }
 
 // TestScripts runs the scripts with real tokens: $SOFTHSM_URI names a
 // SoftHSM2 token of the script's own (SO PIN in $SOFTHSM_SO_PIN_FILE),
@@ -41,9 +42,23 @@ func TestScripts(t *testing.T) {
 		soft[strings.TrimSuffix(filepath.Base(s), ".txtar")] = hsmtest.SoftHSM(t)
 	}
 	nss := hsmtest.NSS(t)
+	// opencryptoki's soft token, shared like NSS's database; scripts that
+	// use it start with [!opencryptoki] skip.
+	ock, ockSkip, err := hsmtest.LookupOpenCryptoki()
+	if err != nil {
+		t.Errorf("opencryptoki: %v", err)
+	} else if ockSkip != "" {
+		t.Logf("scripts that need opencryptoki skip: %s", ockSkip)
+	}
 	testscript.Run(t, testscript.Params{
 		Dir:  "testdata/script",
 		Cmds: scriptCmds,
+		Condition: func(cond string) (bool, error) {
+			if cond == "opencryptoki" {
+				return ock.URI != "", nil
+			}
+			return false, fmt.Errorf("unknown condition %q", cond)
+		},
 		Setup: func(env *testscript.Env) error {
 			tok := soft[strings.TrimPrefix(filepath.Base(env.WorkDir), "script-")]
 			soPIN := tok.PINFile + ".so"
@@ -54,6 +69,14 @@ func TestScripts(t *testing.T) {
 			env.Setenv("SOFTHSM_URI", tok.URI)
 			env.Setenv("SOFTHSM_SO_PIN_FILE", soPIN)
 			env.Setenv("NSS_URI", nss.URI)
+			if ock.URI != "" {
+				ockSO := filepath.Join(env.WorkDir, "ock-so.pin")
+				if err := os.WriteFile(ockSO, []byte(ock.SOPIN+"\n"), 0o600); err != nil {
+					return err
+				}
+				env.Setenv("OCK_URI", ock.URI)
+				env.Setenv("OCK_SO_PIN_FILE", ockSO)
+			}
 			return nil
 		},
 	})

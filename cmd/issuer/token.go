@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -19,7 +20,7 @@ const (
 )
 
 // uriHelp is shared by the token commands' help.
-const uriHelp = `The token is named by an RFC 7512 PKCS#11 URI (or $BLINDPERSO_TOKEN):
+var uriHelp = `The token is named by an RFC 7512 PKCS#11 URI (or $BLINDPERSO_TOKEN):
 
   SoftHSM2:
     pkcs11:token=issuer?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/blindperso/user.pin
@@ -30,7 +31,14 @@ token= is the token label (serial= also works), module-path= the PKCS#11
 library. The PIN comes from pin-source=file:PATH (a trailing newline is
 ignored) or pin-source=env:VAR; pin-value is refused: a PIN never goes on
 a command line. Quote the URI in a shell: it contains '&'.
+x-blindperso-table=KEY names the token's mechanism table when the
+manufacturer and model it reports do not select one (` + tableKeys + `).
+A token whose table says it cannot keep secrets inside it (YubiHSM 2,
+Google Cloud KMS) is refused, with the reason.
 See docs/HSM.md.`
+
+// tableKeys lists the values x-blindperso-table takes, for the help.
+var tableKeys = strings.Join(hsm.TableNames(), ", ")
 
 // tokenFlag adds --token to c and returns a function that opens the token.
 func tokenFlag(c *cobra.Command) func(sessions int) (*hsm.Token, error) {
@@ -99,25 +107,45 @@ tried. --no-attack skips the matrix (it writes throwaway token objects).
 			return err
 		}
 		var ph *pinholder.Report
+		var phErr string // the adversary could not run: said, not fatal
 		if !noAttack {
 			uri := c.Flags().Lookup("token").Value.String()
 			if uri == "" {
 				uri = os.Getenv(envToken)
 			}
 			if ph, err = probeWithPINHolder(ctx, tok, uri, soPIN); err != nil {
-				return err
+				if ctx.Err() != nil {
+					return err
+				}
+				phErr = err.Error()
 			}
 		}
+		pub := publishedTable(tok.Mechanisms())
 		if asJSON {
 			enc := json.NewEncoder(cmd.OutOrStdout())
 			enc.SetIndent("", "  ")
 			return enc.Encode(struct {
 				*hsm.ProbeReport
+				Published *tablePublished   `json:"table_published,omitempty"`
 				PINHolder *pinholder.Report `json:"pin_holder,omitempty"`
-			}{r, ph})
+				// PINHolderError says why the adversary did not run.
+				PINHolderError string `json:"pin_holder_error,omitempty"`
+			}{r, pub, ph, phErr})
 		}
-		if err := r.WriteText(cmd.OutOrStdout()); err != nil || ph == nil {
+		if err := r.WriteText(cmd.OutOrStdout()); err != nil {
 			return err
+		}
+		if pub != nil {
+			fmt.Fprintf(cmd.OutOrStdout(), "\nnote: table %q is published, not measured (%s).\n"+
+				"      The trials above are its first measurement: record them in docs/HSM.md and correct hsm/vendors.go.\n",
+				pub.Table, pub.Source)
+		}
+		if phErr != "" {
+			fmt.Fprintf(cmd.OutOrStdout(), "\nPIN-holder adversary: not run: %s\n"+
+				"      (it attacks keys made as the ceremony makes them; a token that cannot make them runs no profile either)\n", phErr)
+		}
+		if ph == nil {
+			return nil
 		}
 		fmt.Fprintln(cmd.OutOrStdout())
 		return ph.WriteText(cmd.OutOrStdout())
@@ -219,4 +247,19 @@ fingerprint goes to stderr.
 		return os.WriteFile(out, key.PublicKeyPEM(), 0o644)
 	}
 	return c
+}
+
+// tablePublished is what `issuer probe --json` says about a table written
+// from a vendor's published documentation rather than measured.
+type tablePublished struct {
+	Table  string             `json:"table"`
+	Source string             `json:"source"`
+	Claims []hsm.ProfileClaim `json:"claims,omitempty"`
+}
+
+func publishedTable(m *hsm.Mechanisms) *tablePublished {
+	if !m.Published {
+		return nil
+	}
+	return &tablePublished{Table: m.Name, Source: m.Source, Claims: m.Claims}
 }

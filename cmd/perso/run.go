@@ -50,7 +50,7 @@ exits cleanly. On a terminal a live display shows progress; otherwise log
 lines go to standard error (or to --log).
 
 Profiles: rsa-raw-sha1, rsa-oaep-sha1, rsa-oaep-aes, ecdh-p256-x963,
-ecdh-p256-aes (docs/PROTOCOL.md).`,
+ecdh-p256-aes, rsa-oaep-kbkdf, ecdh-p256-kbkdf (docs/PROTOCOL.md).`,
 		Example: `  perso run --issuer-key issuer.pub.pem --profile ecdh-p256-aes \
       --expect-fingerprint 5f1c… --batch batch-0001.ndjson --count 100
   perso run ... --readers 0,2 --reader-regex 'OMNIKEY'`,

@@ -1,9 +1,11 @@
 // Package hsmtest makes real PKCS#11 tokens in temporary directories for
-// tests and benchmarks: SoftHSM2 tokens and an NSS softokn database. Both
-// libraries keep process-wide state (SoftHSM2 reads SOFTHSM2_CONF once,
-// NSS softokn initializes once), so each test binary gets one SoftHSM2
-// token directory, in which every call makes a new token, and one NSS
-// database.
+// tests and benchmarks: SoftHSM2 tokens, an NSS softokn database, and an
+// opencryptoki soft token (with its own pkcsslotd, in a private mount
+// namespace: see Run). The libraries keep process-wide state (SoftHSM2
+// reads SOFTHSM2_CONF once, NSS softokn initializes once, opencryptoki
+// has one daemon per namespace), so each test binary gets one SoftHSM2
+// token directory, in which every call makes a new token, one NSS
+// database and one opencryptoki token.
 package hsmtest
 
 import (
@@ -52,11 +54,23 @@ var (
 )
 
 // Dir is the parent of every directory this package makes; tests may
-// remove it in TestMain.
-var Dir = filepath.Join(os.TempDir(), fmt.Sprintf("blindperso-hsmtest-%d", os.Getpid()))
+// remove it in TestMain. A test process that Run re-executed in its own
+// namespace uses its parent's.
+var Dir = dirName()
 
-// Cleanup removes Dir. Call it at the end of TestMain.
-func Cleanup() { os.RemoveAll(Dir) }
+func dirName() string {
+	if d := os.Getenv(envNamespace); d != "" {
+		return d
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("blindperso-hsmtest-%d", os.Getpid()))
+}
+
+// Cleanup stops the opencryptoki daemon this process started, if any,
+// and removes Dir. Call it at the end of TestMain (Run does).
+func Cleanup() {
+	stopSlotd()
+	os.RemoveAll(Dir)
+}
 
 // SoftHSM makes a new, initialized SoftHSM2 token with its own label and
 // PINs. The first call in a process sets SOFTHSM2_CONF, so it must come
