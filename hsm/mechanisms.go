@@ -33,7 +33,7 @@ var mechNames = map[uint]string{
 	pkcs11.CKM_SHA256_KEY_DERIVATION:     "CKM_SHA256_KEY_DERIVATION",
 	pkcs11.CKM_SHA_1:                     "CKM_SHA_1",
 	pkcs11.CKM_SHA256:                    "CKM_SHA256",
-	MechSP800108CounterKDF:                "CKM_SP800_108_COUNTER_KDF",
+	MechSP800108CounterKDF:               "CKM_SP800_108_COUNTER_KDF",
 }
 
 // MechName returns the CKM_ name of a mechanism code, or its hex code if
