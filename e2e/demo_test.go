@@ -34,7 +34,8 @@ const (
 // key ceremony, private pcscd with two vpcd readers, the station over both,
 // the issuer service importing and authenticating through its API, and the
 // active insider of the paper's Fig. 2 — on SoftHSM2 and on NSS softokn
-// (paper-exact rsa-raw-sha1), and then checks on everything the run left:
+// (paper-exact rsa-raw-sha1, and the SP 800-108 profile rsa-oaep-kbkdf),
+// and then checks on everything the run left:
 //
 //   - passive insider (paper §4.2): no card's K_I, in any encoding, in any
 //     file of the run but the cards' own state files and the token;
@@ -63,11 +64,13 @@ func TestDemo(t *testing.T) {
 	}{
 		{"softhsm2", "rsa-oaep-aes", nil},
 		{"nss", "rsa-raw-sha1", []string{"--nss"}},
+		// An SP 800-108 profile (PROTOCOL.md §3.3, kbkdf), in NSS's token.
+		{"nss-kbkdf", "rsa-oaep-kbkdf", []string{"--nss"}},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
 			out := t.TempDir()
-			log := runDemo(t, root, bin, out, mode.args)
-			checkSummary(t, log, mode.name, mode.profile)
+			log := runDemo(t, root, bin, out, mode.args, "DEMO_PROFILE="+mode.profile)
+			checkSummary(t, log, strings.TrimSuffix(mode.name, "-kbkdf"), mode.profile)
 			honest, attacked, victims := cardKeys(t, out)
 			checkNoKI(t, out, honest, attacked, victims)
 			checkStates(t, out, honest, attacked, victims)
@@ -77,7 +80,7 @@ func TestDemo(t *testing.T) {
 
 // runDemo runs scripts/demo.sh with the built commands into out and
 // returns its output; any exit but 0 fails the test.
-func runDemo(t *testing.T, root, bin, out string, args []string) string {
+func runDemo(t *testing.T, root, bin, out string, args []string, extra ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -91,6 +94,7 @@ func runDemo(t *testing.T, root, bin, out string, args []string) string {
 	}
 	cmd.Env = append(env, "BIN="+bin, "DEMO_OUT="+out,
 		"DEMO_CARDS="+strconv.Itoa(demoCards), "DEMO_ATTACKED="+strconv.Itoa(demoAttacked), "DEMO_TIMEOUT=60")
+	cmd.Env = append(cmd.Env, extra...)
 	// On timeout, SIGTERM: the script's trap stops its pcscd, feeders
 	// and issuer service.
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
