@@ -4,8 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/miekg/pkcs11"
 
@@ -13,30 +17,118 @@ import (
 )
 
 // DefaultRecycleEvery is how many token operations (imports, verifications,
-// re-wraps) pass between two Token.Recycle calls: SoftHSM2 keeps every
+// re-wraps) pass between two Token.Recycle calls. SoftHSM2 keeps every
 // destroyed session object until it is finalized, ≈ 0.5 KiB per card
-// (docs/BENCHMARKS.md, "Why RSS grew before").
-const DefaultRecycleEvery = 16384
+// imported and ≈ 0.25 KiB per verification (docs/BENCHMARKS.md, "Why RSS
+// grew before"), and C_Finalize takes ≈ 2 µs for each (measured: 8 ms
+// for 4096 verifications' objects, 42–85 ms for 16 384). Every 4096
+// bounds both the dead objects (1–2 MiB) and the pause (≈ 10 ms); the
+// fixed part of a recycle (≈ 1 ms, and a login on next use) is < 1 µs
+// per operation.
+const DefaultRecycleEvery = 4096
 
-// recycler calls Token.Recycle every n operations.
+// NeverRecycle as a RecycleEvery turns the recycling off: the token's
+// library then keeps what it keeps (tests, and measuring the leak).
+const NeverRecycle = -1
+
+// RecycleEnv names the environment variable that sets the period of a
+// CardKeys or Rewrapper whose RecycleEvery is 0: a positive count, or
+// "off" (or -1) for NeverRecycle. Unset or empty: DefaultRecycleEvery.
+// It lets an operator (or a soak run of issuer serve) tune the quirk
+// without any command knowing about it; a bad value is ignored.
+const RecycleEnv = "BLINDPERSO_HSM_RECYCLE_EVERY"
+
+var envRecycle = sync.OnceValue(func() int64 {
+	v := strings.TrimSpace(os.Getenv(RecycleEnv))
+	if v == "off" {
+		return NeverRecycle
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n == 0 || n < NeverRecycle {
+		return DefaultRecycleEvery
+	}
+	return n
+})
+
+// RecycleStats says how the recycling of a CardKeys went: how many
+// Token.Recycle calls it made and how long each held every call of the
+// process into the token off (the pause: the wait for the calls in
+// flight, C_Finalize, C_Initialize). A call that starts during a recycle
+// waits for it, then reopens its session (≈ 2 ms on SoftHSM2 for the
+// first, which logs in again): no operation waits much longer than Max.
+type RecycleStats struct {
+	Every    int64         // operations between two recycles; NeverRecycle: none
+	Ops      int64         // operations counted
+	Recycles int64         // Token.Recycle calls that did the work
+	Failures int64         // of which failed (LastErr)
+	LastErr  error         // the last failure, or nil
+	Last     time.Duration // the last recycle's pause
+	Max      time.Duration // the longest pause
+	Total    time.Duration // all pauses
+}
+
+// recycler calls Token.Recycle every n operations, on the goroutine of
+// the nth, after its own token work (so no session object of its own is
+// alive), and keeps RecycleStats.
 type recycler struct {
 	tok   *Token
 	every int64
 	ops   atomic.Int64
+	// recycle, if set, replaces tok.Recycle (tests: a failing recycle).
+	recycle func() error
+
+	mu    sync.Mutex
+	stats RecycleStats
 }
 
-func (r *recycler) count() error {
-	every := r.every
-	if every <= 0 {
-		every = DefaultRecycleEvery
+func (r *recycler) period() int64 {
+	switch {
+	case r.every < 0:
+		return NeverRecycle
+	case r.every == 0:
+		return envRecycle()
 	}
-	if r.ops.Add(1)%every != 0 {
-		return nil
+	return r.every
+}
+
+// count counts one finished operation and recycles the token when its
+// turn comes. It never fails the operation: the operation's result is
+// already known and stands. A failed recycle leaves the library
+// finalized or half initialized; the next With re-initializes it (its
+// recovery from CKR_CRYPTOKI_NOT_INITIALIZED, docs/HSM.md §3), and a
+// token that is really gone fails that operation. The failure is in
+// Stats meanwhile.
+func (r *recycler) count() {
+	every := r.period()
+	n := r.ops.Add(1)
+	if every <= 0 || n%every != 0 || !r.tok.KeepsDestroyedObjects() {
+		return
 	}
-	if err := r.tok.Recycle(); err != nil {
-		return fmt.Errorf("recycle the token: %w", err)
+	recycle := r.tok.Recycle
+	if r.recycle != nil {
+		recycle = r.recycle
 	}
-	return nil
+	start := time.Now()
+	err := recycle()
+	d := time.Since(start)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := &r.stats
+	st.Recycles++
+	st.Last, st.Total = d, st.Total+d
+	st.Max = max(st.Max, d)
+	if err != nil {
+		st.Failures++
+		st.LastErr = fmt.Errorf("recycle the token: %w", err)
+	}
+}
+
+func (r *recycler) snapshot() RecycleStats {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := r.stats
+	st.Every, st.Ops = r.period(), r.ops.Load()
+	return st
 }
 
 // CardKeys is the issuer's use of its token for card keys: the issuer key
@@ -51,7 +143,10 @@ type CardKeys struct {
 	// TokenObjects, if set before first use, makes CardKeys use the token
 	// objects themselves, without session copies.
 	TokenObjects bool
-	// RecycleEvery, if set before first use, replaces DefaultRecycleEvery.
+	// RecycleEvery, if set before first use, is the number of operations
+	// between two recycles (NeverRecycle: none; 0: RecycleEnv, else
+	// DefaultRecycleEvery). Imports and verifications count alike: a
+	// service that only verifies recycles as the importer does.
 	RecycleEvery int64
 
 	once            sync.Once
@@ -61,7 +156,7 @@ type CardKeys struct {
 
 func (k *CardKeys) init() {
 	k.once.Do(func() {
-		k.rec = recycler{tok: k.Token, every: k.RecycleEvery}
+		k.rec.tok, k.rec.every = k.Token, k.RecycleEvery
 		if !k.TokenObjects {
 			k.skCopy, k.kekCopy = k.Key.SessionCopy(), k.KEK.SessionCopy()
 		}
@@ -104,7 +199,8 @@ func (k *CardKeys) Import(ctx context.Context, p protocol.Profile, c []byte) (Bl
 		return Blob{}, err
 	}
 	blob.KEK = k.KEK.Label
-	return blob, k.rec.count()
+	k.rec.count()
+	return blob, nil
 }
 
 // Verify checks a card's MAC over challenge in the token (VerifyCardMAC)
@@ -126,7 +222,14 @@ func (k *CardKeys) Verify(ctx context.Context, blob Blob, id, challenge, mac []b
 	if err != nil {
 		return false, err
 	}
-	return ok, k.rec.count()
+	k.rec.count()
+	return ok, nil
+}
+
+// Stats says how the recycling went so far (see RecycleStats).
+func (k *CardKeys) Stats() RecycleStats {
+	k.init()
+	return k.rec.snapshot()
 }
 
 // Close destroys the session copies (the Token stays open: it is the
@@ -148,7 +251,7 @@ func (k *CardKeys) Close(ctx context.Context) error {
 type Rewrapper struct {
 	Token    *Token
 	From, To *KEKRef
-	// RecycleEvery, if set before first use, replaces DefaultRecycleEvery.
+	// RecycleEvery: as CardKeys's.
 	RecycleEvery int64
 
 	once     sync.Once
@@ -166,7 +269,7 @@ var ErrBadBlob = errors.New("the blob does not unwrap under the old KEK (corrupt
 func (r *Rewrapper) Rewrap(ctx context.Context, blob Blob) (Blob, error) {
 	r.once.Do(func() {
 		r.from, r.to = r.From.SessionCopy(), r.To.SessionCopy()
-		r.rec = recycler{tok: r.Token, every: r.RecycleEvery}
+		r.rec.tok, r.rec.every = r.Token, r.RecycleEvery
 	})
 	if blob.Scheme != WrapRFC5649 {
 		return Blob{}, fmt.Errorf("%w: wrapped with %q, want %q", ErrBadBlob, blob.Scheme, WrapRFC5649)
@@ -191,7 +294,8 @@ func (r *Rewrapper) Rewrap(ctx context.Context, blob Blob) (Blob, error) {
 		return Blob{}, err
 	}
 	nb.KEK = r.To.Label
-	return nb, r.rec.count()
+	r.rec.count()
+	return nb, nil
 }
 
 // Close destroys the session copies of both KEKs.

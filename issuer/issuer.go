@@ -38,7 +38,10 @@ type Issuer struct {
 	// token objects themselves, without session copies.
 	TokenObjects bool
 	// RecycleEvery, if set before first use, replaces
-	// hsm.DefaultRecycleEvery (tests).
+	// hsm.DefaultRecycleEvery (tests; hsm.NeverRecycle turns it off; 0
+	// leaves it to hsm.RecycleEnv or the default).
+	// Imports and verifications count alike, so issuer serve, which may
+	// only verify for months, recycles as the importer does.
 	RecycleEvery int64
 
 	once sync.Once
@@ -81,6 +84,10 @@ func (is *Issuer) Verify(ctx context.Context, ck CardKey, challenge, mac []byte)
 	}
 	return ok, nil
 }
+
+// RecycleStats says how often the token was recycled for this Issuer's
+// imports and verifications, and how long each recycle held them off.
+func (is *Issuer) RecycleStats() hsm.RecycleStats { return is.cardKeys().Stats() }
 
 // Close destroys the session copies of the keys (the Token stays open:
 // it is the caller's). The Issuer can still be used afterwards, with the
