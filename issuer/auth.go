@@ -67,18 +67,32 @@ const (
 
 // AuthStore is the store's part of card authentication.
 type AuthStore interface {
-	// PutChallenge stores a freshly issued challenge.
+	// PutChallenge stores a freshly issued challenge; it returns once the
+	// challenge is committed (in a group with others: see Authenticate).
 	PutChallenge(ctx context.Context, c Challenge) error
-	// Authenticate runs one verification as one transaction: it consumes
-	// the challenge (UPDATE … SET used = 1 WHERE … used = 0 AND expires >
-	// now, which exactly one of several concurrent verifiers wins),
-	// refuses a card that is not active without calling verify, else
-	// calls verify with the card's stored key and records the result:
-	// failed_auth reset or incremented, the card blocked when it reaches
-	// maxFailures, a row in auth_log. A challenge that is unknown, for
-	// another card, used or expired is an error wrapping ErrChallenge…;
-	// an error from verify rolls everything back (the challenge stays
-	// usable).
+	// IssueChallenge is PutChallenge that also purges, in the same
+	// transaction, up to a few dozen challenges that expired at or
+	// before purgeBefore (PurgeChallenges).
+	IssueChallenge(ctx context.Context, c Challenge, purgeBefore time.Time) error
+	// Authenticate runs one verification. It reads the card and the
+	// challenge and, if the challenge can be consumed and the card is
+	// active, calls verify with the card's stored key (the token's
+	// check, outside any transaction, in the caller's goroutine); then
+	// the store's group commit decides and records it in a transaction
+	// shared with the other pending verifications and challenges,
+	// exactly as a transaction of its own would: it consumes the
+	// challenge (a conditional UPDATE … WHERE used = 0 under the row
+	// locks of the group, which exactly one of several concurrent
+	// verifiers, on any instance, wins), refuses a card that is not
+	// active, else applies verify's verdict: failed_auth reset or
+	// incremented, the card blocked when it reaches maxFailures, a row in
+	// auth_log. It returns after that transaction has committed. A
+	// challenge that is unknown, for another card, used or expired is an
+	// error wrapping ErrChallenge…, and verify is not called for it; an
+	// error from verify changes nothing (the challenge stays usable).
+	// If the card's key was re-wrapped, or the card became active,
+	// between the read and the group, the verification is done again
+	// alone, verify called inside its transaction.
 	Authenticate(ctx context.Context, cardID, challenge []byte, now time.Time, maxFailures int,
 		verify func(CardKey) (bool, error)) (AuthResult, error)
 	// BlockCard blocks a card (from any state) with the admin's reason.
@@ -172,9 +186,11 @@ func (a *Authenticator) Purge(ctx context.Context) (int64, error) {
 	}
 }
 
-// Challenge issues a fresh random challenge for an active card. It first
-// purges up to a few dozen challenges that expired more than the
-// retention ago, so expired and used challenges do not accumulate.
+// Challenge issues a fresh random challenge for an active card. The
+// transaction that stores it (shared with other challenges and
+// verifications: group commit) also purges up to a few dozen challenges
+// that expired more than the retention ago, so expired and used
+// challenges do not accumulate.
 func (a *Authenticator) Challenge(ctx context.Context, id []byte) (Challenge, error) {
 	c, err := a.Store.Card(ctx, id)
 	if err != nil {
@@ -191,12 +207,9 @@ func (a *Authenticator) Challenge(ctx context.Context, id []byte) (Challenge, er
 	if ttl <= 0 {
 		ttl = DefaultChallengeTTL
 	}
-	if _, err := a.Store.PurgeChallenges(ctx, a.purgeBefore(), purgePerChallenge); err != nil {
-		return Challenge{}, err
-	}
 	t := a.now()
 	out := Challenge{Challenge: ch, CardID: id, Created: t.UTC(), Expires: t.Add(ttl).UTC()}
-	if err := a.Store.PutChallenge(ctx, out); err != nil {
+	if err := a.Store.IssueChallenge(ctx, out, a.purgeBefore()); err != nil {
 		return Challenge{}, err
 	}
 	return out, nil
@@ -227,15 +240,22 @@ func (a *Authenticator) Verify(ctx context.Context, id, challenge, mac []byte) (
 // Store side (sqlStore).
 
 func (s *sqlStore) PutChallenge(ctx context.Context, c Challenge) error {
-	_, err := s.exec(ctx, s.db, `INSERT INTO challenges (id, card_id, created_at, expires, used) VALUES (?, ?, ?, ?, 0)`,
-		hex.EncodeToString(c.Challenge), hexID(c.CardID), formatTime(c.Created), c.Expires.UnixNano())
-	if err != nil {
-		return fmt.Errorf("store: challenge for card %x: %w", []byte(c.CardID), err)
-	}
-	return nil
+	return s.putGrouped(ctx, c, false, time.Time{})
+}
+
+func (s *sqlStore) IssueChallenge(ctx context.Context, c Challenge, purgeBefore time.Time) error {
+	return s.putGrouped(ctx, c, true, purgeBefore)
 }
 
 func (s *sqlStore) PurgeChallenges(ctx context.Context, before time.Time, limit int) (int64, error) {
+	n, err := s.purge(ctx, s.db, before, limit)
+	if err != nil {
+		return 0, fmt.Errorf("store: purge challenges: %w", err)
+	}
+	return n, nil
+}
+
+func (s *sqlStore) purge(ctx context.Context, x execer, before time.Time, limit int) (int64, error) {
 	q, args := `DELETE FROM challenges WHERE expires <= ?`, []any{before.UnixNano()}
 	if limit > 0 {
 		// Oldest first, bounded. On PostgreSQL the rows another purger
@@ -247,9 +267,9 @@ func (s *sqlStore) PurgeChallenges(ctx context.Context, before time.Time, limit 
 		}
 		q, args = `DELETE FROM challenges WHERE id IN (`+sub+`)`, []any{before.UnixNano(), limit}
 	}
-	r, err := s.exec(ctx, s.db, q, args...)
+	r, err := s.exec(ctx, x, q, args...)
 	if err != nil {
-		return 0, fmt.Errorf("store: purge challenges: %w", err)
+		return 0, err
 	}
 	return r.RowsAffected()
 }
@@ -260,110 +280,9 @@ func (s *sqlStore) logAuth(ctx context.Context, x execer, id []byte, now time.Ti
 	return err
 }
 
-// challengeError says why challenge could not be consumed for card id.
-func (s *sqlStore) challengeError(ctx context.Context, x execer, id, challenge []byte, now time.Time) error {
-	var card string
-	var expires, used int64
-	err := s.queryRow(ctx, x, `SELECT card_id, expires, used FROM challenges WHERE id = ?`,
-		hex.EncodeToString(challenge)).Scan(&card, &expires, &used)
-	switch {
-	case errors.Is(err, sql.ErrNoRows):
-		err = ErrChallengeUnknown
-	case err != nil:
-		return err
-	case card != hexID(id):
-		err = ErrChallengeOtherCard
-	case used != 0:
-		err = ErrChallengeUsed
-	case expires <= now.UnixNano():
-		err = fmt.Errorf("%w (at %s)", ErrChallengeExpired, time.Unix(0, expires).UTC().Format(time.RFC3339))
-	default:
-		return errors.New("challenge could not be consumed") // not reached
-	}
-	return fmt.Errorf("card %x: challenge %x: %w", id, challenge, err)
-}
-
 func (s *sqlStore) Authenticate(ctx context.Context, id, challenge []byte, now time.Time, maxFailures int,
 	verify func(CardKey) (bool, error)) (AuthResult, error) {
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return AuthResult{}, fmt.Errorf("store: authenticate card %x: %w", id, err)
-	}
-	defer tx.Rollback()
-	res, cerr, err := s.authenticate(ctx, tx, id, challenge, now, maxFailures, verify)
-	if err == nil {
-		err = tx.Commit()
-	}
-	if err != nil {
-		return AuthResult{}, fmt.Errorf("authenticate card %x: %w", id, err)
-	}
-	return res, cerr
-}
-
-// authenticate returns cerr for a refused challenge (the transaction is
-// committed: it logs the refusal) and err for anything that must roll
-// back.
-func (s *sqlStore) authenticate(ctx context.Context, tx *sql.Tx, id, challenge []byte, now time.Time, maxFailures int,
-	verify func(CardKey) (bool, error)) (res AuthResult, cerr, err error) {
-	r, err := s.exec(ctx, tx, `UPDATE challenges SET used = 1 WHERE id = ? AND card_id = ? AND used = 0 AND expires > ?`,
-		hex.EncodeToString(challenge), hexID(id), now.UnixNano())
-	if err != nil {
-		return res, nil, err
-	}
-	n, err := r.RowsAffected()
-	if err != nil {
-		return res, nil, err
-	}
-	if n != 1 {
-		cerr := s.challengeError(ctx, tx, id, challenge, now)
-		if errors.Is(cerr, ErrChallengeUnknown) {
-			// Nothing to log against: the card may not exist either.
-			return res, cerr, nil
-		}
-		return res, cerr, s.logAuth(ctx, tx, id, now, LogChallengeRefused, errors.Unwrap(cerr).Error())
-	}
-	card, err := scanCard(s.queryRow(ctx, tx, `SELECT `+cardColumns+` FROM cards WHERE id = ?`, hexID(id)))
-	if err != nil {
-		return res, nil, err
-	}
-	res = AuthResult{CardID: id, State: card.State, FailedAuth: card.FailedAuth, MaxFailures: maxFailures}
-	if card.State != StateActive {
-		res.Result = AuthRefused
-		return res, nil, s.logAuth(ctx, tx, id, now, AuthRefused, "card is "+card.State)
-	}
-	ok, err := verify(card.CardKey)
-	if err != nil {
-		return res, nil, err
-	}
-	t := formatTime(now)
-	if ok {
-		_, err = s.exec(ctx, tx, `UPDATE cards SET failed_auth = 0, updated_at = ? WHERE id = ? AND state = 'active'`, t, hexID(id))
-	} else {
-		_, err = s.exec(ctx, tx, `UPDATE cards SET failed_auth = failed_auth + 1, updated_at = ? WHERE id = ? AND state = 'active'`, t, hexID(id))
-		if err == nil {
-			_, err = s.exec(ctx, tx, `UPDATE cards SET state = 'blocked', state_reason = ?
-				WHERE id = ? AND state = 'active' AND failed_auth >= ?`,
-				fmt.Sprintf("%d failed authentications in a row", maxFailures), hexID(id), maxFailures)
-		}
-	}
-	if err != nil {
-		return res, nil, err
-	}
-	if err := s.queryRow(ctx, tx, `SELECT state, failed_auth FROM cards WHERE id = ?`, hexID(id)).Scan(&res.State, &res.FailedAuth); err != nil {
-		return res, nil, err
-	}
-	switch {
-	case ok && res.State == StateActive:
-		res.OK, res.Result = true, AuthOK
-	case ok:
-		res.Result = AuthRefused // blocked by an admin meanwhile
-	case res.State == StateBlocked:
-		res.Result = AuthBlocked
-	default:
-		res.Result = AuthFailed
-	}
-	detail := fmt.Sprintf("failed_auth %d of %d", res.FailedAuth, maxFailures)
-	return res, nil, s.logAuth(ctx, tx, id, now, res.Result, detail)
+	return s.verifyGrouped(ctx, id, challenge, now, maxFailures, verify)
 }
 
 func (s *sqlStore) BlockCard(ctx context.Context, id []byte, reason string, now time.Time) (StoredCard, error) {

@@ -259,7 +259,9 @@ func TestAuthConflictRefused(t *testing.T) {
 }
 
 // Two verifiers with a store handle each (two issuer instances) race for
-// each challenge: exactly one consumes it, and only it asks the token.
+// each challenge: exactly one consumes it. Both may have asked the token
+// (it checks the MAC before the group transaction), but only the
+// winner's verdict is recorded.
 func TestAuthConcurrentChallenge(t *testing.T) {
 	is := newIssuer(t, hsm.KindP256)
 	p := protocol.ECDHP256AES
@@ -309,8 +311,8 @@ func TestAuthConcurrentChallenge(t *testing.T) {
 				if won != 1 || used != 1 {
 					t.Fatalf("round %d: %d consumed the challenge, %d were refused", round, won, used)
 				}
-				if n := v.calls.Load() - before; n != 1 {
-					t.Fatalf("round %d: %d token calls, want 1", round, n)
+				if n := v.calls.Load() - before; n < 1 || n > 2 {
+					t.Fatalf("round %d: %d token calls, want 1 or 2", round, n)
 				}
 			}
 		})

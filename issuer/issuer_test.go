@@ -25,6 +25,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(childEnv) != "" {
 		os.Exit(importChild())
 	}
+	if os.Getenv(authChildEnv) != "" {
+		os.Exit(authChild())
+	}
 	code := m.Run()
 	pgtest.Stop()
 	hsmtest.Cleanup()

@@ -190,11 +190,21 @@ func (d dialect) q(query string) string {
 
 // sqlStore is the Store over database/sql, for both dialects.
 type sqlStore struct {
-	db *sql.DB
-	d  dialect
+	db    *sql.DB
+	d     dialect
+	ac    *authCommitter // card authentication's group commit (authgroup.go)
+	ar    *authReader    // and its batched reads
+	stmts *stmtPool      // their statements, prepared once
 }
 
-func (s *sqlStore) Close() error { return s.db.Close() }
+// Close waits for the verifications and challenges handed to the group
+// commit to be applied, then closes the database.
+func (s *sqlStore) Close() error {
+	s.ac.close()
+	s.ar.close()
+	s.stmts.close()
+	return s.db.Close()
+}
 
 // exec, queryRow and query are the only ways this package runs SQL: each
 // rewrites the placeholders for the dialect (? to $n for PostgreSQL), so

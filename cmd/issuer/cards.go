@@ -375,12 +375,14 @@ func cardsVerifyCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "verify ID --challenge HEX --mac HEX --token URI --key L --kek L [--db DIR|DSN] [--max-failures 3] [--json]",
 		Short: "Verify a card's answer to its challenge in the token, and record the result",
-		Long: `In one store transaction: consume the challenge (it must have been issued
-for this card by issuer cards challenge, be unused and unexpired: exactly
-one of several concurrent verifiers, even on several issuer instances
-sharing one PostgreSQL, gets it), unwrap the card's K_I into the token,
-verify the card's AES-CMAC over the challenge there (docs/PROTOCOL.md §4),
-and record the result in the card's log.
+		Long: `Unwrap the card's K_I into the token and verify the card's AES-CMAC over
+the challenge there (docs/PROTOCOL.md §4), then, in one store transaction
+(shared with any verifications running at the same time through the same
+store handle: group commit), consume the challenge (it must have been
+issued for this card by issuer cards challenge, be unused and unexpired:
+exactly one of several concurrent verifiers, even on several issuer
+instances sharing one PostgreSQL, gets it) and record the result in the
+card's log. The answer is printed once that transaction has committed.
 
 Prints "ok" and exits 0: the card holds the K_I the issuer derived, its
 failed-authentication count is reset to 0.
