@@ -79,7 +79,10 @@ func NewClient(cfg Config) (*Client, error) {
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
-	c.hc = &http.Client{Timeout: timeout, Transport: &http.Transport{TLSClientConfig: tc}}
+	// A verifier terminal or a fleet's gateway calls from many
+	// goroutines: keep their connections alive (net/http keeps 2 per
+	// host by default, and a TLS handshake costs more than a verification).
+	c.hc = &http.Client{Timeout: timeout, Transport: &http.Transport{TLSClientConfig: tc, MaxIdleConnsPerHost: maxIdleConns}}
 	return c, nil
 }
 
@@ -95,6 +98,9 @@ func LoadCertPool(path string) (*x509.CertPool, error) {
 	}
 	return pool, nil
 }
+
+// maxIdleConns is how many idle connections a Client keeps to the issuer.
+const maxIdleConns = 64
 
 // maxAnswer bounds every answer read (a batch report lists its rejects).
 const maxAnswer = 64 << 20

@@ -92,7 +92,7 @@ func New(cfg Config) (*Handler, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	h := &Handler{cfg: cfg, m: newMetrics(cfg.Registry), log: log, mux: http.NewServeMux(), methods: map[string][]string{}}
+	h := &Handler{cfg: cfg, m: newMetrics(cfg.Registry, cfg.Issuer), log: log, mux: http.NewServeMux(), methods: map[string][]string{}}
 	h.auth = &issuer.Authenticator{
 		Verifier: timedVerifier{cfg.Issuer, h.m.tokenLatency.WithLabelValues("verify")},
 		Store:    cfg.Store, TTL: cfg.ChallengeTTL, MaxFailures: cfg.MaxFailures, Retention: cfg.ChallengeRetention,
@@ -325,7 +325,9 @@ func (h *Handler) verify(w http.ResponseWriter, r *http.Request) {
 			fmt.Sprintf("challenge and mac are %d and %d bytes in hex", protocol.ChallengeLen, protocol.MACLen))
 		return
 	}
+	start := time.Now()
 	res, err := h.auth.Verify(r.Context(), id, body.Challenge, body.MAC)
+	h.m.verifyTime.Observe(time.Since(start).Seconds())
 	switch {
 	case err == nil:
 	case errors.Is(err, issuer.ErrChallengeUnknown), errors.Is(err, issuer.ErrChallengeOtherCard),

@@ -392,6 +392,12 @@ func TestAPI(t *testing.T) {
 		if v := metric(t, e, `blindperso_issuer_token_op_seconds_count{op="verify"}`); v != 2 {
 			t.Errorf("verify latency count %v", v)
 		}
+		if v := metric(t, e, `blindperso_issuer_verify_seconds_count`); v != 4 {
+			t.Errorf("whole-verification latency count %v, want 4 (1 ok, 3 failed)", v)
+		}
+		if v := metric(t, e, `blindperso_issuer_token_recycle_failures_total`); v != 0 {
+			t.Errorf("recycle failures %v", v)
+		}
 		// Malformed verifications are 400s that say what is wrong.
 		for _, body := range []string{`{"challenge":"00","mac":"00"}`, `{"challenge":"zz"}`, `not json`, `{"challenge":"` + hex.EncodeToString(ch) + `","mac":"` + hex.EncodeToString(ch) + `","x":1}`} {
 			code, b := e.do(t, nil, api.RoleVerifier, "POST", "/v1/cards/"+id+"/verify", "application/json", strings.NewReader(body))
