@@ -33,7 +33,7 @@ deps:
 
 ## build: bin/issuer, bin/perso, bin/vcard, and bin/insider (an attack tool for the demo)
 build:
-	$(GO) build -o bin/ ./cmd/issuer ./cmd/perso ./cmd/vcard ./cmd/insider
+	$(GO) build -o bin/ ./cmd/issuer ./cmd/perso ./cmd/vcard ./cmd/insider ./cmd/receiver
 
 vet:
 	$(GO) vet ./...

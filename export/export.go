@@ -1,0 +1,383 @@
+// Package export owns the format of the files in which the issuer hands
+// card keys to a receiving system (docs/EXPORT.md): one NDJSON line per
+// card, each K_I wrapped under the receiver's key-transport key (KTK) by
+// the issuer's token, and a manifest beside the file that names the KTK
+// and says how many lines, of how many bytes, with which SHA-256, the
+// file holds. Nothing in either is secret: K_I appears only wrapped.
+//
+// The issuer writes both (issuer export); the receiver reads them
+// (cmd/receiver). One package, so the two cannot drift.
+package export
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"blindperso/internal/atomicfile"
+	"blindperso/protocol"
+)
+
+// Format is the manifest's format, and Version the number every line
+// carries in "v": they change together.
+const (
+	Format  = "blindperso-export/1"
+	Version = 1
+)
+
+// WrapRFC3394 names the wrapping of every line: AES key wrap (RFC 3394,
+// the default IV) under the KTK, 24 bytes for a 16-byte K_I. It is
+// deterministic: the same K_I under the same KTK is always the same
+// bytes.
+const WrapRFC3394 = "aes-key-wrap-rfc3394"
+
+// WrappedLen is a wrapped K_I's length.
+const WrappedLen = protocol.KeySize + 8
+
+// MaxLine bounds a line when reading.
+const MaxLine = 4 << 10
+
+// Record is one card's key for the receiver.
+type Record struct {
+	V       int          `json:"v"`
+	ID      protocol.Hex `json:"id"`
+	Profile string       `json:"profile"`
+	Wrap    string       `json:"wrap"`
+	Wrapped protocol.Hex `json:"wrapped"`
+	// KCV is K_I's check value as the issuer's token gave it
+	// (CKA_CHECK_VALUE: the first 3 bytes of AES-ECB of a zero block);
+	// absent where the token gives none (docs/EXPORT.md, "Key check
+	// values").
+	KCV protocol.Hex `json:"kcv,omitempty"`
+}
+
+// KTK names the key the file's keys are wrapped under.
+type KTK struct {
+	Label string `json:"label"`
+	// Sender is the receiving system that sent the KTK (the ceremony's
+	// record), if known.
+	Sender string `json:"sender,omitempty"`
+	// CheckValue is the KTK's check value in the issuer's token, if the
+	// token gives one.
+	CheckValue protocol.Hex `json:"check_value,omitempty"`
+}
+
+// Manifest describes an export file.
+type Manifest struct {
+	Format  string       `json:"format"`
+	File    string       `json:"file"` // the NDJSON file's name, relative to the manifest
+	Count   int          `json:"count"`
+	Bytes   int64        `json:"bytes"`
+	SHA256  protocol.Hex `json:"sha256"`
+	Wrap    string       `json:"wrap"`
+	KTK     KTK          `json:"ktk"`
+	Issuer  string       `json:"issuer"`    // the issuer's token label
+	Select  string       `json:"selection"` // what was exported, in words ("batch …", "state active", "ids from …")
+	Written time.Time    `json:"written"`
+}
+
+// ManifestPath is the manifest's path for an export file.
+func ManifestPath(file string) string { return file + ".manifest.json" }
+
+// MarshalRecord returns r as one line, '\n' included, in the only form
+// ParseRecord accepts.
+func MarshalRecord(r Record) ([]byte, error) {
+	r.V, r.Wrap = Version, WrapRFC3394
+	if err := r.check(); err != nil {
+		return nil, err
+	}
+	b, err := json.Marshal(r)
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}
+
+func (r Record) check() error {
+	switch {
+	case r.V != Version:
+		return fmt.Errorf("v %d, want %d", r.V, Version)
+	case len(r.ID) == 0 || len(r.ID) > protocol.MaxIDLen:
+		return fmt.Errorf("id of %d bytes, want 1 to %d", len(r.ID), protocol.MaxIDLen)
+	case r.Profile == "":
+		return errors.New("no profile")
+	case r.Wrap != WrapRFC3394:
+		return fmt.Errorf("wrap %q, want %q", r.Wrap, WrapRFC3394)
+	case len(r.Wrapped) != WrappedLen:
+		return fmt.Errorf("wrapped key of %d bytes, want %d", len(r.Wrapped), WrappedLen)
+	case r.KCV != nil && len(r.KCV) != 3:
+		return fmt.Errorf("kcv of %d bytes, want 3", len(r.KCV))
+	}
+	if _, err := protocol.ProfileByName(r.Profile); err != nil {
+		return err
+	}
+	return nil
+}
+
+// ParseRecord reads one line (without its newline): strict JSON, no
+// unknown or repeated member, lower-case hex, every rule of check.
+func ParseRecord(line []byte) (Record, error) {
+	var r Record
+	if err := strictJSON(line, &r); err != nil {
+		return Record{}, err
+	}
+	if err := r.check(); err != nil {
+		return Record{}, err
+	}
+	canon, _ := json.Marshal(r)
+	if !bytes.Equal(canon, line) {
+		// Upper-case hex, other spacing, members in another order: one
+		// spelling only, so a line's SHA-256 names one record.
+		return Record{}, errors.New("not in canonical form (lower-case hex, members in order, no spaces)")
+	}
+	return r, nil
+}
+
+func strictJSON(b []byte, v any) error {
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if err := d.Decode(v); err != nil {
+		return fmt.Errorf("not a valid line: %w", err)
+	}
+	if d.More() {
+		return errors.New("not a valid line: data after the JSON object")
+	}
+	return nil
+}
+
+// MarshalManifest returns m as JSON with a trailing newline.
+func MarshalManifest(m Manifest) ([]byte, error) {
+	m.Format, m.Wrap = Format, WrapRFC3394
+	m.Written = m.Written.UTC()
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}
+
+// ReadManifest reads and checks a manifest.
+func ReadManifest(path string) (Manifest, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return Manifest{}, err
+	}
+	var m Manifest
+	if err := strictJSON(b, &m); err != nil {
+		return Manifest{}, fmt.Errorf("%s: %w", path, err)
+	}
+	switch {
+	case m.Format != Format:
+		return Manifest{}, fmt.Errorf("%s: format %q, want %q", path, m.Format, Format)
+	case m.Wrap != WrapRFC3394:
+		return Manifest{}, fmt.Errorf("%s: wrap %q, want %q", path, m.Wrap, WrapRFC3394)
+	case m.File == "" || filepath.Base(m.File) != m.File:
+		return Manifest{}, fmt.Errorf("%s: file %q must be a file name beside the manifest", path, m.File)
+	case len(m.SHA256) != sha256.Size:
+		return Manifest{}, fmt.Errorf("%s: sha256 of %d bytes", path, len(m.SHA256))
+	case m.KTK.Label == "":
+		return Manifest{}, fmt.Errorf("%s: no KTK label", path)
+	}
+	return m, nil
+}
+
+// LineError is a line that could not be read, with its number.
+type LineError struct {
+	Line int
+	Err  error
+}
+
+func (e *LineError) Error() string { return fmt.Sprintf("line %d: %v", e.Line, e.Err) }
+func (e *LineError) Unwrap() error { return e.Err }
+
+// ErrNotAsWritten marks a file that is not the one its manifest
+// describes (other bytes, another count): Read still hands every line to
+// its caller, since each wrapped key carries its own integrity check
+// (RFC 3394's, checked by the receiver's token at unwrap), but says so.
+var ErrNotAsWritten = errors.New("the file is not the one the manifest describes")
+
+// Read calls fn for every line of the file named by the manifest at
+// manifestPath, in order: with the record, or with the line's error (a
+// *LineError) for a line that does not parse, which does not stop the
+// others. An error from fn stops the reading and is returned. Once every
+// line is read, the file is compared with the manifest (count, bytes,
+// SHA-256); a difference is an error wrapping ErrNotAsWritten.
+func Read(manifestPath string, fn func(line int, r Record, err error) error) (Manifest, error) {
+	m, err := ReadManifest(manifestPath)
+	if err != nil {
+		return m, err
+	}
+	path := filepath.Join(filepath.Dir(manifestPath), m.File)
+	f, err := os.Open(path)
+	if err != nil {
+		return m, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	cr := &countingReader{r: io.TeeReader(f, h)}
+	sc := bufio.NewScanner(cr)
+	sc.Buffer(make([]byte, MaxLine), MaxLine)
+	line := 0
+	for sc.Scan() {
+		line++
+		r, perr := ParseRecord(sc.Bytes())
+		if perr != nil {
+			perr = &LineError{line, perr}
+		}
+		if err := fn(line, r, perr); err != nil {
+			return m, err
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return m, fmt.Errorf("%s: line %d: %w", path, line+1, err)
+	}
+	if sum := h.Sum(nil); line != m.Count || cr.n != m.Bytes || !bytes.Equal(sum, m.SHA256) {
+		return m, fmt.Errorf("%s: %w: %d lines, %d bytes, SHA-256 %x; the manifest says %d lines, %d bytes, %x",
+			path, ErrNotAsWritten, line, cr.n, sum, m.Count, m.Bytes, []byte(m.SHA256))
+	}
+	return m, nil
+}
+
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// Writer writes an export file and, on Close, its manifest, each
+// atomically (written to a temporary file, synced, renamed): a crash
+// leaves either no file or a whole one.
+type Writer struct {
+	path string
+	tmp  *os.File
+	w    *bufio.Writer
+	h    hashCounter
+	m    Manifest
+	done bool
+}
+
+type hashCounter struct {
+	sum   hash.Hash
+	bytes int64
+	lines int
+}
+
+// Create starts the export file at path; m's KTK, Issuer and Select are
+// recorded in the manifest, the rest is filled in by Close. An existing
+// file is not replaced: exports are records, not scratch files.
+func Create(path string, m Manifest) (*Writer, error) {
+	for _, p := range []string{path, ManifestPath(path)} {
+		if _, err := os.Lstat(p); err == nil {
+			return nil, fmt.Errorf("%s exists: an export is never overwritten (choose another --out)", p)
+		}
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return nil, err
+	}
+	m.File = filepath.Base(path)
+	return &Writer{path: path, tmp: tmp, w: bufio.NewWriter(tmp), m: m, h: hashCounter{sum: sha256.New()}}, nil
+}
+
+// Add writes one record.
+func (w *Writer) Add(r Record) error {
+	b, err := MarshalRecord(r)
+	if err != nil {
+		return fmt.Errorf("card %x: %w", []byte(r.ID), err)
+	}
+	if _, err := w.w.Write(b); err != nil {
+		return err
+	}
+	w.h.sum.Write(b)
+	w.h.bytes += int64(len(b))
+	w.h.lines++
+	return nil
+}
+
+// Count is the number of records written so far.
+func (w *Writer) Count() int { return w.h.lines }
+
+// Close finishes the file and writes the manifest; it returns the
+// manifest.
+func (w *Writer) Close(now time.Time) (Manifest, error) {
+	w.done = true
+	err := w.w.Flush()
+	if err == nil {
+		err = w.tmp.Sync()
+	}
+	if cerr := w.tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(w.tmp.Name(), w.path)
+	}
+	if err != nil {
+		os.Remove(w.tmp.Name())
+		return Manifest{}, err
+	}
+	w.m.Count, w.m.Bytes, w.m.Written = w.h.lines, w.h.bytes, now
+	w.m.SHA256 = w.h.sum.Sum(nil)
+	b, err := MarshalManifest(w.m)
+	if err != nil {
+		return Manifest{}, err
+	}
+	// Also syncs the directory, and so the file's rename above.
+	if err := atomicfile.Write(ManifestPath(w.path), b); err != nil {
+		return Manifest{}, err
+	}
+	return w.m, nil
+}
+
+// Abort removes the unfinished file.
+func (w *Writer) Abort() {
+	if !w.done {
+		w.done = true
+		w.tmp.Close()
+		os.Remove(w.tmp.Name())
+	}
+}
+
+// KTKPEMType is the PEM type of a KTK wrapped to the issuer's key-import
+// key (RSA-OAEP, docs/EXPORT.md), the file the receiver sends.
+const KTKPEMType = "BLINDPERSO WRAPPED KTK"
+
+// MarshalWrappedKTK is the file the receiver sends: the wrapped KTK as
+// PEM.
+func MarshalWrappedKTK(wrapped []byte) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: KTKPEMType, Bytes: wrapped})
+}
+
+// ParseWrappedKTK reads that file: the PEM block, or the raw ciphertext
+// as a partner's HSM may write it.
+func ParseWrappedKTK(b []byte) ([]byte, error) {
+	if !bytes.HasPrefix(bytes.TrimSpace(b), []byte("-----BEGIN")) {
+		if len(b) == 0 {
+			return nil, errors.New("empty wrapped KTK")
+		}
+		return b, nil
+	}
+	blk, rest := pem.Decode(b)
+	switch {
+	case blk == nil:
+		return nil, errors.New("not a PEM block")
+	case blk.Type != KTKPEMType:
+		return nil, fmt.Errorf("PEM block %q, want %q", blk.Type, KTKPEMType)
+	case len(bytes.TrimSpace(rest)) != 0:
+		return nil, errors.New("data after the PEM block")
+	}
+	return blk.Bytes, nil
+}
