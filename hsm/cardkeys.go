@@ -131,6 +131,23 @@ func (r *recycler) snapshot() RecycleStats {
 	return st
 }
 
+// Recycler is the recycling of CardKeys and Rewrapper for other token
+// work of the same kind (issuer export): Count after each operation.
+type Recycler struct{ r recycler }
+
+// NewRecycler recycles tok every every operations (0: RecycleEnv, else
+// DefaultRecycleEvery; NeverRecycle: never).
+func NewRecycler(tok *Token, every int64) *Recycler {
+	return &Recycler{r: recycler{tok: tok, every: every}}
+}
+
+// Count counts one finished operation and recycles when its turn comes;
+// it never fails (see recycler.count).
+func (r *Recycler) Count() { r.r.count() }
+
+// Stats says how the recycling went so far.
+func (r *Recycler) Stats() RecycleStats { return r.r.snapshot() }
+
 // CardKeys is the issuer's use of its token for card keys: the issuer key
 // and KEK, their session copies where the token makes them (SessionCopy),
 // and SoftHSM2's recycling. It offers the two operations the issuer

@@ -56,6 +56,9 @@ type KeyImportRef struct {
 	priv handleCache
 }
 
+// Handle returns the private key's handle for use in s.
+func (k *KeyImportRef) Handle(s Session) (pkcs11.ObjectHandle, error) { return k.priv.get(k.tok, s) }
+
 // GenerateKeyImportKey generates the key-import key pair as token objects
 // labelled label: the private key unwraps (KTKUnwrapTemplate) and does
 // nothing else, the public object has every usage false (the sender
@@ -268,20 +271,33 @@ func (t *Token) trustedKTK(ps *pooled, ik *KeyImportRef, ref *KTKRef, wrapped []
 	return err
 }
 
+// ErrNoKTK and ErrNotKTK are FindKTK's refusals: no secret key with the
+// label, or one that is not a KTK (a KEK can unwrap; a KTK only wraps).
+var (
+	ErrNoKTK  = errors.New("no KTK with this label")
+	ErrNotKTK = errors.New("not a KTK (a KTK can wrap and not unwrap; a KEK can both)")
+)
+
 // FindKTK finds the KTK labelled label.
 func (t *Token) FindKTK(ctx context.Context, label string) (*KTKRef, error) {
 	ref := &KTKRef{Label: label, tok: t}
 	err := t.With(ctx, func(s Session) error {
-		h, err := findOne(s, kekFind(label, nil), "secret key")
-		if err != nil {
+		hs, err := findObjects(s, kekFind(label, nil), 2)
+		switch {
+		case err != nil:
 			return err
+		case len(hs) == 0:
+			return ErrNoKTK
+		case len(hs) > 1:
+			return fmt.Errorf("several secret keys labelled %q; labels must be unique", label)
 		}
+		h := hs[0]
 		a, err := s.P.GetAttributeValue(s.H, h, []*pkcs11.Attribute{attr(pkcs11.CKA_ID, nil), attr(pkcs11.CKA_WRAP, nil), attr(pkcs11.CKA_UNWRAP, nil)})
 		if err != nil {
 			return Call("C_GetAttributeValue", nil, err)
 		}
 		if len(a[1].Value) != 1 || a[1].Value[0] != 1 || len(a[2].Value) != 1 || a[2].Value[0] != 0 {
-			return fmt.Errorf("%q is not a KTK (a KTK can wrap and not unwrap; a KEK can both)", label)
+			return fmt.Errorf("%q is %w", label, ErrNotKTK)
 		}
 		ref.ID = a[0].Value
 		if a, err := s.P.GetAttributeValue(s.H, h, []*pkcs11.Attribute{attr(pkcs11.CKA_TRUSTED, nil)}); err == nil && len(a[0].Value) == 1 {

@@ -94,7 +94,8 @@ var measured = []vendor{
 			"blob-unwrap-extractable", "blob-unwrap-wrap-under-own-key", "blob-wrap-under-own-trusted-key",
 			"sk-copy-decrypt", "sk-copy-modifiable", "sk-wrap-under-own-key",
 			"s-unwrap-extractable", "s-unwrap-encrypt", "s-unwrap-wrap-under-own-key", "s-derive-extractable", "s-digest-key",
-			"ec-derive-extractable", "ec-wrap-under-own-key", "transcript-copy-extractable", "transcript-wrap-under-own-key"},
+			"ec-derive-extractable", "ec-wrap-under-own-key", "transcript-copy-extractable", "transcript-wrap-under-own-key",
+			"ktk-unwrap-extractable", "ktk-unwrap-unwrapper", "ktk-wrap-under-own-key", "blob-export-under-own-ktk"},
 	}},
 	{[]tokenID{{"IBM Corp.", "IBM SoftTok"}}, Mechanisms{
 		Name: "opencryptoki soft token",

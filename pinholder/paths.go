@@ -1,6 +1,9 @@
 package pinholder
 
 import (
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha1"
 	"fmt"
 
 	"github.com/miekg/pkcs11"
@@ -39,6 +42,12 @@ const (
 	TKCopyExtractable  = "transcript-copy-extractable"
 	TKWrapOwn          = "transcript-wrap-under-own-key"
 	SOLoginUserPIN     = "so-login-with-user-pin"
+	// The export of K_I to a receiver (docs/EXPORT.md).
+	KeyImportDecrypt  = "key-import-decrypt"
+	KTKUnwrapReadable = "ktk-unwrap-extractable"
+	KTKUnwrapUnwrap   = "ktk-unwrap-unwrapper"
+	KTKWrapOwn        = "ktk-wrap-under-own-key"
+	BlobUnderOwnKTK   = "blob-export-under-own-ktk"
 )
 
 type need uint8
@@ -315,6 +324,75 @@ var paths = []path{
 			}
 			return e.wrapOwn(s, h, "the transcript private key", nil)
 		}},
+	{KeyImportDecrypt, "key-import key", "C_Decrypt(CKM_RSA_PKCS_OAEP) of the wrapped KTK the receiver sent (it crosses the network) with the key-import key", "the KTK, so every K_I exported under it",
+		"CKA_DECRYPT false on the key-import key", needKEK,
+		func(e *env, s hsm.Session) (string, error) {
+			h, err := e.ik.Handle(s)
+			if err != nil {
+				return "", err
+			}
+			m := hsm.KeyImportOAEP()
+			if err := refused("C_DecryptInit(CKM_RSA_PKCS_OAEP, key-import key)", s.P.DecryptInit(s.H, []*pkcs11.Mechanism{m}, h)); err != nil {
+				return "", err
+			}
+			out, err := s.P.Decrypt(s.H, e.ktkWrapped)
+			if err := refused("C_Decrypt", err); err != nil {
+				return "", err
+			}
+			return confirm(out, e.ktkValue, "the KTK")
+		}},
+	{KTKUnwrapReadable, "key-import key", "C_UnwrapKey(key-import key, the wrapped KTK) into a non-sensitive, extractable key, read CKA_VALUE", "the KTK, so every K_I exported under it",
+		"the key-import key's CKA_UNWRAP_TEMPLATE (hsm.KTKUnwrapTemplate), enforced (SoftHSM2; NSS softokn 3.87 ignores it)", needKEK,
+		func(e *env, s hsm.Session) (string, error) {
+			k, err := e.unwrapKTK(s, readable(pkcs11.CKK_AES)...)
+			if err != nil {
+				return "", err
+			}
+			return e.readValueWant(s, k, e.ktkValue, "the KTK")
+		}},
+	{KTKUnwrapUnwrap, "exported K_I", "C_UnwrapKey(key-import key, the wrapped KTK) into a key that can unwrap, then C_UnwrapKey(that, an export line) into a readable key", "every K_I exported under the KTK",
+		"CKA_UNWRAP false in the key-import key's CKA_UNWRAP_TEMPLATE, enforced (SoftHSM2; NSS softokn 3.87 ignores it)", needKEK,
+		func(e *env, s hsm.Session) (string, error) {
+			k, err := e.unwrapKTK(s, append(policy(hsm.KTKUnwrapTemplate), attr(pkcs11.CKA_UNWRAP, true))...)
+			if err != nil {
+				return "", err
+			}
+			m := pkcs11.NewMechanism(s.M.AESKeyWrap(), nil)
+			ki, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{m}, k, e.export, readable(pkcs11.CKK_AES))
+			if err := refused("C_UnwrapKey(the KTK copy, export line)", err); err != nil {
+				return "", err
+			}
+			e.keep(ki)
+			return e.readValueWant(s, ki, e.kiBlob, "K_I")
+		}},
+	{KTKWrapOwn, "KTK", "C_WrapKey(own key, KTK), decrypt on the host", "the KTK, so every K_I exported under it",
+		"CKA_EXTRACTABLE false; NSS softokn 3.87 wraps non-extractable keys all the same", needKEK,
+		func(e *env, s hsm.Session) (string, error) {
+			h, err := e.ktk.Handle(s)
+			if err != nil {
+				return "", err
+			}
+			return e.wrapOwn(s, h, "the KTK", e.ktkValue)
+		}},
+	{BlobUnderOwnKTK, "stored K_I", "encrypt a KTK of the attacker's to the key-import key (its public key is public), unwrap it as a KTK, unwrap a blob under the KEK as an export does and wrap it under that KTK", "K_I",
+		"CKA_WRAP_WITH_TRUSTED, enforced (SoftHSM2): only the SO makes a KTK trusted; NSS softokn 3.87 does not enforce it", needKEK,
+		func(e *env, s hsm.Session) (string, error) {
+			own := make([]byte, hsm.KTKLen)
+			rand.Read(own)
+			c, err := rsa.EncryptOAEP(sha1.New(), rand.Reader, e.ik.Public.RSA, own, nil)
+			if err != nil {
+				return "", err
+			}
+			ktk, err := e.unwrapKTKFrom(s, c, append(policy(hsm.KTKUnwrapTemplate), attr(pkcs11.CKA_EXTRACTABLE, false))...)
+			if err != nil {
+				return "", err
+			}
+			k, err := e.unwrapBlob(s, append(policy(hsm.KEKUnwrapTemplate), attr(pkcs11.CKA_EXTRACTABLE, true))...)
+			if err != nil {
+				return "", err
+			}
+			return e.wrapUnder(s, ktk, own, k, "K_I", e.kiBlob)
+		}},
 	{SOLoginUserPIN, "security officer", "C_Login(CKU_SO) with the user PIN", "the SO role: CKA_TRUSTED on a key of the attacker's, hence every K_I",
 		"an SO PIN other than the user PIN", needPIN, nil},
 }
@@ -422,6 +500,22 @@ func (e *env) unwrapBlob(s hsm.Session, extra ...*pkcs11.Attribute) (pkcs11.Obje
 	t := append([]*pkcs11.Attribute{attr(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES), attr(pkcs11.CKA_TOKEN, false)}, extra...)
 	k, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{m}, e.kekH(s), e.blob.Wrapped, dedup(t))
 	return e.keep(k), refused("C_UnwrapKey(KEK, blob)", err)
+}
+
+// unwrapKTK unwraps the receiver's wrapped KTK (the file it sent) under
+// the key-import key with the attacker's template.
+func (e *env) unwrapKTK(s hsm.Session, extra ...*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	return e.unwrapKTKFrom(s, e.ktkWrapped, extra...)
+}
+
+func (e *env) unwrapKTKFrom(s hsm.Session, c []byte, extra ...*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	h, err := e.ik.Handle(s)
+	if err != nil {
+		return 0, err
+	}
+	t := append([]*pkcs11.Attribute{attr(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES), attr(pkcs11.CKA_TOKEN, false)}, extra...)
+	k, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{hsm.KeyImportOAEP()}, h, c, dedup(t))
+	return e.keep(k), refused("C_UnwrapKey(key-import key, wrapped KTK)", err)
 }
 
 // dedup keeps the last value of each attribute type: an attack states a

@@ -18,6 +18,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha1"
 	"encoding/json"
 	"errors"
@@ -99,6 +100,14 @@ type env struct {
 	labels          []string
 	made            []pkcs11.ObjectHandle // session objects of the path being tried
 	skipKEK, skipTK string
+	// The export (docs/EXPORT.md): the key-import key, the KTK a
+	// receiver sent (its value, which only the receiver knows, kept to
+	// confirm a path), the file it sent, and the blob's K_I exported
+	// under it.
+	ik                   *hsm.KeyImportRef
+	ktk                  *hsm.KTKRef
+	ktkValue, ktkWrapped []byte
+	export               []byte
 }
 
 // Run tries every path on tok and destroys every object it made.
@@ -223,6 +232,19 @@ func (e *env) setup(ctx context.Context) error {
 	if e.kek == nil {
 		return nil
 	}
+	// The receiver's KTK, sent as it would be: only its wrapped form
+	// crosses to the issuer.
+	if e.ik, err = e.tok.GenerateKeyImportKey(ctx, e.label("key-import")); err != nil {
+		return err
+	}
+	e.ktkValue = make([]byte, hsm.KTKLen)
+	rand.Read(e.ktkValue)
+	if e.ktkWrapped, err = rsa.EncryptOAEP(sha1.New(), rand.Reader, e.ik.Public.RSA, e.ktkValue, nil); err != nil {
+		return err
+	}
+	if e.ktk, err = e.tok.ImportKTK(ctx, e.ik, e.label("ktk"), e.ktkWrapped, e.opt.SOPIN); err != nil {
+		return err
+	}
 	return e.tok.With(ctx, func(s hsm.Session) error {
 		sk, err := e.ec.Handle(s)
 		if err != nil {
@@ -232,7 +254,15 @@ func (e *env) setup(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		e.blob, err = hsm.ImportCard(s, p, sk, kek, e.ec.Public.SPKI, e.cEC)
+		if e.blob, err = hsm.ImportCard(s, p, sk, kek, e.ec.Public.SPKI, e.cEC); err != nil {
+			return err
+		}
+		ktk, err := e.ktk.Handle(s)
+		if err != nil {
+			return err
+		}
+		x, err := hsm.ExportCardKey(s, kek, ktk, e.blob)
+		e.export = x.Wrapped
 		return err
 	})
 }
