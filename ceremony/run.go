@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"blindperso/attest"
+	"blindperso/export"
 	"blindperso/hsm"
 )
 
@@ -54,6 +55,33 @@ type runner struct {
 	rotFrom *hsm.KEKRef
 	// roots is chip-attestation.roots, read and checked in preflight.
 	roots []byte
+	// ktks are ktks[].wrapped, read and checked in preflight, in order;
+	// keyImports the key-import keys they name, found in preflight.
+	ktks       []wrappedKTK
+	keyImports map[string]*hsm.KeyImportRef
+}
+
+// wrappedKTK is a ktks[].wrapped file as read.
+type wrappedKTK struct {
+	ciphertext []byte
+	format     string // "raw" or "pem"
+	sha256     string // of the file, hex
+}
+
+// readWrappedKTK reads a wrapped KTK file: the raw RSA-OAEP ciphertext,
+// or one PEM block of type WrappedKTKPEM holding it (leading and trailing
+// white space allowed, nothing else).
+func readWrappedKTK(path string) (wrappedKTK, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return wrappedKTK{}, err
+	}
+	h := sha256.Sum256(b)
+	c, format, err := export.ParseWrappedKTK(b)
+	if err != nil {
+		return wrappedKTK{}, fmt.Errorf("%s: %w", path, err)
+	}
+	return wrappedKTK{ciphertext: c, format: format, sha256: hex.EncodeToString(h[:])}, nil
 }
 
 func (r *runner) now() string { return r.opt.Now().UTC().Format(time.RFC3339Nano) }
@@ -124,6 +152,13 @@ func Run(ctx context.Context, s *Script, opt Options) (*Result, error) {
 // created; it opens the token and probes it.
 func (r *runner) preflight(ctx context.Context) (soPIN string, err error) {
 	s := r.s
+	for i, k := range s.KTKs {
+		w, err := readWrappedKTK(k.Wrapped)
+		if err != nil {
+			return "", fmt.Errorf("ktks[%d].wrapped: %w (nothing was created)", i, err)
+		}
+		r.ktks = append(r.ktks, w)
+	}
 	if a := s.ChipAttestation; a != nil {
 		if r.roots, err = os.ReadFile(a.Roots); err != nil {
 			return "", fmt.Errorf("chip-attestation.roots: %w (nothing was created)", err)
@@ -181,9 +216,36 @@ func (r *runner) preflight(ctx context.Context) (soPIN string, err error) {
 		}
 		r.logf("kek-rotation: KEK %q found (the new KEK %q is made for issuer kek rotate)", rot.From, rot.To)
 	}
-	if (s.KEK != nil || s.KEKRotation != nil) && mech.EnforcesWrapWithTrusted {
+	r.keyImports = map[string]*hsm.KeyImportRef{}
+	for i, k := range s.KTKs {
+		ik := r.keyImports[k.KeyImport]
+		if ik == nil {
+			if ik, err = r.tok.FindKeyImportKey(ctx, k.KeyImport); err != nil {
+				return "", fmt.Errorf("ktks[%d].key-import: %w (a KTK is received under a key-import key an earlier ceremony made with key-import; nothing was created)", i, err)
+			}
+			if ik.Public.RSA == nil || ik.Public.RSA.N.BitLen() != 3072 {
+				return "", fmt.Errorf("ktks[%d].key-import: %q in token %q is not a key-import key (those are %s key pairs; nothing was created)", i, k.KeyImport, info.Label, hsm.KeyImportKind)
+			}
+			r.keyImports[k.KeyImport] = ik
+		}
+		if n := ik.Public.RSA.Size(); len(r.ktks[i].ciphertext) != n {
+			return "", fmt.Errorf("ktks[%d].wrapped %s: %d bytes of ciphertext (%s), want %d: RSA-OAEP under the key-import key %q (nothing was created)",
+				i, k.Wrapped, len(r.ktks[i].ciphertext), r.ktks[i].format, n, k.KeyImport)
+		}
+		fp := ik.Public.Fingerprint()
+		if sfp := k.SenderFingerprint; sfp != "" && !strings.EqualFold(sfp, r.ktks[i].sha256) {
+			hint := "this is not the file " + k.Sender + " sent"
+			if strings.EqualFold(sfp, hex.EncodeToString(fp[:])) {
+				hint = "the sender-fingerprint given is the key-import key's fingerprint; it must be the SHA-256 of the wrapped file the sender sent"
+			}
+			return "", fmt.Errorf("ktks[%d].wrapped %s has SHA-256 %s, the sender-fingerprint %s differs: %s (nothing was created)",
+				i, k.Wrapped, r.ktks[i].sha256, strings.ToLower(sfp), hint)
+		}
+		r.logf("ktks[%d]: %s from %s (sha256 %s), under key-import key %q (sha256 %x)", i, k.Wrapped, k.Sender, r.ktks[i].sha256, k.KeyImport, fp)
+	}
+	if needTrust := r.trustedKeys(); len(needTrust) > 0 && mech.EnforcesWrapWithTrusted {
 		if s.Token.SOPIN == nil {
-			return "", fmt.Errorf("token %q enforces CKA_WRAP_WITH_TRUSTED: the security officer must mark the KEK trusted; add token.so-pin (file or env) to the script", info.Label)
+			return "", fmt.Errorf("token %q enforces CKA_WRAP_WITH_TRUSTED: the security officer must mark the %s trusted; add token.so-pin (file or env) to the script", info.Label, strings.Join(needTrust, " and the "))
 		}
 		if soPIN, err = s.Token.SOPIN.read(); err != nil {
 			return "", err
@@ -203,6 +265,19 @@ func (r *runner) preflight(ctx context.Context) (soPIN string, err error) {
 	return soPIN, nil
 }
 
+// trustedKeys names what the SO marks CKA_TRUSTED where the token
+// enforces CKA_WRAP_WITH_TRUSTED.
+func (r *runner) trustedKeys() []string {
+	var w []string
+	if r.s.KEK != nil || r.s.KEKRotation != nil {
+		w = append(w, "KEK")
+	}
+	if len(r.s.KTKs) > 0 {
+		w = append(w, "KTK")
+	}
+	return w
+}
+
 func (r *runner) labels() []string {
 	l := []string{r.s.TranscriptKey.Label}
 	for _, k := range r.s.IssuerKeys {
@@ -213,6 +288,12 @@ func (r *runner) labels() []string {
 	}
 	if r.s.KEKRotation != nil {
 		l = append(l, r.s.KEKRotation.To)
+	}
+	if r.s.KeyImport != nil {
+		l = append(l, r.s.KeyImport.Label)
+	}
+	for _, k := range r.s.KTKs {
+		l = append(l, k.Label)
 	}
 	return l
 }
@@ -242,6 +323,18 @@ func (r *runner) plan() {
 		}
 		say("generate KEK %q (AES-256) as the rotation target of the existing KEK %q; %s (the re-wrap is issuer kek rotate --from %s --to %s, after the ceremony)",
 			rot.To, rot.From, trust, rot.From, rot.To)
+	}
+	if ki := s.KeyImport; ki != nil {
+		say("generate the key-import key %q (%s, unwrap of a wrap-only KTK only) and write its public key to %s",
+			ki.Label, hsm.KeyImportKind, filepath.Join(r.dir, KeyImportFile(ki.Label)))
+	}
+	for i, k := range s.KTKs {
+		trust := "not marked trusted (the token does not enforce CKA_WRAP_WITH_TRUSTED)"
+		if r.tok.Mechanisms().EnforcesWrapWithTrusted {
+			trust = fmt.Sprintf("the security officer (%s) imports it CKA_TRUSTED", s.Token.SOPIN.describe())
+		}
+		say("import KTK %q from %s (%s, sha256 %s) under the key-import key %q, wrap only; %s",
+			k.Label, k.Sender, k.Wrapped, r.ktks[i].sha256, k.KeyImport, trust)
 	}
 	say("write the pinned fingerprints to %s", filepath.Join(r.dir, s.FingerprintFile))
 	if a := s.ChipAttestation; a != nil {
@@ -361,6 +454,16 @@ func (r *runner) execute(ctx context.Context, soPIN string) error {
 				"rewrap": fmt.Sprintf("issuer kek rotate --from %s --to %s (with the store; not part of the ceremony)", rot.From, rot.To)})
 		r.logf("rotation KEK %q: AES-256, %s; next: issuer kek rotate --from %s --to %s", kek.Label, by, rot.From, rot.To)
 	}
+	if ki := s.KeyImport; ki != nil {
+		if err := r.generateKeyImportKey(ctx, ki.Label); err != nil {
+			return err
+		}
+	}
+	for i := range s.KTKs {
+		if err := r.importKTK(ctx, i, soPIN); err != nil {
+			return err
+		}
+	}
 	fh, err = r.write(s.FingerprintFile, pins.Bytes())
 	if err != nil {
 		return err
@@ -370,6 +473,65 @@ func (r *runner) execute(ctx context.Context, soPIN string) error {
 	if a := s.ChipAttestation; a != nil {
 		return r.trustChipRoots(a.Roots)
 	}
+	return nil
+}
+
+// generateKeyImportKey makes the key-import key pair and writes its
+// public key to KeyImportFile(label).
+func (r *runner) generateKeyImportKey(ctx context.Context, label string) error {
+	ik, err := r.tok.GenerateKeyImportKey(ctx, label)
+	if err != nil {
+		return err
+	}
+	fp := ik.Public.Fingerprint()
+	file := KeyImportFile(label)
+	fh, err := r.write(file, ik.Public.PEM())
+	if err != nil {
+		return err
+	}
+	r.step("generate-key-import-key",
+		map[string]any{"label": label, "kind": hsm.KeyImportKind, "usage": "unwrap a KTK that can only wrap (hsm.KTKUnwrapTemplate)"},
+		map[string]any{"cka_id": hex.EncodeToString(ik.ID), "fingerprint": hex.EncodeToString(fp[:]), "file": file, "file_sha256": fh,
+			"sender_encrypts_with": "RSA-OAEP, SHA-1, MGF1-SHA1, empty label (hsm.KeyImportOAEP), an AES-256 KTK"})
+	r.logf("key-import key %q (%s): sha256 %x -> %s", label, hsm.KeyImportKind, fp, file)
+	return nil
+}
+
+// checkValueNote is what the transcript says of a KTK with no check
+// value.
+const checkValueNote = "not given by this token"
+
+// importKTK receives ktks[i] under its key-import key.
+func (r *runner) importKTK(ctx context.Context, i int, soPIN string) error {
+	k, w := r.s.KTKs[i], r.ktks[i]
+	ik := r.keyImports[k.KeyImport]
+	ktk, err := r.tok.ImportKTK(ctx, ik, k.Label, w.ciphertext, soPIN)
+	if err != nil {
+		return fmt.Errorf("ktks[%d]: %w", i, err)
+	}
+	ikfp := ik.Public.Fingerprint()
+	by := "not marked (the token does not enforce CKA_WRAP_WITH_TRUSTED)"
+	if ktk.Trusted {
+		by = "CKA_TRUSTED, set by the security officer"
+	}
+	cv, cvDetail := checkValueNote, "the token leaves CKA_CHECK_VALUE unknown or empty for an unwrapped key (docs/EXPORT.md, Key check values): the receiver's checks are RFC 3394's integrity check at unwrap and a card's MAC verified with the exported K_I"
+	if ktk.CheckValue != nil {
+		cv, cvDetail = hex.EncodeToString(ktk.CheckValue), "CKA_CHECK_VALUE computed in the token (the first bytes of AES-ECB of a zero block under the KTK): the sender compares it with its own"
+	}
+	sfp := "not given: compare wrapped_sha256 with the sender out of band"
+	inputs := map[string]any{"label": k.Label, "key_import": k.KeyImport, "wrapped": k.Wrapped, "sender": k.Sender, "so_pin_source": r.s.Token.SOPIN.describe()}
+	if k.SenderFingerprint != "" {
+		inputs["sender_fingerprint"] = strings.ToLower(k.SenderFingerprint)
+		sfp = "matches the wrapped file's SHA-256"
+	}
+	r.step("import-ktk", inputs, map[string]any{
+		"cka_id": hex.EncodeToString(ktk.ID), "kind": "aes256", "usage": "wrap only",
+		"key_import_cka_id": hex.EncodeToString(ik.ID), "key_import_fingerprint": hex.EncodeToString(ikfp[:]),
+		"wrapped_sha256": w.sha256, "wrapped_format": w.format, "wrapped_bytes": len(w.ciphertext),
+		"sender_fingerprint": sfp, "check_value": cv, "check_value_detail": cvDetail,
+		"trusted": ktk.Trusted, "trust": by,
+	})
+	r.logf("KTK %q from %s: under key-import key %q, wrapped file sha256 %s, check value %s, %s", k.Label, k.Sender, k.KeyImport, w.sha256, cv, by)
 	return nil
 }
 

@@ -6,6 +6,8 @@ package ceremony
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -16,6 +18,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"blindperso/attest"
+	"blindperso/export"
 	"blindperso/hsm"
 	"blindperso/protocol"
 )
@@ -62,6 +65,27 @@ type Script struct {
 	ChipAttestation *struct {
 		Roots string `yaml:"roots"`
 	} `yaml:"chip-attestation"`
+	// KeyImport, if set, generates the issuer's key-import key pair
+	// (hsm.Token.GenerateKeyImportKey: RSA-3072, the private key unwraps a
+	// KTK and does nothing else) and writes its public key to Output as
+	// KeyImportFile(Label), for receiving systems to wrap their KTK to
+	// (docs/EXPORT.md). Its SHA-256 fingerprint is in the transcript; it
+	// is not an issuer key and is not in the pinned-fingerprint file.
+	KeyImport *struct {
+		Label string `yaml:"label"`
+	} `yaml:"key-import"`
+	// KTKs are key-transport keys receiving systems sent, each wrapped to
+	// a key-import key already in the token (made by an earlier
+	// ceremony: a KTK cannot be wrapped to the key-import key this
+	// ceremony generates, whose public key does not exist yet). Each is
+	// imported with hsm.Token.ImportKTK — by the security officer,
+	// CKA_TRUSTED, where the token enforces CKA_WRAP_WITH_TRUSTED, so
+	// token.so-pin is then required — into a token object that can only
+	// wrap. Each wrapped file is the raw RSA-OAEP ciphertext (384 bytes)
+	// or one PEM block "BLINDPERSO KTK" holding it (KTK.Wrapped); the
+	// transcript records its SHA-256, and sender-fingerprint, if given,
+	// must equal it.
+	KTKs []KTK `yaml:"ktks"`
 	// FingerprintFile is the file (in Output) of pinned fingerprints a
 	// card manufacturer masks into ROM (§4.4).
 	FingerprintFile string `yaml:"fingerprint-file"`
@@ -87,6 +111,37 @@ type KEKRotation struct {
 	To   string `yaml:"to"`
 }
 
+// KTK is one key-transport key to receive.
+type KTK struct {
+	// Label is the KTK's label in the token (new: a label in use is
+	// refused).
+	Label string `yaml:"label"`
+	// KeyImport is the label of the key-import key the sender wrapped to.
+	KeyImport string `yaml:"key-import"`
+	// Wrapped is the file the sender sent: the RSA-OAEP ciphertext of the
+	// KTK (hsm.KeyImportOAEP: SHA-1, MGF1-SHA1, empty label) under the
+	// key-import public key, either raw — exactly the modulus length, 384
+	// bytes, as C_WrapKey returns it — or base64 in one PEM block of type
+	// WrappedKTKPEM ("BLINDPERSO KTK"), nothing else in the file.
+	Wrapped string `yaml:"wrapped"`
+	// Sender names the receiving system (and who sent the file), for
+	// the transcript.
+	Sender string `yaml:"sender"`
+	// SenderFingerprint, if given, is the SHA-256 (hex) of the wrapped
+	// file as the sender states it out of band (read over the phone, on
+	// a signed letter): the ceremony refuses a file with another hash
+	// before anything is made. The key-import public key is public, so
+	// anyone can make a file that unwraps; this comparison, done by the
+	// witnesses if not here, is what says the KTK is the receiver's.
+	SenderFingerprint string `yaml:"sender-fingerprint"`
+}
+
+// WrappedKTKPEM is the PEM block type of a wrapped KTK file.
+const WrappedKTKPEM = export.KTKPEMType
+
+// KeyImportFile is the key-import public key's file in Output.
+func KeyImportFile(label string) string { return "key-import-" + label + ".pub.pem" }
+
 // IssuerKey is one issuer key pair to generate.
 type IssuerKey struct {
 	Label    string   `yaml:"label"`
@@ -101,8 +156,9 @@ type IssuerKey struct {
 // ChipRootsFile is the copy of the trusted chip-vendor roots in Output.
 const ChipRootsFile = "chip-roots.pem"
 
-// Load reads and checks a script. Strings in token.uri, token.so-pin.file
-// and output may use ${VAR}; an unset VAR is an error.
+// Load reads and checks a script. Strings in token.uri, token.so-pin.file,
+// output, chip-attestation.roots and ktks[].wrapped may use ${VAR}; an
+// unset VAR is an error.
 func Load(path string) (*Script, error) {
 	raw, err := os.ReadFile(path)
 	if err != nil {
@@ -175,6 +231,11 @@ func (s *Script) expand() error {
 			return err
 		}
 	}
+	for i := range s.KTKs {
+		if s.KTKs[i].Wrapped, err = expandEnv(fmt.Sprintf("ktks[%d].wrapped", i), s.KTKs[i].Wrapped); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
@@ -203,8 +264,8 @@ func (s *Script) check() error {
 	if s.Output == "" {
 		bad("output (a directory) is required")
 	}
-	if len(s.IssuerKeys) == 0 && s.KEKRotation == nil {
-		bad("issuer-keys: at least one issuer key is required (or kek-rotation, for a ceremony that makes only the next KEK)")
+	if len(s.IssuerKeys) == 0 && s.KEKRotation == nil && s.KeyImport == nil && len(s.KTKs) == 0 {
+		bad("issuer-keys: at least one issuer key is required (or kek-rotation, key-import or ktks, for a ceremony that makes only those)")
 	}
 	labels := map[string]string{}
 	label := func(where, l string) {
@@ -264,6 +325,34 @@ func (s *Script) check() error {
 			bad("kek-rotation.from %q is a label this ceremony creates (%s): it must name the KEK already in the token", r.From, labels[r.From])
 		}
 	}
+	if s.KeyImport != nil {
+		label("key-import", s.KeyImport.Label)
+	}
+	for i, k := range s.KTKs {
+		where := fmt.Sprintf("ktks[%d]", i)
+		label(where, k.Label)
+		switch {
+		case k.KeyImport == "":
+			bad("%s.key-import is required: the label of the key-import key the sender wrapped the KTK to", where)
+		case !labelRE.MatchString(k.KeyImport):
+			bad("%s.key-import %q: use letters, digits, '.', '_' and '-'", where, k.KeyImport)
+		case s.KeyImport != nil && k.KeyImport == s.KeyImport.Label:
+			bad("%s.key-import %q is the key-import key this ceremony generates: no KTK can be wrapped to it before its public key is out; receive the KTK in a later ceremony", where, k.KeyImport)
+		case labels[k.KeyImport] != "":
+			bad("%s.key-import %q is a label this ceremony creates (%s): it must name a key-import key already in the token", where, k.KeyImport, labels[k.KeyImport])
+		}
+		if k.Wrapped == "" {
+			bad("%s.wrapped: the file of the wrapped KTK the sender sent is required", where)
+		}
+		if strings.TrimSpace(k.Sender) == "" {
+			bad("%s.sender: name the receiving system that sent the KTK", where)
+		}
+		if fp := k.SenderFingerprint; fp != "" {
+			if b, err := hex.DecodeString(fp); err != nil || len(b) != sha256.Size {
+				bad("%s.sender-fingerprint %q: want the SHA-256 of the wrapped file, 64 hex digits", where, fp)
+			}
+		}
+	}
 	if a := s.ChipAttestation; a != nil && a.Roots == "" {
 		bad("chip-attestation.roots: the PEM file of the chip-vendor root certificates is required")
 	}
@@ -272,6 +361,13 @@ func (s *Script) check() error {
 	}
 	if filepath.Base(s.FingerprintFile) != s.FingerprintFile {
 		bad("fingerprint-file %q: a file name inside output, not a path", s.FingerprintFile)
+	}
+	files := map[string]bool{}
+	for _, f := range s.Outputs() {
+		if files[f] {
+			bad("output file %s would be written twice: change a label or fingerprint-file", f)
+		}
+		files[f] = true
 	}
 	if len(errs) > 0 {
 		return errors.New("ceremony script: " + strings.Join(errs, "; "))
@@ -285,6 +381,9 @@ func (s *Script) Outputs() []string {
 	out := []string{s.TranscriptKey.Label + ".pub.pem"}
 	for _, k := range s.IssuerKeys {
 		out = append(out, k.Label+".pub.pem")
+	}
+	if s.KeyImport != nil {
+		out = append(out, KeyImportFile(s.KeyImport.Label))
 	}
 	out = append(out, s.FingerprintFile)
 	if s.ChipAttestation != nil {

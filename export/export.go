@@ -14,7 +14,6 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"hash"
@@ -258,9 +257,14 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// Writer writes an export file and, on Close, its manifest, each
-// atomically (written to a temporary file, synced, renamed): a crash
-// leaves either no file or a whole one.
+// Writer writes an export file and, on Close, its manifest.
+//
+// A Writer from Create writes to a temporary file, synced and renamed on
+// Close: a crash leaves either no file or a whole one. A Writer from
+// Resume writes to the file's partial file (PartialPath), which outlives
+// a crash: every complete line in it is a record, in Id order, and a
+// rerun continues after the last one; Close renames it to the file.
+// Either way the file a receiver gets is whole, with its manifest.
 type Writer struct {
 	path string
 	tmp  *os.File
@@ -268,6 +272,11 @@ type Writer struct {
 	h    hashCounter
 	m    Manifest
 	done bool
+
+	partial bool         // Resume's: the file is PartialPath(path), kept by Abort
+	resumed int          // complete lines the partial file held when resumed
+	torn    int64        // bytes of a torn last line cut off when resumed
+	last    protocol.Hex // the Id of the last record (Resume's Writers keep Id order)
 }
 
 type hashCounter struct {
@@ -280,10 +289,8 @@ type hashCounter struct {
 // recorded in the manifest, the rest is filled in by Close. An existing
 // file is not replaced: exports are records, not scratch files.
 func Create(path string, m Manifest) (*Writer, error) {
-	for _, p := range []string{path, ManifestPath(path)} {
-		if _, err := os.Lstat(p); err == nil {
-			return nil, fmt.Errorf("%s exists: an export is never overwritten (choose another --out)", p)
-		}
+	if err := refuseExisting(path); err != nil {
+		return nil, err
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*.tmp")
 	if err != nil {
@@ -293,8 +300,111 @@ func Create(path string, m Manifest) (*Writer, error) {
 	return &Writer{path: path, tmp: tmp, w: bufio.NewWriter(tmp), m: m, h: hashCounter{sum: sha256.New()}}, nil
 }
 
-// Add writes one record.
+func refuseExisting(path string) error {
+	for _, p := range []string{path, ManifestPath(path)} {
+		if _, err := os.Lstat(p); err == nil {
+			return fmt.Errorf("%s exists: an export is never overwritten (choose another --out)", p)
+		}
+	}
+	return nil
+}
+
+// PartialPath is where Resume's Writer writes the export file at path
+// until it is whole.
+func PartialPath(path string) string { return path + ".partial" }
+
+// ErrPartialBusy marks a partial file another process is writing.
+var ErrPartialBusy = errors.New("another process is writing this export")
+
+// Resume starts the export file at path, or continues it: its lines go
+// to PartialPath(path), created if absent, appended to if present. Every
+// complete line already there must be a record as ParseRecord has it,
+// with Ids in strictly increasing order (the order Resume's Writers
+// keep); they are hashed and counted again, so the finished file and its
+// manifest are exactly what an uninterrupted run writes, and seen, if
+// not nil, is called with each in order. A torn last line (no newline:
+// the writer died inside it) is cut off. The partial file is locked
+// against a second writer (ErrPartialBusy). As with Create, an existing
+// file or manifest at path is refused.
+func Resume(path string, m Manifest, seen func(Record) error) (*Writer, error) {
+	if err := refuseExisting(path); err != nil {
+		return nil, err
+	}
+	pp := PartialPath(path)
+	f, err := os.OpenFile(pp, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := lockFile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w (%v)", pp, ErrPartialBusy, err)
+	}
+	m.File = filepath.Base(path)
+	w := &Writer{path: path, tmp: f, m: m, h: hashCounter{sum: sha256.New()}, partial: true}
+	if err := w.rehash(seen); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: %w", pp, err)
+	}
+	w.resumed = w.h.lines
+	w.w = bufio.NewWriter(f)
+	return w, nil
+}
+
+// rehash reads the partial file's complete lines into the hash, and cuts
+// off a torn last line.
+func (w *Writer) rehash(seen func(Record) error) error {
+	if _, err := w.tmp.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	r := bufio.NewReaderSize(w.tmp, 64<<10)
+	var good int64
+	for {
+		line, err := r.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) || (len(line) > MaxLine) {
+			return fmt.Errorf("line %d is longer than %d bytes: not an export this program wrote; remove the file to start again", w.h.lines+1, MaxLine)
+		}
+		if errors.Is(err, io.EOF) {
+			if len(line) > 0 {
+				// Torn: the writer died inside this line.
+				w.torn = int64(len(line))
+				if err := w.tmp.Truncate(good); err != nil {
+					return err
+				}
+				if err := w.tmp.Sync(); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		rec, perr := ParseRecord(line[:len(line)-1])
+		if perr != nil {
+			return fmt.Errorf("line %d: %w: not an export this program wrote; remove the file to start again", w.h.lines+1, perr)
+		}
+		if w.last != nil && bytes.Compare(rec.ID, w.last) <= 0 {
+			return fmt.Errorf("line %d: card %x after card %x: not in Id order, not an export this program wrote; remove the file to start again", w.h.lines+1, []byte(rec.ID), []byte(w.last))
+		}
+		w.h.sum.Write(line)
+		w.h.bytes += int64(len(line))
+		w.h.lines++
+		good += int64(len(line))
+		w.last = append(w.last[:0:0], rec.ID...)
+		if seen != nil {
+			if err := seen(rec); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// Add writes one record. A Writer from Resume takes records in strictly
+// increasing Id order only.
 func (w *Writer) Add(r Record) error {
+	if w.partial && w.last != nil && bytes.Compare(r.ID, w.last) <= 0 {
+		return fmt.Errorf("card %x after card %x: a resumable export is written in Id order", []byte(r.ID), []byte(w.last))
+	}
 	b, err := MarshalRecord(r)
 	if err != nil {
 		return fmt.Errorf("card %x: %w", []byte(r.ID), err)
@@ -305,11 +415,36 @@ func (w *Writer) Add(r Record) error {
 	w.h.sum.Write(b)
 	w.h.bytes += int64(len(b))
 	w.h.lines++
+	if w.partial {
+		w.last = append(w.last[:0], r.ID...)
+	}
 	return nil
 }
 
-// Count is the number of records written so far.
+// Count is the number of records written so far (with Resume, those the
+// partial file held included).
 func (w *Writer) Count() int { return w.h.lines }
+
+// Resumed is the number of complete lines the partial file held when
+// Resume opened it, and Torn the bytes of a torn last line it cut off.
+func (w *Writer) Resumed() int { return w.resumed }
+
+// Torn: see Resumed.
+func (w *Writer) Torn() int64 { return w.torn }
+
+// Last is the Id of the last record written (with Resume, the partial
+// file's last complete line's until Add), nil if none; only Resume's
+// Writers keep it.
+func (w *Writer) Last() protocol.Hex { return w.last }
+
+// Sync writes what Add buffered and syncs the file: every record added
+// so far survives a crash (in a Resume Writer's partial file).
+func (w *Writer) Sync() error {
+	if err := w.w.Flush(); err != nil {
+		return err
+	}
+	return w.tmp.Sync()
+}
 
 // Close finishes the file and writes the manifest; it returns the
 // manifest.
@@ -326,7 +461,9 @@ func (w *Writer) Close(now time.Time) (Manifest, error) {
 		err = os.Rename(w.tmp.Name(), w.path)
 	}
 	if err != nil {
-		os.Remove(w.tmp.Name())
+		if !w.partial {
+			os.Remove(w.tmp.Name())
+		}
 		return Manifest{}, err
 	}
 	w.m.Count, w.m.Bytes, w.m.Written = w.h.lines, w.h.bytes, now
@@ -342,42 +479,20 @@ func (w *Writer) Close(now time.Time) (Manifest, error) {
 	return w.m, nil
 }
 
-// Abort removes the unfinished file.
+// Abort stops the Writer. Create's unfinished file is removed; Resume's
+// partial file is kept, with every record added (written out and synced
+// here), for the next Resume.
 func (w *Writer) Abort() {
-	if !w.done {
-		w.done = true
+	if w.done {
+		return
+	}
+	w.done = true
+	if w.partial {
+		w.w.Flush()
+		w.tmp.Sync()
 		w.tmp.Close()
-		os.Remove(w.tmp.Name())
+		return
 	}
-}
-
-// KTKPEMType is the PEM type of a KTK wrapped to the issuer's key-import
-// key (RSA-OAEP, docs/EXPORT.md), the file the receiver sends.
-const KTKPEMType = "BLINDPERSO WRAPPED KTK"
-
-// MarshalWrappedKTK is the file the receiver sends: the wrapped KTK as
-// PEM.
-func MarshalWrappedKTK(wrapped []byte) []byte {
-	return pem.EncodeToMemory(&pem.Block{Type: KTKPEMType, Bytes: wrapped})
-}
-
-// ParseWrappedKTK reads that file: the PEM block, or the raw ciphertext
-// as a partner's HSM may write it.
-func ParseWrappedKTK(b []byte) ([]byte, error) {
-	if !bytes.HasPrefix(bytes.TrimSpace(b), []byte("-----BEGIN")) {
-		if len(b) == 0 {
-			return nil, errors.New("empty wrapped KTK")
-		}
-		return b, nil
-	}
-	blk, rest := pem.Decode(b)
-	switch {
-	case blk == nil:
-		return nil, errors.New("not a PEM block")
-	case blk.Type != KTKPEMType:
-		return nil, fmt.Errorf("PEM block %q, want %q", blk.Type, KTKPEMType)
-	case len(bytes.TrimSpace(rest)) != 0:
-		return nil, errors.New("data after the PEM block")
-	}
-	return blk.Bytes, nil
+	w.tmp.Close()
+	os.Remove(w.tmp.Name())
 }

@@ -135,3 +135,112 @@ func TestReadManifestRefuses(t *testing.T) {
 		})
 	}
 }
+
+// TestResume: an export written through Resume, stopped (Abort keeps the
+// partial file), torn in its last line as a kill leaves it, and resumed,
+// is byte for byte the file Create writes in one go, with the same
+// manifest but for the time.
+func TestResume(t *testing.T) {
+	dir := t.TempDir()
+	whole := write(t, dir, rec(1), rec(2), rec(3), rec(4), rec(5))
+	path := filepath.Join(dir, "resumed.ndjson")
+	m := Manifest{KTK: KTK{Label: "ktk-bank", Sender: "bank"}, Issuer: "issuer", Select: "batch b"}
+	w, err := Resume(path, m, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Resumed() != 0 || w.Last() != nil {
+		t.Fatalf("a new partial file: %d lines resumed, last %x", w.Resumed(), []byte(w.Last()))
+	}
+	for _, r := range []Record{rec(1), rec(2), rec(3)} {
+		if err := w.Add(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Add(rec(2)); err == nil || !strings.Contains(err.Error(), "in Id order") {
+		t.Fatalf("a record out of Id order: %v", err)
+	}
+	w.Abort()
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("the export file exists before Close: %v", err)
+	}
+	// The writer died inside line 4.
+	line4, _ := MarshalRecord(rec(4))
+	f, err := os.OpenFile(PartialPath(path), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Write(line4[:17])
+	f.Close()
+
+	var seen []Record
+	w, err = Resume(path, m, func(r Record) error { seen = append(seen, r); return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Resumed() != 3 || w.Torn() != 17 || len(seen) != 3 || !bytes.Equal(w.Last(), rec(3).ID) || w.Count() != 3 {
+		t.Fatalf("resumed %d lines, torn %d bytes, seen %d, last %x", w.Resumed(), w.Torn(), len(seen), []byte(w.Last()))
+	}
+	if _, err := Resume(path, m, nil); !errors.Is(err, ErrPartialBusy) {
+		t.Fatalf("a second writer of the partial file: %v", err)
+	}
+	for _, r := range []Record{rec(4), rec(5)} {
+		if err := w.Add(r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := w.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := w.Close(time.Date(2026, 12, 3, 0, 0, 0, 0, time.UTC))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := os.ReadFile(whole)
+	b, _ := os.ReadFile(path)
+	if !bytes.Equal(a, b) {
+		t.Fatalf("resumed file differs from the uninterrupted one:\n%s\n%s", a, b)
+	}
+	want, err := ReadManifest(ManifestPath(whole))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Count != 5 || got.Count != want.Count || got.Bytes != want.Bytes || !bytes.Equal(got.SHA256, want.SHA256) || got.File != "resumed.ndjson" {
+		t.Fatalf("manifest %+v, want %+v", got, want)
+	}
+	if _, err := os.Stat(PartialPath(path)); !os.IsNotExist(err) {
+		t.Fatalf("the partial file is left after Close: %v", err)
+	}
+	if _, err := Read(ManifestPath(path), func(int, Record, error) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Resume(path, m, nil); err == nil || !strings.Contains(err.Error(), "never overwritten") {
+		t.Fatalf("resume of a finished export: %v", err)
+	}
+}
+
+// TestResumeRefuses: a partial file that is not one Resume's Writers
+// wrote (a bad line, Ids out of order) is refused with the line, and
+// left as it is.
+func TestResumeRefuses(t *testing.T) {
+	l1, _ := MarshalRecord(rec(1))
+	l2, _ := MarshalRecord(rec(2))
+	for _, c := range []struct{ name, content, want string }{
+		{"bad line", string(l1) + "not a record\n" + string(l2), "line 2: not a valid line"},
+		{"out of order", string(l2) + string(l1), "line 2: card ca01 after card ca02: not in Id order"},
+		{"repeated", string(l1) + string(l1), "not in Id order"},
+		{"long line", strings.Repeat("x", MaxLine+10) + "\n", "longer than"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "out.ndjson")
+			os.WriteFile(PartialPath(path), []byte(c.content), 0o600)
+			_, err := Resume(path, Manifest{KTK: KTK{Label: "k"}}, nil)
+			if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "remove the file") {
+				t.Fatalf("%v, want %q", err, c.want)
+			}
+			if b, _ := os.ReadFile(PartialPath(path)); string(b) != c.content {
+				t.Fatal("the refused partial file was changed")
+			}
+		})
+	}
+}
