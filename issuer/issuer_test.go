@@ -28,6 +28,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(authChildEnv) != "" {
 		os.Exit(authChild())
 	}
+	if os.Getenv(exportChildEnv) != "" {
+		os.Exit(exportChild())
+	}
 	code := m.Run()
 	pgtest.Stop()
 	hsmtest.Cleanup()

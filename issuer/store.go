@@ -63,6 +63,8 @@ type Store interface {
 	AuthStore
 	// KEK rotation (rotate.go).
 	KEKStore
+	// Exports to a receiving system (export.go).
+	ExportStore
 
 	Close() error
 }

@@ -41,7 +41,7 @@ func root() *cobra.Command {
 		Short:        "blindperso issuer: keys in a PKCS#11 token, batch import, card authentication",
 		SilenceUsage: true,
 	}
-	c.AddCommand(fingerprintCmd(), probeCmd(), auditCmd(), keygenCmd(), pubkeyCmd(), kekCmd(), importCmd(), cardsCmd(), batchesCmd(), ceremonyCmd(), serveCmd())
+	c.AddCommand(fingerprintCmd(), probeCmd(), auditCmd(), keygenCmd(), pubkeyCmd(), kekCmd(), importCmd(), exportCmd(), cardsCmd(), batchesCmd(), ceremonyCmd(), serveCmd())
 	return c
 }
 

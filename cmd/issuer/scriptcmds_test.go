@@ -1,12 +1,18 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"crypto/aes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
@@ -23,6 +29,8 @@ import (
 	"blindperso/batch"
 	"blindperso/card"
 	"blindperso/card/cardtest"
+	"blindperso/export"
+	"blindperso/hsm"
 	"blindperso/protocol"
 )
 
@@ -34,6 +42,8 @@ var scriptCmds = map[string]func(ts *testscript.TestScript, neg bool, args []str
 	"cardmac":     cmdCardMAC,
 	"capture":     cmdCapture,
 	"tlscert":     cmdTLSCert,
+	"importktk":   cmdImportKTK,
+	"receive":     cmdReceive,
 }
 
 // personalize PUB.pem BATCH ITEM...
@@ -182,4 +192,116 @@ func selfSigned(cn string) (certPEM, keyPEM []byte, err error) {
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), nil
+}
+
+// importktk TOKEN-URI SO-PIN-FILE LABEL KEYFILE
+//
+// The receiving system's side of the KTK exchange, as the key ceremony
+// runs it: a key-import key is generated in the token, a KTK made on the
+// host (the receiver's: in a test only is it ever in the clear) is
+// encrypted to it (hsm.KeyImportOAEP: RSA-OAEP SHA-1) and imported by
+// the security officer as LABEL; the KTK's value goes to KEYFILE (hex),
+// for receive.
+func cmdImportKTK(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) != 4 {
+		ts.Fatalf("usage: importktk TOKEN-URI SO-PIN-FILE LABEL KEYFILE")
+	}
+	soPIN := strings.TrimSpace(ts.ReadFile(args[1]))
+	tok, err := hsm.OpenURI(args[0], 1)
+	ts.Check(err)
+	defer tok.Close()
+	ctx := context.Background()
+	ik, err := tok.GenerateKeyImportKey(ctx, "key-import-"+args[2])
+	ts.Check(err)
+	ktk := make([]byte, hsm.KTKLen)
+	rand.Read(ktk)
+	wrapped, err := rsa.EncryptOAEP(sha1.New(), rand.Reader, ik.Public.RSA, ktk, nil)
+	ts.Check(err)
+	_, err = tok.ImportKTK(ctx, ik, args[2], wrapped, soPIN)
+	ts.Check(err)
+	ts.Check(os.WriteFile(ts.MkAbs(args[3]), []byte(hex.EncodeToString(ktk)+"\n"), 0o600))
+}
+
+// receive FILE KEYFILE CARD.json...
+//
+// The receiving system: reads the export FILE against its manifest
+// (export.Read), unwraps every line's key with the KTK in KEYFILE (RFC
+// 3394, its integrity check), and checks that it is the card's K_I: the
+// card (card-ID.json) answers a fresh challenge with the MAC the
+// unwrapped key computes. The lines must be exactly the cards given.
+func cmdReceive(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 3 {
+		ts.Fatalf("usage: receive FILE KEYFILE CARD.json...")
+	}
+	ktk, err := hex.DecodeString(strings.TrimSpace(ts.ReadFile(args[1])))
+	ts.Check(err)
+	cards := map[string]string{}
+	for _, c := range args[2:] {
+		id, err := hex.DecodeString(strings.TrimSuffix(strings.TrimPrefix(filepath.Base(c), "card-"), ".json"))
+		ts.Check(err)
+		cards[string(id)] = ts.MkAbs(c)
+	}
+	n := 0
+	_, err = export.Read(export.ManifestPath(ts.MkAbs(args[0])), func(line int, r export.Record, err error) error {
+		if err != nil {
+			return err
+		}
+		path, ok := cards[string(r.ID)]
+		if !ok {
+			return fmt.Errorf("line %d: card %x was not to be exported", line, []byte(r.ID))
+		}
+		ki, err := aesKeyUnwrap(ktk, r.Wrapped)
+		if err != nil {
+			return fmt.Errorf("line %d: %w", line, err)
+		}
+		ch := make([]byte, protocol.ChallengeLen)
+		rand.Read(ch)
+		want, err := protocol.AuthMAC(ki, r.ID, ch)
+		if err != nil {
+			return err
+		}
+		got, err := cardAnswer(path, ch)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(got, want) {
+			return fmt.Errorf("line %d: card %x answers with another key than the exported one", line, []byte(r.ID))
+		}
+		n++
+		return nil
+	})
+	ts.Check(err)
+	if n != len(cards) {
+		ts.Fatalf("%d lines, want %d cards", n, len(cards))
+	}
+	fmt.Fprintf(ts.Stdout(), "%d keys received and verified\n", n)
+}
+
+// aesKeyUnwrap is RFC 3394's key unwrap (§2.2.2, the index form) with the
+// default initial value.
+func aesKeyUnwrap(kek, c []byte) ([]byte, error) {
+	if len(c) < 24 || len(c)%8 != 0 {
+		return nil, fmt.Errorf("wrapped key of %d bytes", len(c))
+	}
+	b, err := aes.NewCipher(kek)
+	if err != nil {
+		return nil, err
+	}
+	n := len(c)/8 - 1
+	a := binary.BigEndian.Uint64(c)
+	r := append([]byte(nil), c[8:]...)
+	var buf [16]byte
+	for j := 5; j >= 0; j-- {
+		for i := n; i >= 1; i-- {
+			binary.BigEndian.PutUint64(buf[:8], a^uint64(n*j+i))
+			copy(buf[8:], r[8*(i-1):8*i])
+			b.Decrypt(buf[:], buf[:])
+			a = binary.BigEndian.Uint64(buf[:8])
+			copy(r[8*(i-1):8*i], buf[8:])
+		}
+	}
+	if a != 0xA6A6A6A6A6A6A6A6 {
+		return nil, fmt.Errorf("RFC 3394 integrity check failed: not wrapped under this KTK, or changed")
+	}
+	return r, nil
 }
