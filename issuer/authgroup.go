@@ -257,7 +257,11 @@ func (c *authCommitter) apply(group []*authOp) {
 		}
 		c.conn = conn
 	}
-	outs, err := c.s.authTx(ctx, c.conn, live, false, c.beforeCommit)
+	var outs []authOutcome
+	err := c.s.retry(ctx, "authenticate", func() (err error) {
+		outs, err = c.s.authTx(ctx, c.conn, live, false, c.beforeCommit)
+		return err
+	})
 	if err != nil {
 		// A fresh connection for what follows: this one may be broken.
 		c.conn.Close()

@@ -2,6 +2,7 @@ package issuer
 
 import (
 	"blindperso/api"
+	"bytes"
 	"context"
 	"database/sql"
 	"embed"
@@ -10,9 +11,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"blindperso/hsm"
@@ -197,6 +200,9 @@ type sqlStore struct {
 	ac    *authCommitter // card authentication's group commit (authgroup.go)
 	ar    *authReader    // and its batched reads
 	stmts *stmtPool      // their statements, prepared once
+	// retries counts the transactions redone because PostgreSQL asked
+	// (retry.go).
+	retries atomic.Int64
 }
 
 // Close waits for the verifications and challenges handed to the group
@@ -442,7 +448,34 @@ type RecordResult struct {
 // group commit), each as Store.PutResults says.
 // Either all of rs is stored or, on an error, none of it; since every
 // write is idempotent, a lost group is redone by a rerun.
-func (s *sqlStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome, error) {
+func (s *sqlStore) PutResults(ctx context.Context, rs []RecordResult) (outs []Outcome, err error) {
+	// The cards in Id order (records of one Id keep their order): two
+	// groups of two instances then lock common cards in the same order
+	// and wait for each other instead of deadlocking (retry.go).
+	order := make([]int, len(rs))
+	for i := range order {
+		order[i] = i
+	}
+	slices.SortStableFunc(order, func(i, j int) int {
+		a, b := rs[i].Card, rs[j].Card
+		switch {
+		case a == nil && b == nil:
+			return 0
+		case a == nil: // rejects first: they lock only their own line
+			return -1
+		case b == nil:
+			return 1
+		}
+		return bytes.Compare(a.ID, b.ID)
+	})
+	err = s.retry(ctx, "put results", func() error {
+		outs, err = s.putResults(ctx, rs, order)
+		return err
+	})
+	return outs, err
+}
+
+func (s *sqlStore) putResults(ctx context.Context, rs []RecordResult, order []int) ([]Outcome, error) {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return nil, fmt.Errorf("store: put results: %w", err)
@@ -453,7 +486,8 @@ func (s *sqlStore) PutResults(ctx context.Context, rs []RecordResult) ([]Outcome
 	x := &stmtCache{tx: tx, m: map[string]*sql.Stmt{}}
 	defer x.close()
 	outs := make([]Outcome, len(rs))
-	for i, r := range rs {
+	for _, i := range order {
+		r := rs[i]
 		if r.Card == nil {
 			if _, err := s.exec(ctx, x, `INSERT INTO rejects (batch_id, line, reason, created_at) VALUES (?, ?, ?, ?)
 				ON CONFLICT (batch_id, line) DO NOTHING`, r.Batch, r.Line, r.Reason, now()); err != nil {
@@ -798,6 +832,15 @@ func (s *sqlStore) ReplaceBlobs(ctx context.Context, from string, rs []BlobRepla
 			return nil, fmt.Errorf("store: card %x: the new blob's KEK label is %q (from %q)", r.ID, r.New.KEK, from)
 		}
 	}
+	var done []bool
+	err := s.retry(ctx, "replace blobs", func() (err error) {
+		done, err = s.replaceBlobs(ctx, from, rs)
+		return err
+	})
+	return done, err
+}
+
+func (s *sqlStore) replaceBlobs(ctx context.Context, from string, rs []BlobReplacement) ([]bool, error) {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return nil, fmt.Errorf("store: replace blobs: %w", err)

@@ -369,7 +369,10 @@ func TestStoreRefusesMismatchedBatch(t *testing.T) {
 const childEnv = "ISSUER_TEST_IMPORT_CHILD"
 
 func importChild() int {
-	var a struct{ URI, DB, Batch string }
+	var a struct {
+		URI, DB, Batch string
+		SleepMS        int // after each record (default 40)
+	}
 	if err := json.Unmarshal([]byte(os.Getenv(childEnv)), &a); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
@@ -395,8 +398,11 @@ func importChild() int {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
 	}
+	if a.SleepMS == 0 {
+		a.SleepMS = 40
+	}
 	im := &Importer{Issuer: &Issuer{Token: tok, Key: key, KEK: kek}, Store: s, Workers: 2, MaxLine: 4096,
-		afterRecord: func(int) { time.Sleep(40 * time.Millisecond) }}
+		afterRecord: func(int) { time.Sleep(time.Duration(a.SleepMS) * time.Millisecond) }}
 	if _, err := im.ImportFile(ctx, a.Batch); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1

@@ -25,7 +25,7 @@ type metrics struct {
 // a refusal (not a batch status).
 const batchError = "error"
 
-func newMetrics(reg *prometheus.Registry, is *issuer.Issuer) *metrics {
+func newMetrics(reg *prometheus.Registry, is *issuer.Issuer, st issuer.Store) *metrics {
 	m := &metrics{
 		batches: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "blindperso_issuer_batch_imports_total",
 			Help: "Batch uploads imported through the API, by outcome (done, refused, error)."}, []string{"status"}),
@@ -47,6 +47,13 @@ func newMetrics(reg *prometheus.Registry, is *issuer.Issuer) *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.0002, 2, 14)}, []string{"op"}),
 	}
 	reg.MustRegister(m.batches, m.imported, m.rejects, m.conflicts, m.unattested, m.verifies, m.verifyTime, m.tokenLatency)
+	// Transactions PostgreSQL aborted for a concurrent one (another
+	// instance) and the store ran again.
+	if r, ok := st.(interface{ Retries() int64 }); ok {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "blindperso_issuer_store_retries_total",
+			Help: "Store transactions run again because PostgreSQL aborted them for a concurrent one (deadlock, serialization failure)."},
+			func() float64 { return float64(r.Retries()) }))
+	}
 	// The SoftHSM2 recycling (docs/HSM.md): how often, how long it held
 	// the token's calls off, and whether one failed.
 	rs := is.RecycleStats

@@ -92,7 +92,7 @@ func New(cfg Config) (*Handler, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	h := &Handler{cfg: cfg, m: newMetrics(cfg.Registry, cfg.Issuer), log: log, mux: http.NewServeMux(), methods: map[string][]string{}}
+	h := &Handler{cfg: cfg, m: newMetrics(cfg.Registry, cfg.Issuer, cfg.Store), log: log, mux: http.NewServeMux(), methods: map[string][]string{}}
 	h.auth = &issuer.Authenticator{
 		Verifier: timedVerifier{cfg.Issuer, h.m.tokenLatency.WithLabelValues("verify")},
 		Store:    cfg.Store, TTL: cfg.ChallengeTTL, MaxFailures: cfg.MaxFailures, Retention: cfg.ChallengeRetention,

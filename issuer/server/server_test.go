@@ -398,6 +398,9 @@ func TestAPI(t *testing.T) {
 		if v := metric(t, e, `blindperso_issuer_token_recycle_failures_total`); v != 0 {
 			t.Errorf("recycle failures %v", v)
 		}
+		if v := metric(t, e, `blindperso_issuer_store_retries_total`); v != 0 {
+			t.Errorf("store retries %v", v)
+		}
 		// Malformed verifications are 400s that say what is wrong.
 		for _, body := range []string{`{"challenge":"00","mac":"00"}`, `{"challenge":"zz"}`, `not json`, `{"challenge":"` + hex.EncodeToString(ch) + `","mac":"` + hex.EncodeToString(ch) + `","x":1}`} {
 			code, b := e.do(t, nil, api.RoleVerifier, "POST", "/v1/cards/"+id+"/verify", "application/json", strings.NewReader(body))
