@@ -8,7 +8,6 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,86 +18,42 @@ import (
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
 	"blindperso/protocol"
+	"blindperso/receiver"
 )
-
-// receiver is the receiving system's HSM: a second SoftHSM2 token driven
-// with plain PKCS#11 calls (none of package hsm's key code), as in
-// hsm/ktk_test.go.
-type receiver struct {
-	tok *hsm.Token
-	ktk pkcs11.ObjectHandle
-}
 
 func a(t uint, v any) *pkcs11.Attribute { return pkcs11.NewAttribute(t, v) }
 
-// newReceiver opens tt (made, like every SoftHSM2 token of the test,
-// before any token is opened) and generates its KTK: AES-256, a session
-// object that can unwrap, extractable only to be sent.
-func newReceiver(t *testing.T, tt hsmtest.Token) *receiver {
-	t.Helper()
-	tok, err := hsm.OpenURI(tt.URI, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tok.Close() })
-	r := &receiver{tok: tok}
-	err = tok.With(context.Background(), func(s hsm.Session) (err error) {
-		r.ktk, err = s.P.GenerateKey(s.H, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, []*pkcs11.Attribute{
-			a(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), a(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-			a(pkcs11.CKA_VALUE_LEN, hsm.KTKLen), a(pkcs11.CKA_TOKEN, false), a(pkcs11.CKA_SENSITIVE, true),
-			a(pkcs11.CKA_EXTRACTABLE, true), a(pkcs11.CKA_UNWRAP, true), a(pkcs11.CKA_WRAP, false),
-			a(pkcs11.CKA_ENCRYPT, false), a(pkcs11.CKA_DECRYPT, false)})
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
-}
+// rcv is the receiving system's HSM: a second SoftHSM2 token, its KTKs
+// made and sent by package receiver (plain PKCS#11, none of package hsm's
+// key code).
+type rcv struct{ tok *hsm.Token }
 
-// send wraps the KTK to the key-import public key, in the receiver's
-// token.
-func (r *receiver) send(t *testing.T, pub *rsa.PublicKey) []byte {
+// send makes a KTK labelled label and wraps it to the key-import public
+// key, in the receiver's token.
+func (r rcv) send(t *testing.T, label string, pub *rsa.PublicKey) receiver.KTK {
 	t.Helper()
-	var w []byte
-	err := r.tok.With(context.Background(), func(s hsm.Session) error {
-		ph, err := s.P.CreateObject(s.H, []*pkcs11.Attribute{
-			a(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY), a(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-			a(pkcs11.CKA_TOKEN, false), a(pkcs11.CKA_WRAP, true),
-			a(pkcs11.CKA_MODULUS, pub.N.Bytes()), a(pkcs11.CKA_PUBLIC_EXPONENT, big.NewInt(int64(pub.E)).Bytes())})
-		if err != nil {
-			return err
-		}
-		defer s.P.DestroyObject(s.H, ph)
-		w, err = s.P.WrapKey(s.H, []*pkcs11.Mechanism{hsm.KeyImportOAEP()}, ph, r.ktk)
-		return err
-	})
+	k, err := receiver.MakeKTK(context.Background(), r.tok, label, pub)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return w
-}
-
-// checkValue is the receiver's CKA_CHECK_VALUE of its KTK (nil if none).
-func (r *receiver) checkValue(t *testing.T) []byte {
-	t.Helper()
-	var cv []byte
-	r.tok.With(context.Background(), func(s hsm.Session) error {
-		if v, err := s.P.GetAttributeValue(s.H, r.ktk, []*pkcs11.Attribute{a(pkcs11.CKA_CHECK_VALUE, nil)}); err == nil && len(v[0].Value) > 0 {
-			cv = v[0].Value
-		}
-		return nil
-	})
-	return cv
+	return k
 }
 
 // open unwraps an RFC 3394 wrap made under the KTK into a readable
 // session key and returns its value.
-func (r *receiver) open(t *testing.T, wrapped []byte) []byte {
+func (r rcv) open(t *testing.T, ktkLabel string, wrapped []byte) []byte {
 	t.Helper()
 	var v []byte
 	err := r.tok.With(context.Background(), func(s hsm.Session) error {
-		h, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP, nil)}, r.ktk, wrapped, []*pkcs11.Attribute{
+		if err := s.P.FindObjectsInit(s.H, []*pkcs11.Attribute{a(pkcs11.CKA_LABEL, ktkLabel)}); err != nil {
+			return err
+		}
+		hs, _, err := s.P.FindObjects(s.H, 1)
+		s.P.FindObjectsFinal(s.H)
+		if err != nil || len(hs) != 1 {
+			return fmt.Errorf("the receiver's KTK %q: %d found, %v", ktkLabel, len(hs), err)
+		}
+		h, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP, nil)}, hs[0], wrapped, []*pkcs11.Attribute{
 			a(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), a(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
 			a(pkcs11.CKA_TOKEN, false), a(pkcs11.CKA_SENSITIVE, false), a(pkcs11.CKA_EXTRACTABLE, true)})
 		if err != nil {
@@ -211,8 +166,12 @@ func TestKTKCeremony(t *testing.T) {
 	ctx := context.Background()
 	// Every SoftHSM2 token before any is opened.
 	soft, rcvTok, nss := hsmtest.SoftHSM(t), hsmtest.SoftHSM(t), hsmtest.NSS(t)
-	rcv := newReceiver(t, rcvTok)
-	rcvCV := rcv.checkValue(t)
+	rt, err := hsm.OpenURI(rcvTok.URI, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rt.Close()
+	rcv := rcv{rt}
 	for _, tt := range []struct {
 		tok hsmtest.Token
 		sfx string
@@ -261,7 +220,8 @@ func TestKTKCeremony(t *testing.T) {
 			}
 
 			// The receiver sends its KTK to the exported key.
-			wrapped := rcv.send(t, pub.RSA)
+			sent := rcv.send(t, "receiver-"+ktkLabel, pub.RSA)
+			wrapped, rcvCV := sent.Wrapped, sent.CheckValue
 			file := filepath.Join(dir, "ktk.bin")
 			if tt.pem {
 				wrapped = pem.EncodeToMemory(&pem.Block{Type: WrappedKTKPEM, Bytes: wrapped})
@@ -355,7 +315,7 @@ func TestKTKCeremony(t *testing.T) {
 				t.Errorf("KTK check value %x in the token, %q in the transcript", ktk.CheckValue, cv)
 			}
 			value, w := wrapUnderKTK(t, tok, ktk)
-			if got := rcv.open(t, w); !bytes.Equal(got, value) {
+			if got := rcv.open(t, "receiver-"+ktkLabel, w); !bytes.Equal(got, value) {
 				t.Fatal("a key wrapped under the imported KTK does not open at the receiver: the KTK is not the receiver's")
 			}
 			if tt.sfx != "soft" {

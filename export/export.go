@@ -221,9 +221,8 @@ func Read(manifestPath string, fn func(line int, r Record, err error) error) (Ma
 		return m, err
 	}
 	defer f.Close()
-	h := sha256.New()
-	cr := &countingReader{r: io.TeeReader(f, h)}
-	sc := bufio.NewScanner(cr)
+	h := newHashCounter()
+	sc := bufio.NewScanner(io.TeeReader(f, h))
 	sc.Buffer(make([]byte, MaxLine), MaxLine)
 	line := 0
 	for sc.Scan() {
@@ -239,22 +238,11 @@ func Read(manifestPath string, fn func(line int, r Record, err error) error) (Ma
 	if err := sc.Err(); err != nil {
 		return m, fmt.Errorf("%s: line %d: %w", path, line+1, err)
 	}
-	if sum := h.Sum(nil); line != m.Count || cr.n != m.Bytes || !bytes.Equal(sum, m.SHA256) {
+	if sum := h.sum.Sum(nil); line != m.Count || h.bytes != m.Bytes || !bytes.Equal(sum, m.SHA256) {
 		return m, fmt.Errorf("%s: %w: %d lines, %d bytes, SHA-256 %x; the manifest says %d lines, %d bytes, %x",
-			path, ErrNotAsWritten, line, cr.n, sum, m.Count, m.Bytes, []byte(m.SHA256))
+			path, ErrNotAsWritten, line, h.bytes, sum, m.Count, m.Bytes, []byte(m.SHA256))
 	}
 	return m, nil
-}
-
-type countingReader struct {
-	r io.Reader
-	n int64
-}
-
-func (c *countingReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.n += int64(n)
-	return n, err
 }
 
 // Writer writes an export file and, on Close, its manifest.
@@ -269,7 +257,7 @@ type Writer struct {
 	path string
 	tmp  *os.File
 	w    *bufio.Writer
-	h    hashCounter
+	h    *hashCounter
 	m    Manifest
 	done bool
 
@@ -279,10 +267,27 @@ type Writer struct {
 	last    protocol.Hex // the Id of the last record (Resume's Writers keep Id order)
 }
 
+// hashCounter is the SHA-256, size and line count of a file as it is
+// written or read: what the manifest says of it.
 type hashCounter struct {
 	sum   hash.Hash
 	bytes int64
 	lines int
+}
+
+func newHashCounter() *hashCounter { return &hashCounter{sum: sha256.New()} }
+
+// Write hashes and counts p (an io.Writer, for io.TeeReader).
+func (h *hashCounter) Write(p []byte) (int, error) {
+	h.sum.Write(p)
+	h.bytes += int64(len(p))
+	return len(p), nil
+}
+
+// line hashes and counts one whole line.
+func (h *hashCounter) line(b []byte) {
+	h.Write(b)
+	h.lines++
 }
 
 // Create starts the export file at path; m's KTK, Issuer and Select are
@@ -297,7 +302,7 @@ func Create(path string, m Manifest) (*Writer, error) {
 		return nil, err
 	}
 	m.File = filepath.Base(path)
-	return &Writer{path: path, tmp: tmp, w: bufio.NewWriter(tmp), m: m, h: hashCounter{sum: sha256.New()}}, nil
+	return &Writer{path: path, tmp: tmp, w: bufio.NewWriter(tmp), m: m, h: newHashCounter()}, nil
 }
 
 func refuseExisting(path string) error {
@@ -340,7 +345,7 @@ func Resume(path string, m Manifest, seen func(Record) error) (*Writer, error) {
 		return nil, fmt.Errorf("%s: %w (%v)", pp, ErrPartialBusy, err)
 	}
 	m.File = filepath.Base(path)
-	w := &Writer{path: path, tmp: f, m: m, h: hashCounter{sum: sha256.New()}, partial: true}
+	w := &Writer{path: path, tmp: f, m: m, h: newHashCounter(), partial: true}
 	if err := w.rehash(seen); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s: %w", pp, err)
@@ -386,9 +391,7 @@ func (w *Writer) rehash(seen func(Record) error) error {
 		if w.last != nil && bytes.Compare(rec.ID, w.last) <= 0 {
 			return fmt.Errorf("line %d: card %x after card %x: not in Id order, not an export this program wrote; remove the file to start again", w.h.lines+1, []byte(rec.ID), []byte(w.last))
 		}
-		w.h.sum.Write(line)
-		w.h.bytes += int64(len(line))
-		w.h.lines++
+		w.h.line(line)
 		good += int64(len(line))
 		w.last = append(w.last[:0:0], rec.ID...)
 		if seen != nil {
@@ -412,9 +415,7 @@ func (w *Writer) Add(r Record) error {
 	if _, err := w.w.Write(b); err != nil {
 		return err
 	}
-	w.h.sum.Write(b)
-	w.h.bytes += int64(len(b))
-	w.h.lines++
+	w.h.line(b)
 	if w.partial {
 		w.last = append(w.last[:0], r.ID...)
 	}

@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -24,126 +23,24 @@ import (
 	"blindperso/hsm"
 	"blindperso/hsm/hsmtest"
 	"blindperso/protocol"
+	"blindperso/receiver"
 )
 
-// expReceiver is the receiving system's HSM in these tests: a SoftHSM2
-// token of its own driven with plain PKCS#11 calls. Its KTK is a token
-// object (AES-256, unwrap only, extractable only to be sent), so that it
-// outlives the recycling of the SoftHSM2 library the issuer's token
-// shares in this process.
-type expReceiver struct {
-	tok *hsm.Token
-	ktk pkcs11.ObjectHandle
-}
+// expReceiverKTK is the label of the receiver's KTK (package receiver,
+// on a SoftHSM2 token of its own: a token object, so it outlives the
+// recycling of the library the issuer's token shares in this process).
+const expReceiverKTK = "receiver-ktk"
 
 func battr(t uint, v any) *pkcs11.Attribute { return pkcs11.NewAttribute(t, v) }
 
-func newExpReceiver(tb testing.TB, tt hsmtest.Token) *expReceiver {
+// rcvVerify has the receiver verify mac with the K_I of record r.
+func (g *expRig) rcvVerify(tb testing.TB, r export.Record, challenge, mac []byte) bool {
 	tb.Helper()
-	tok, err := hsm.OpenURI(tt.URI, 1)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { tok.Close() })
-	r := &expReceiver{tok: tok}
-	err = tok.With(context.Background(), func(s hsm.Session) error {
-		m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)
-		r.ktk, err = s.P.GenerateKey(s.H, []*pkcs11.Mechanism{m}, []*pkcs11.Attribute{
-			battr(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), battr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-			battr(pkcs11.CKA_VALUE_LEN, hsm.KTKLen), battr(pkcs11.CKA_TOKEN, true), battr(pkcs11.CKA_PRIVATE, true),
-			battr(pkcs11.CKA_LABEL, "receiver-ktk"), battr(pkcs11.CKA_SENSITIVE, true),
-			battr(pkcs11.CKA_EXTRACTABLE, true), battr(pkcs11.CKA_UNWRAP, true), battr(pkcs11.CKA_WRAP, false),
-			battr(pkcs11.CKA_ENCRYPT, false), battr(pkcs11.CKA_DECRYPT, false)})
-		return err
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return r
-}
-
-// send wraps the receiver's KTK to the issuer's key-import public key
-// (hsm.KeyImportOAEP), in the receiver's token.
-func (r *expReceiver) send(tb testing.TB, ik *hsm.KeyImportRef) []byte {
-	tb.Helper()
-	pub := ik.Public.RSA
-	var w []byte
-	err := r.tok.With(context.Background(), func(s hsm.Session) error {
-		ph, err := s.P.CreateObject(s.H, []*pkcs11.Attribute{
-			battr(pkcs11.CKA_CLASS, pkcs11.CKO_PUBLIC_KEY), battr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA),
-			battr(pkcs11.CKA_TOKEN, false), battr(pkcs11.CKA_WRAP, true),
-			battr(pkcs11.CKA_MODULUS, pub.N.Bytes()), battr(pkcs11.CKA_PUBLIC_EXPONENT, big.NewInt(int64(pub.E)).Bytes())})
-		if err != nil {
-			return err
-		}
-		defer s.P.DestroyObject(s.H, ph)
-		w, err = s.P.WrapKey(s.H, []*pkcs11.Mechanism{hsm.KeyImportOAEP()}, ph, r.ktk)
-		return err
-	})
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return w
-}
-
-// verify unwraps an exported K_I under the receiver's KTK (C_UnwrapKey,
-// CKM_AES_KEY_WRAP) into a sensitive, never-extractable, verify-only
-// session key and verifies mac over (id, challenge) with it, in the
-// receiver's token.
-func (r *expReceiver) verify(tb testing.TB, wrapped, id, challenge, mac []byte) bool {
-	tb.Helper()
-	msg, err := protocol.AuthMessage(id, challenge)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	var ok bool
-	err = r.tok.With(context.Background(), func(s hsm.Session) error {
-		ktk, err := r.ktkHandle(s)
-		if err != nil {
-			return err
-		}
-		m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP, nil)
-		ki, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{m}, ktk, wrapped, []*pkcs11.Attribute{
-			battr(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), battr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-			battr(pkcs11.CKA_TOKEN, false), battr(pkcs11.CKA_SENSITIVE, true), battr(pkcs11.CKA_EXTRACTABLE, false),
-			battr(pkcs11.CKA_VERIFY, true), battr(pkcs11.CKA_SIGN, false), battr(pkcs11.CKA_ENCRYPT, false),
-			battr(pkcs11.CKA_DECRYPT, false), battr(pkcs11.CKA_WRAP, false), battr(pkcs11.CKA_UNWRAP, false)})
-		if err != nil {
-			return hsm.Call("C_UnwrapKey", m, err)
-		}
-		defer s.P.DestroyObject(s.H, ki)
-		cm := pkcs11.NewMechanism(pkcs11.CKM_AES_CMAC, nil)
-		if err := s.P.VerifyInit(s.H, []*pkcs11.Mechanism{cm}, ki); err != nil {
-			return hsm.Call("C_VerifyInit", cm, err)
-		}
-		err = s.P.Verify(s.H, msg, mac)
-		switch {
-		case err == nil:
-			ok = true
-		case hsm.IsRV(err, pkcs11.CKR_SIGNATURE_INVALID):
-		default:
-			return hsm.Call("C_Verify", cm, err)
-		}
-		return nil
-	})
+	ok, err := receiver.Check(context.Background(), g.rcv, expReceiverKTK, r, challenge, mac)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	return ok
-}
-
-// ktkHandle finds the receiver's KTK again (its handle does not survive
-// a re-initialization of the library).
-func (r *expReceiver) ktkHandle(s hsm.Session) (pkcs11.ObjectHandle, error) {
-	if err := s.P.FindObjectsInit(s.H, []*pkcs11.Attribute{battr(pkcs11.CKA_LABEL, "receiver-ktk")}); err != nil {
-		return 0, hsm.Call("C_FindObjectsInit", nil, err)
-	}
-	hs, _, err := s.P.FindObjects(s.H, 2)
-	s.P.FindObjectsFinal(s.H)
-	if err != nil || len(hs) != 1 {
-		return 0, fmt.Errorf("receiver KTK: %d objects, %v", len(hs), err)
-	}
-	return hs[0], nil
 }
 
 // expRig is an issuer token with a key, a KEK and the receiver's KTK
@@ -155,7 +52,7 @@ type expRig struct {
 	is         *Issuer
 	kek        *hsm.KEKRef
 	ktk        *hsm.KTKRef
-	rcv        *expReceiver
+	rcv        *hsm.Token // the receiver's token
 }
 
 func newExpRig(tb testing.TB, kind string, sessions int) *expRig {
@@ -177,7 +74,10 @@ func newExpRig(tb testing.TB, kind string, sessions int) *expRig {
 	}
 	tb.Cleanup(func() { tok.Close() })
 	g.tok = tok
-	g.rcv = newExpReceiver(tb, rt)
+	if g.rcv, err = hsm.OpenURI(rt.URI, 1); err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { g.rcv.Close() })
 	sfx := fmt.Sprintf("-%x", time.Now().UnixNano()) // the NSS database is shared
 	key, err := tok.GenerateIssuerKey(ctx, hsm.KindP256, "issuer"+sfx)
 	if err != nil {
@@ -190,7 +90,11 @@ func newExpRig(tb testing.TB, kind string, sessions int) *expRig {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if g.ktk, err = tok.ImportKTK(ctx, ik, "ktk-bank"+sfx, g.rcv.send(tb, ik), ht.SOPIN); err != nil {
+	sent, err := receiver.MakeKTK(ctx, g.rcv, expReceiverKTK, ik.Public.RSA)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if g.ktk, err = tok.ImportKTK(ctx, ik, "ktk-bank"+sfx, sent.Wrapped, ht.SOPIN); err != nil {
 		tb.Fatal(err)
 	}
 	if found, err := FindKTK(ctx, tok, g.ktk.Label); err != nil || found.Trusted != g.ktk.Trusted {
@@ -228,13 +132,13 @@ func checkExport(t *testing.T, g *expRig, out string, want [][]byte, ki map[stri
 		if err != nil {
 			return err
 		}
-		if !g.rcv.verify(t, r.Wrapped, r.ID, ch, mac) {
+		if !g.rcvVerify(t, r, ch, mac) {
 			t.Errorf("line %d: card %x's MAC does not verify at the receiver with the exported key", line, []byte(r.ID))
 		}
 		if !forged {
 			forged = true
 			mac[0] ^= 1
-			if g.rcv.verify(t, r.Wrapped, r.ID, ch, mac) {
+			if g.rcvVerify(t, r, ch, mac) {
 				t.Errorf("line %d: a forged MAC verifies at the receiver", line)
 			}
 		}

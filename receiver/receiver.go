@@ -167,16 +167,9 @@ func importOne(s hsm.Session, ktkLabel string, r export.Record, res *Result) err
 		res.Exists = true
 		return nil
 	}
-	m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP, nil)
-	h, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{m}, ktk, r.Wrapped, []*pkcs11.Attribute{
-		attr(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-		attr(pkcs11.CKA_TOKEN, true), attr(pkcs11.CKA_PRIVATE, true), attr(pkcs11.CKA_LABEL, label),
-		attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false),
-		attr(pkcs11.CKA_VERIFY, true), attr(pkcs11.CKA_SIGN, false), attr(pkcs11.CKA_ENCRYPT, false),
-		attr(pkcs11.CKA_DECRYPT, false), attr(pkcs11.CKA_WRAP, false), attr(pkcs11.CKA_UNWRAP, false),
-		attr(pkcs11.CKA_DERIVE, false)})
+	h, err := unwrapKey(s, ktk, r.Wrapped, attr(pkcs11.CKA_TOKEN, true), attr(pkcs11.CKA_LABEL, label))
 	if err != nil {
-		return fmt.Errorf("the token refused the wrapped key (RFC 3394 integrity check, or not under this KTK): %w", hsm.Call("C_UnwrapKey", m, err))
+		return err
 	}
 	got := checkValue(s, h)
 	switch {
@@ -193,31 +186,76 @@ func importOne(s hsm.Session, ktkLabel string, r export.Record, res *Result) err
 	return nil
 }
 
-// Verify checks a card's MAC over challenge with its imported K_I, in the
-// token (C_Verify, AES-CMAC over the message of PROTOCOL.md §4).
-func Verify(ctx context.Context, tok *hsm.Token, id, challenge, mac []byte) (bool, error) {
+// unwrapKey unwraps an exported K_I under ktk into a private key that is sensitive, never extractable and can verify a
+// MAC and nothing else; where is CKA_TOKEN and, for a token object, its
+// label.
+func unwrapKey(s hsm.Session, ktk pkcs11.ObjectHandle, wrapped []byte, where ...*pkcs11.Attribute) (pkcs11.ObjectHandle, error) {
+	m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_WRAP, nil)
+	h, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{m}, ktk, wrapped, append([]*pkcs11.Attribute{
+		attr(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+		attr(pkcs11.CKA_PRIVATE, true), attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false),
+		attr(pkcs11.CKA_VERIFY, true), attr(pkcs11.CKA_SIGN, false), attr(pkcs11.CKA_ENCRYPT, false),
+		attr(pkcs11.CKA_DECRYPT, false), attr(pkcs11.CKA_WRAP, false), attr(pkcs11.CKA_UNWRAP, false),
+		attr(pkcs11.CKA_DERIVE, false)}, where...))
+	if err != nil {
+		return 0, fmt.Errorf("the token refused the wrapped key (RFC 3394 integrity check, or not under this KTK): %w", hsm.Call("C_UnwrapKey", m, err))
+	}
+	return h, nil
+}
+
+// verifyMAC checks mac over the card's message for challenge with key k
+// (C_Verify, AES-CMAC, PROTOCOL.md §4).
+func verifyMAC(s hsm.Session, k pkcs11.ObjectHandle, id, challenge, mac []byte) (bool, error) {
 	msg, err := protocol.AuthMessage(id, challenge)
 	if err != nil {
 		return false, err
 	}
+	m := pkcs11.NewMechanism(pkcs11.CKM_AES_CMAC, nil)
+	if err := s.P.VerifyInit(s.H, []*pkcs11.Mechanism{m}, k); err != nil {
+		return false, hsm.Call("C_VerifyInit", m, err)
+	}
+	switch err := s.P.Verify(s.H, msg, mac); {
+	case err == nil:
+		return true, nil
+	case hsm.IsRV(err, pkcs11.CKR_SIGNATURE_INVALID), hsm.IsRV(err, pkcs11.CKR_SIGNATURE_LEN_RANGE):
+		return false, nil
+	default:
+		return false, hsm.Call("C_Verify", m, err)
+	}
+}
+
+// Check verifies a card's MAC over challenge with the K_I of one export
+// record, unwrapped under the KTK into a session key that is destroyed
+// afterwards: a spot check of a file before (or without) its import.
+func Check(ctx context.Context, tok *hsm.Token, ktkLabel string, r export.Record, challenge, mac []byte) (bool, error) {
 	var ok bool
-	err = tok.With(ctx, func(s hsm.Session) error {
+	err := tok.With(ctx, func(s hsm.Session) error {
+		ktk, err := find(s, pkcs11.CKO_SECRET_KEY, ktkLabel)
+		if err != nil {
+			return fmt.Errorf("the KTK: %w", err)
+		}
+		k, err := unwrapKey(s, ktk, r.Wrapped, attr(pkcs11.CKA_TOKEN, false))
+		if err != nil {
+			return err
+		}
+		defer s.P.DestroyObject(s.H, k)
+		ok, err = verifyMAC(s, k, r.ID, challenge, mac)
+		return err
+	})
+	return ok, err
+}
+
+// Verify checks a card's MAC over challenge with its imported K_I, in the
+// token (C_Verify, AES-CMAC over the message of PROTOCOL.md §4).
+func Verify(ctx context.Context, tok *hsm.Token, id, challenge, mac []byte) (bool, error) {
+	var ok bool
+	err := tok.With(ctx, func(s hsm.Session) error {
 		k, err := find(s, pkcs11.CKO_SECRET_KEY, keyLabel(id))
 		if err != nil {
 			return fmt.Errorf("card %x has no key here: %w", id, err)
 		}
-		m := pkcs11.NewMechanism(pkcs11.CKM_AES_CMAC, nil)
-		if err := s.P.VerifyInit(s.H, []*pkcs11.Mechanism{m}, k); err != nil {
-			return hsm.Call("C_VerifyInit", m, err)
-		}
-		switch err := s.P.Verify(s.H, msg, mac); {
-		case err == nil:
-			ok = true
-		case hsm.IsRV(err, pkcs11.CKR_SIGNATURE_INVALID), hsm.IsRV(err, pkcs11.CKR_SIGNATURE_LEN_RANGE):
-		default:
-			return hsm.Call("C_Verify", m, err)
-		}
-		return nil
+		ok, err = verifyMAC(s, k, id, challenge, mac)
+		return err
 	})
 	return ok, err
 }
