@@ -5,7 +5,8 @@ GO      ?= go
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the build, the tests and the demo need.
 DEBS    := gcc pkg-config libpcsclite-dev pcscd vsmartcard-vpcd opensc \
-           softhsm2 libnss3 libnss3-tools opencryptoki openssl util-linux mount postgresql-15 curl
+           softhsm2 libnss3 libnss3-tools opencryptoki openssl util-linux mount postgresql-15 curl \
+           libp11-kit-dev
 FUZZTIME ?= 10s
 
 .PHONY: all deps build test vet fuzz demo bench clean
@@ -31,9 +32,18 @@ deps:
 		echo "adding $$u to group pkcs11 (for opencryptoki; effective at the next login)"; \
 		$(SUDO) usermod -a -G pkcs11 "$$u"; }
 
-## build: bin/issuer, bin/perso, bin/vcard, and bin/insider (an attack tool for the demo)
-build:
+## build: bin/issuer, bin/perso, bin/vcard, bin/insider (an attack tool for the demo),
+## and bin/libp11fault.so (the fault-injecting PKCS#11 module of the tests: p11fault/)
+build: bin/libp11fault.so
 	$(GO) build -o bin/ ./cmd/issuer ./cmd/perso ./cmd/vcard ./cmd/insider ./cmd/receiver
+
+# The types come from p11-kit's pkcs11.h (Debian's libp11-kit-dev); hsm/hsmtest
+# compiles the same way when this file is missing or older than the source.
+bin/libp11fault.so: p11fault/p11fault.c
+	@mkdir -p bin
+	$(CC) -shared -fPIC -O2 -Wall -Werror -fvisibility=hidden \
+		$$(pkg-config --cflags p11-kit-1 2>/dev/null || echo -I/usr/include/p11-kit-1) \
+		-o $@ p11fault/p11fault.c -ldl -lpthread
 
 vet:
 	$(GO) vet ./...
