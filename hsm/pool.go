@@ -172,6 +172,13 @@ func (t *Token) run(ps *pooled, fn func(Session) error) error {
 	}
 	err := fn(t.session(ps))
 	rv, ok := RV(err)
+	if ok && deviceLost(uint(rv)) {
+		// The session belongs to a device that failed (behind a
+		// cluster's one slot, to one of its HSMs): the next user of
+		// this slot opens a new one. The old one is not closed: the
+		// session copies (SessionCopy) may belong to it, and die with it.
+		ps.ok = false
+	}
 	if !ok || !recoverable(uint(rv)) {
 		return err
 	}
@@ -179,6 +186,14 @@ func (t *Token) run(ps *pooled, fn func(Session) error) error {
 		return fmt.Errorf("%w (recovery failed: %v)", err, rerr)
 	}
 	return fn(t.session(ps))
+}
+
+func deviceLost(rv uint) bool {
+	switch rv {
+	case pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_TOKEN_NOT_PRESENT:
+		return true
+	}
+	return false
 }
 
 func recoverable(rv uint) bool {

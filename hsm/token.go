@@ -275,13 +275,22 @@ func (t *Token) lookup() (uint, pkcs11.TokenInfo, error) {
 		return s, ti, nil
 	}
 	if len(seen) == 0 {
-		return 0, pkcs11.TokenInfo{}, fmt.Errorf("module %s has no initialized token (SoftHSM2: softhsm2-util --init-token --free --label LABEL)", cfg.Module)
+		return 0, pkcs11.TokenInfo{}, absentError{fmt.Sprintf("module %s has no initialized token (SoftHSM2: softhsm2-util --init-token --free --label LABEL)", cfg.Module)}
 	}
 	// SoftHSM2 reads its token directory in C_Initialize: a token made
 	// since (softhsm2-util --init-token) is seen once every Token of
 	// the module in this process is closed.
-	return 0, pkcs11.TokenInfo{}, fmt.Errorf("no such token in module %s (present: %s)", cfg.Module, strings.Join(seen, ", "))
+	return 0, pkcs11.TokenInfo{}, absentError{fmt.Sprintf("no such token in module %s (present: %s)", cfg.Module, strings.Join(seen, ", "))}
 }
+
+// errTokenAbsent marks lookup's failures: the token is not (or no longer)
+// in any slot of its module. Unavailable counts it as a device failure.
+var errTokenAbsent = errors.New("token not present")
+
+type absentError struct{ msg string }
+
+func (e absentError) Error() string        { return e.msg }
+func (e absentError) Is(target error) bool { return target == errTokenAbsent }
 
 // forgetSlot makes the next currentSlot look the slot up again.
 func (t *Token) forgetSlot() {

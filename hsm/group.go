@@ -1,0 +1,597 @@
+package hsm
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/pkcs11"
+
+	"blindperso/protocol"
+)
+
+// DefaultDeadline is how long a Group waits for one import or
+// verification on a member before it takes the member out and redoes the
+// work on another. SoftHSM2 answers in 0.1–2 ms and holds calls off for
+// at most ≈ 85 ms while it recycles; a network HSM answers in
+// milliseconds. Half a second is far above both and keeps the failover
+// pause of a hung member under a second (docs/BENCHMARKS.md).
+const DefaultDeadline = 500 * time.Millisecond
+
+// DefaultProbeEvery is how often a Group re-probes a member it took out.
+const DefaultProbeEvery = time.Second
+
+// Member is one token of an issuer's group: the issuer key and the KEK
+// as found in it (under the same labels in every member).
+type Member struct {
+	Token *Token
+	Key   *IssuerKeyRef
+	KEK   *KEKRef
+}
+
+// GroupOptions tune a Group; the zero value is the defaults.
+type GroupOptions struct {
+	// Deadline is DefaultDeadline if 0; negative: no deadline.
+	Deadline time.Duration
+	// ProbeEvery is DefaultProbeEvery if 0.
+	ProbeEvery time.Duration
+	// TokenObjects and RecycleEvery are each member's CardKeys's.
+	TokenObjects bool
+	RecycleEvery int64
+	// Log gets one line per change of a member's state (nil: slog.Default()).
+	Log *slog.Logger
+}
+
+// ErrNoMember is the error of an operation when every member of its
+// Group is out; the message says why each is.
+var ErrNoMember = errors.New("no token of the group is available")
+
+// ErrDeadline is a member's failure to answer within the Group's deadline.
+var ErrDeadline = errors.New("the token did not answer within the deadline")
+
+// Group is the issuer's card-key work over several tokens that hold the
+// same issuer key and KEK (an HA group without one virtual slot, an
+// nShield load-sharing set, a CloudHSM cluster's HSMs, or SoftHSM2 tokens
+// replicated by the ceremony). Imports and verifications go to the
+// healthy member with the least work in flight. A member that fails as a
+// device (Unavailable) or does not answer within the deadline is taken
+// out, and the operation is redone from its input on another member:
+// the token work of an import or a verification creates only session
+// objects, so redoing it elsewhere is safe (a CloudHSM session object
+// exists on one HSM only; nothing of it is needed elsewhere). A member
+// taken out is re-probed in the background with the throwaway card of
+// NewGroup and rejoins only if it still gives that card the same blob:
+// the same issuer key and the same KEK.
+type Group struct {
+	members    []*member
+	deadline   time.Duration
+	probeEvery time.Duration
+	log        *slog.Logger
+	probe      probeCard
+	rr         atomic.Uint64
+	failovers  atomic.Int64
+	done       chan struct{}
+	closeOnce  sync.Once
+	wg         sync.WaitGroup
+}
+
+// member is a Member with its state in the Group.
+type member struct {
+	Member
+	name     string
+	keys     *CardKeys
+	inflight atomic.Int64
+	imports  atomic.Int64
+	verifies atomic.Int64
+	downs    atomic.Int64
+
+	mu     sync.Mutex
+	up     bool
+	since  time.Time
+	reason error
+}
+
+// probeCard is a throwaway card whose key the group's check computed on
+// the host: its c, the blob every member must give it, and a challenge
+// and MAC under its K_I. It is no card's key; it proves the members
+// equal without reading any secret of theirs.
+type probeCard struct {
+	profile       protocol.Profile
+	c             []byte
+	blob          Blob
+	id, chal, mac []byte
+}
+
+// NewGroup checks that the members hold the same keys and returns their
+// Group. The check reads no secret: the issuer keys' public-key
+// fingerprints must be equal; then a throwaway card is imported on every
+// member, each member must verify a MAC made on the host with the
+// throwaway K_I (its private key is its public key's), and every
+// member's blob must equal the first's byte for byte (RFC 5649 is
+// deterministic, so equal blobs of one K_I mean one KEK). A member that
+// differs is refused, naming it and why.
+func NewGroup(ctx context.Context, members []Member, opts GroupOptions) (*Group, error) {
+	if len(members) == 0 {
+		return nil, errors.New("a token group needs at least one member")
+	}
+	g := &Group{deadline: opts.Deadline, probeEvery: opts.ProbeEvery, log: opts.Log, done: make(chan struct{})}
+	if g.deadline == 0 {
+		g.deadline = DefaultDeadline
+	}
+	if g.probeEvery <= 0 {
+		g.probeEvery = DefaultProbeEvery
+	}
+	if g.log == nil {
+		g.log = slog.Default()
+	}
+	names := memberNames(members)
+	for i, m := range members {
+		if m.Token == nil || m.Key == nil || m.KEK == nil {
+			return nil, fmt.Errorf("token group member %d: no token, issuer key or KEK", i+1)
+		}
+		g.members = append(g.members, &member{Member: m, name: names[i], up: true, since: time.Now(),
+			keys: &CardKeys{Token: m.Token, Key: m.Key, KEK: m.KEK, TokenObjects: opts.TokenObjects, RecycleEvery: opts.RecycleEvery}})
+	}
+	if len(members) > 1 {
+		if err := g.check(ctx); err != nil {
+			return nil, err
+		}
+	}
+	return g, nil
+}
+
+// memberNames names members by token label, with the serial where two
+// labels are the same, and the member's place where even those are (one
+// token through two libraries).
+func memberNames(ms []Member) []string {
+	names := make([]string, len(ms))
+	for i, m := range ms {
+		if m.Token != nil {
+			names[i] = m.Token.Info().Label
+		}
+	}
+	for _, suffix := range []func(int) string{
+		func(i int) string { return "#" + ms[i].Token.Info().Serial },
+		func(i int) string { return fmt.Sprintf("@%d", i+1) },
+	} {
+		count := map[string]int{}
+		for _, n := range names {
+			count[n]++
+		}
+		for i := range names {
+			if count[names[i]] > 1 && ms[i].Token != nil {
+				names[i] += suffix(i)
+			}
+		}
+	}
+	return names
+}
+
+// check is NewGroup's proof that the members hold the same keys.
+func (g *Group) check(ctx context.Context) error {
+	first := g.members[0]
+	fp := first.Key.Fingerprint()
+	for _, m := range g.members[1:] {
+		if f := m.Key.Fingerprint(); f != fp {
+			return fmt.Errorf("token group: member %q is refused: its issuer key %q has fingerprint %x, member %q's has %x: not the same key",
+				m.name, m.Key.Label, f, first.name, fp)
+		}
+		if m.KEK.Label != first.KEK.Label {
+			return fmt.Errorf("token group: member %q is refused: KEK %q, not %q", m.name, m.KEK.Label, first.KEK.Label)
+		}
+	}
+	pc, err := newProbeCard(ctx, first)
+	if err != nil {
+		return fmt.Errorf("token group: member %q: %w", first.name, err)
+	}
+	g.probe = pc
+	for _, m := range g.members {
+		if err := g.same(ctx, m); err != nil {
+			return fmt.Errorf("token group: member %q is refused: %w", m.name, err)
+		}
+	}
+	return nil
+}
+
+// newProbeCard makes the throwaway card on the first member, with the
+// first profile of the key's kind that member runs.
+func newProbeCard(ctx context.Context, m *member) (probeCard, error) {
+	pub := m.Key.Public
+	var errs []error
+	for _, p := range protocol.Profiles() {
+		if pub.Fits(p) != nil {
+			continue
+		}
+		s, c, err := protocol.Encapsulate(p, pub, rand.Reader)
+		if err != nil {
+			return probeCard{}, err
+		}
+		ki, err := protocol.DeriveKey(p, s, protocol.Binding(p, pub.SPKI))
+		if err != nil {
+			return probeCard{}, err
+		}
+		blob, err := m.keys.Import(ctx, p, c)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", p.Name, err))
+			continue
+		}
+		pc := probeCard{profile: p, c: c, blob: blob, id: []byte("bp-group-probe"), chal: make([]byte, 16)}
+		rand.Read(pc.chal)
+		if pc.mac, err = protocol.AuthMAC(ki, pc.id, pc.chal); err != nil {
+			return probeCard{}, err
+		}
+		return pc, nil
+	}
+	return probeCard{}, fmt.Errorf("no profile imports a test card: %w", errors.Join(errs...))
+}
+
+// same proves that m holds the group's keys with the throwaway card.
+func (g *Group) same(ctx context.Context, m *member) error {
+	pc := g.probe
+	blob, err := call(ctx, g.deadline, func(ctx context.Context) (Blob, error) { return m.keys.Import(ctx, pc.profile, pc.c) })
+	if err != nil {
+		return fmt.Errorf("import of a test card failed: %w", err)
+	}
+	ok, err := call(ctx, g.deadline, func(ctx context.Context) (bool, error) { return m.keys.Verify(ctx, blob, pc.id, pc.chal, pc.mac) })
+	if err != nil {
+		return fmt.Errorf("verification of a test card failed: %w", err)
+	}
+	if !ok {
+		return fmt.Errorf("its issuer private key %q gives a test card another K_I than its public key does (fingerprint %x): not the key it claims", m.Key.Label, m.Key.Fingerprint())
+	}
+	if blob.Scheme != pc.blob.Scheme || blob.Mechanism != pc.blob.Mechanism || !bytes.Equal(blob.Wrapped, pc.blob.Wrapped) {
+		return fmt.Errorf("its KEK %q is not the group's: the same test key wrapped under it differs from the first member's", m.KEK.Label)
+	}
+	return nil
+}
+
+// Import derives a card's K_I from c on a healthy member and returns it
+// wrapped under the KEK (see CardKeys.Import and Group).
+func (g *Group) Import(ctx context.Context, p protocol.Profile, c []byte) (Blob, error) {
+	return do(ctx, g, func(ctx context.Context, m *member) (Blob, error) {
+		b, err := m.keys.Import(ctx, p, c)
+		if err == nil {
+			m.imports.Add(1)
+		}
+		return b, err
+	})
+}
+
+// Verify checks a card's MAC on a healthy member (see CardKeys.Verify).
+func (g *Group) Verify(ctx context.Context, blob Blob, id, challenge, mac []byte) (bool, error) {
+	return do(ctx, g, func(ctx context.Context, m *member) (bool, error) {
+		ok, err := m.keys.Verify(ctx, blob, id, challenge, mac)
+		if err == nil {
+			m.verifies.Add(1)
+		}
+		return ok, err
+	})
+}
+
+// do runs op on the healthy members in turn until one answers without a
+// device failure.
+func do[T any](ctx context.Context, g *Group, op func(context.Context, *member) (T, error)) (T, error) {
+	if len(g.members) == 1 {
+		// Nothing to fail over to: no deadline (it would only turn a
+		// slow answer into an error) and no taking out. A device failure
+		// is tried once more, in a new session: behind one slot of a
+		// CloudHSM cluster it may land on another HSM, and redoing the
+		// chain from its input is what a cluster needs (its session
+		// objects live on one HSM).
+		m := g.members[0]
+		v, err := op(ctx, m)
+		if err != nil && ctx.Err() == nil && Unavailable(err) && !errors.Is(err, ErrClosed) {
+			g.failovers.Add(1)
+			v, err = op(ctx, m)
+		}
+		return v, err
+	}
+	var zero T
+	var tried []*member
+	for {
+		m := g.pick(tried)
+		if m == nil {
+			return zero, g.noMember()
+		}
+		if len(tried) > 0 {
+			g.failovers.Add(1)
+		}
+		m.inflight.Add(1)
+		v, err := call(ctx, g.deadline, func(ctx context.Context) (T, error) { return op(ctx, m) })
+		m.inflight.Add(-1)
+		if err == nil || ctx.Err() != nil || !Unavailable(err) {
+			return v, err
+		}
+		g.takeOut(m, err)
+		tried = append(tried, m)
+	}
+}
+
+// call runs fn with a deadline (none if d < 0). On timeout fn is left to
+// finish on its own (a PKCS#11 call cannot be interrupted); its context
+// is cancelled, so it waits for no session, and its result is dropped.
+func call[T any](ctx context.Context, d time.Duration, fn func(context.Context) (T, error)) (T, error) {
+	if d < 0 {
+		return fn(ctx)
+	}
+	type result struct {
+		v   T
+		err error
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	ch := make(chan result, 1)
+	go func() {
+		v, err := fn(cctx)
+		ch <- result{v, err}
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case r := <-ch:
+		cancel()
+		return r.v, r.err
+	case <-t.C:
+		cancel()
+		var zero T
+		return zero, fmt.Errorf("%w (%v)", ErrDeadline, d)
+	case <-ctx.Done():
+		cancel()
+		var zero T
+		return zero, ctx.Err()
+	}
+}
+
+// pick is the healthy member not in tried with the least work in flight
+// (ties in turn).
+func (g *Group) pick(tried []*member) *member {
+	n := len(g.members)
+	start := int(g.rr.Add(1) % uint64(n))
+	var best *member
+	for i := range n {
+		m := g.members[(start+i)%n]
+		if !m.isUp() || contains(tried, m) {
+			continue
+		}
+		if best == nil || m.inflight.Load() < best.inflight.Load() {
+			best = m
+		}
+	}
+	return best
+}
+
+func contains(ms []*member, m *member) bool {
+	for _, x := range ms {
+		if x == m {
+			return true
+		}
+	}
+	return false
+}
+
+func (m *member) isUp() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.up
+}
+
+// noMember says why every member is out.
+func (g *Group) noMember() error {
+	var why []string
+	for _, m := range g.members {
+		m.mu.Lock()
+		if !m.up {
+			why = append(why, fmt.Sprintf("%q out since %s: %v", m.name, m.since.UTC().Format(time.RFC3339), m.reason))
+		}
+		m.mu.Unlock()
+	}
+	return fmt.Errorf("%w (%s); each is re-probed every %v", ErrNoMember, strings.Join(why, "; "), g.probeEvery)
+}
+
+// takeOut marks m out for err and starts its re-probing, once.
+func (g *Group) takeOut(m *member, err error) {
+	m.mu.Lock()
+	if !m.up {
+		m.mu.Unlock()
+		return
+	}
+	m.up, m.since, m.reason = false, time.Now(), err
+	m.mu.Unlock()
+	m.downs.Add(1)
+	g.log.Error("token group member taken out; its work goes to the others", "member", m.name, "reason", err)
+	select {
+	case <-g.done:
+		return
+	default:
+	}
+	g.wg.Add(1)
+	go g.reprobe(m)
+}
+
+// reprobe probes m every probeEvery until it gives the throwaway card
+// the group's blob again (or the group is closed), then lets it rejoin.
+func (g *Group) reprobe(m *member) {
+	defer g.wg.Done()
+	t := time.NewTicker(g.probeEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-g.done:
+			return
+		case <-t.C:
+		}
+		err := g.rejoinable(m)
+		if err == nil {
+			m.mu.Lock()
+			out := time.Since(m.since)
+			m.up, m.since, m.reason = true, time.Now(), nil
+			m.mu.Unlock()
+			g.log.Info("token group member back: it answered the probe with the group's keys", "member", m.name, "out_for", out.Round(time.Millisecond))
+			return
+		}
+		m.mu.Lock()
+		m.reason = err
+		m.mu.Unlock()
+	}
+}
+
+// rejoinable probes m with the throwaway card.
+func (g *Group) rejoinable(m *member) error { return g.same(context.Background(), m) }
+
+// Unavailable reports whether err says the token failed as a device —
+// it is gone, broken, did not answer, or its sessions cannot be reopened
+// — rather than refusing this one request. An import that fails so is
+// not the record's fault: it must stop or go to another token, never
+// become a reject.
+func Unavailable(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.Is(err, ErrDeadline) || errors.Is(err, ErrNoMember) || errors.Is(err, ErrClosed) || errors.Is(err, errTokenAbsent) {
+		return true
+	}
+	rv, ok := RV(err)
+	if !ok {
+		return false
+	}
+	switch uint(rv) {
+	case pkcs11.CKR_DEVICE_ERROR, pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_DEVICE_MEMORY,
+		pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_TOKEN_NOT_RECOGNIZED, pkcs11.CKR_SLOT_ID_INVALID,
+		pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED, pkcs11.CKR_SESSION_COUNT,
+		pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, pkcs11.CKR_USER_NOT_LOGGED_IN,
+		pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED:
+		return true
+	}
+	var ce *CallError
+	if errors.As(err, &ce) {
+		switch ce.Call {
+		case "C_Initialize", "C_GetSlotList", "C_GetTokenInfo", "C_OpenSession", "C_Login":
+			return true
+		}
+	}
+	return false
+}
+
+// MemberStats is one member's state and work, for /metrics and probes.
+type MemberStats struct {
+	Name     string
+	Up       bool
+	Since    time.Time // of the last change of state
+	Reason   string    // why it is out
+	InFlight int64
+	Imports  int64 // imports it answered
+	Verifies int64 // verifications it answered
+	Downs    int64 // times it was taken out
+	Recycle  RecycleStats
+}
+
+// Stats says how each member is, in the order given to NewGroup.
+func (g *Group) Stats() []MemberStats {
+	out := make([]MemberStats, len(g.members))
+	for i, m := range g.members {
+		m.mu.Lock()
+		st := MemberStats{Name: m.name, Up: m.up, Since: m.since}
+		if m.reason != nil {
+			st.Reason = m.reason.Error()
+		}
+		m.mu.Unlock()
+		st.InFlight, st.Imports, st.Verifies, st.Downs = m.inflight.Load(), m.imports.Load(), m.verifies.Load(), m.downs.Load()
+		st.Recycle = m.keys.Stats()
+		out[i] = st
+	}
+	return out
+}
+
+// MemberRate is a member's rate of throwaway imports and verifications,
+// one session each, as Group.Measure found it.
+type MemberRate struct {
+	Name              string
+	Imports, Verifies float64 // per second
+	Err               error   // the member failed the measure
+}
+
+// Measure runs the group's throwaway card through each member in turn,
+// d for imports and d for verifications in one session, and says each
+// member's rate (issuer probe): what a member gives alone, to compare
+// members and to size a group.
+func (g *Group) Measure(ctx context.Context, d time.Duration) []MemberRate {
+	if g.probe.c == nil {
+		pc, err := newProbeCard(ctx, g.members[0])
+		if err != nil {
+			return []MemberRate{{Name: g.members[0].name, Err: err}}
+		}
+		g.probe = pc
+	}
+	pc := g.probe
+	out := make([]MemberRate, len(g.members))
+	for i, m := range g.members {
+		r := MemberRate{Name: m.name}
+		r.Imports, r.Err = rate(ctx, d, func() error { _, err := m.keys.Import(ctx, pc.profile, pc.c); return err })
+		if r.Err == nil {
+			r.Verifies, r.Err = rate(ctx, d, func() error { _, err := m.keys.Verify(ctx, pc.blob, pc.id, pc.chal, pc.mac); return err })
+		}
+		out[i] = r
+	}
+	return out
+}
+
+func rate(ctx context.Context, d time.Duration, op func() error) (float64, error) {
+	start := time.Now()
+	n := 0
+	for time.Since(start) < d && ctx.Err() == nil {
+		if err := op(); err != nil {
+			return 0, err
+		}
+		n++
+	}
+	return float64(n) / time.Since(start).Seconds(), ctx.Err()
+}
+
+// Members are the group's members, in the order given to NewGroup.
+func (g *Group) Members() []Member {
+	out := make([]Member, len(g.members))
+	for i, m := range g.members {
+		out[i] = m.Member
+	}
+	return out
+}
+
+// Failovers counts the operations redone on another member.
+func (g *Group) Failovers() int64 { return g.failovers.Load() }
+
+// RecycleStats sums the members' recycling.
+func (g *Group) RecycleStats() RecycleStats {
+	var sum RecycleStats
+	for _, m := range g.members {
+		st := m.keys.Stats()
+		sum.Every = st.Every
+		sum.Ops += st.Ops
+		sum.Recycles += st.Recycles
+		sum.Failures += st.Failures
+		if st.LastErr != nil {
+			sum.LastErr = st.LastErr
+		}
+		sum.Last = st.Last
+		sum.Max = max(sum.Max, st.Max)
+		sum.Total += st.Total
+	}
+	return sum
+}
+
+// Close stops the re-probing and destroys every member's session copies
+// (the Tokens stay open: they are the caller's).
+func (g *Group) Close(ctx context.Context) error {
+	g.closeOnce.Do(func() { close(g.done) })
+	g.wg.Wait()
+	var errs []error
+	for _, m := range g.members {
+		errs = append(errs, m.keys.Close(ctx))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,161 @@
+package hsm
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+
+	"github.com/miekg/pkcs11"
+
+	"blindperso/hsm/hsmtest"
+	"blindperso/protocol"
+)
+
+// Which errors take a group member out: the device's, never the
+// request's (a forged record must not be able to empty a group).
+func TestUnavailable(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"device error", Call("C_DeriveKey", nil, pkcs11.Error(pkcs11.CKR_DEVICE_ERROR)), true},
+		{"device removed", Call("C_WrapKey", nil, pkcs11.Error(pkcs11.CKR_DEVICE_REMOVED)), true},
+		{"token not present", pkcs11.Error(pkcs11.CKR_TOKEN_NOT_PRESENT), true},
+		{"session lost after the pool's repair", fmt.Errorf("x: %w", pkcs11.Error(pkcs11.CKR_SESSION_HANDLE_INVALID)), true},
+		{"library finalized", pkcs11.Error(pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED), true},
+		{"C_OpenSession refused", Call("C_OpenSession", nil, pkcs11.Error(pkcs11.CKR_FUNCTION_FAILED)), true},
+		{"C_Login refused", Call("C_Login", nil, pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)), true},
+		{"token gone from its slot", absentError{"no such token in module m (present: none)"}, true},
+		{"deadline", fmt.Errorf("%w (500ms)", ErrDeadline), true},
+		{"closed", ErrClosed, true},
+		{"no member", ErrNoMember, true},
+		{"wrapped as the token's Error", wrapToken("t", Call("C_DeriveKey", nil, pkcs11.Error(pkcs11.CKR_DEVICE_ERROR))), true},
+		{"c the token refuses", Call("C_UnwrapKey", nil, pkcs11.Error(pkcs11.CKR_ENCRYPTED_DATA_INVALID)), false},
+		{"bad blob (SoftHSM2)", Call("C_UnwrapKey", nil, pkcs11.Error(pkcs11.CKR_GENERAL_ERROR)), false},
+		{"mechanism missing", Call("C_DeriveKey", nil, pkcs11.Error(pkcs11.CKR_MECHANISM_INVALID)), false},
+		{"not a PKCS#11 error", errors.New("card id is 22 bytes"), false},
+		{"nil", nil, false},
+	} {
+		if got := Unavailable(tc.err); got != tc.want {
+			t.Errorf("%s: Unavailable(%v) = %v, want %v", tc.name, tc.err, got, tc.want)
+		}
+	}
+}
+
+// groupOf opens one SoftHSM2 token with an RSA-2048 issuer key and a
+// trusted KEK twice: through its library, and through a p11fault copy of
+// it; and returns the two as members.
+func groupOf(t *testing.T) ([]Member, hsmtest.Token) {
+	t.Helper()
+	ctx := context.Background()
+	tt := hsmtest.SoftHSM(t)
+	f := hsmtest.Faulty(t, tt)
+	var ms []Member
+	for i, uri := range []string{tt.URI, f.Token.URI} {
+		tok := openFaultToken(t, uri, 2)
+		var key *IssuerKeyRef
+		var kek *KEKRef
+		var err error
+		if i == 0 {
+			if key, err = tok.GenerateIssuerKey(ctx, KindRSA2048, "issuer"); err != nil {
+				t.Fatal(err)
+			}
+			if kek, err = tok.GenerateKEK(ctx, "kek", tt.SOPIN); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			if key, err = tok.FindIssuerKey(ctx, "issuer"); err != nil {
+				t.Fatal(err)
+			}
+			if kek, err = tok.FindKEK(ctx, "kek"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ms = append(ms, Member{Token: tok, Key: key, KEK: kek})
+	}
+	return ms, tt
+}
+
+func quietGroup(t *testing.T, ms []Member) *Group {
+	t.Helper()
+	g, err := NewGroup(context.Background(), ms, GroupOptions{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close(context.Background()) })
+	return g
+}
+
+// A c the token refuses is the record's error: it takes no member out,
+// and is not tried on the other member as a failover.
+func TestGroupRecordErrorKeepsMembers(t *testing.T) {
+	ms, _ := groupOf(t)
+	g := quietGroup(t, ms)
+	ctx := context.Background()
+	p := protocol.RSAOAEPAES
+	bad := make([]byte, ms[0].Key.Public.CiphertextLen(p.Transport))
+	rand.Read(bad[1:])
+	for range 4 {
+		if _, err := g.Import(ctx, p, bad); err == nil || Unavailable(err) {
+			t.Fatalf("import of a forged c: %v, want the token's refusal", err)
+		}
+	}
+	for _, st := range g.Stats() {
+		if !st.Up || st.Downs != 0 {
+			t.Fatalf("member %+v after forged records", st)
+		}
+	}
+	if g.Failovers() != 0 {
+		t.Fatalf("%d failovers for forged records", g.Failovers())
+	}
+	// Genuine cards still import, on both members.
+	for range 8 {
+		card := newSoftCard(t, p, ms[0].Key.Public)
+		if _, err := g.Import(ctx, p, card.c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, st := range g.Stats() {
+		if st.Imports == 0 {
+			t.Fatalf("member %s got no work: %+v", st.Name, g.Stats())
+		}
+	}
+}
+
+// A member whose keys differ is refused at start, named, with the
+// reason: another issuer key (fingerprints), and, with the same issuer
+// key, another KEK (the throwaway card's blobs differ). The second needs
+// one issuer key and two KEKs under one label: the second member is the
+// first's token again, with a reference to another KEK of it under the
+// group's label.
+func TestGroupRefusesOtherKeys(t *testing.T) {
+	ms, tt := groupOf(t)
+	ctx := context.Background()
+	t.Run("issuer key", func(t *testing.T) {
+		key, err := ms[0].Token.GenerateIssuerKey(ctx, KindRSA2048, uniqueLabel("other-issuer"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = NewGroup(ctx, []Member{ms[0], {Token: ms[0].Token, Key: key, KEK: ms[0].KEK}}, GroupOptions{})
+		if err == nil || !strings.Contains(err.Error(), "is refused: its issuer key") || !strings.Contains(err.Error(), "not the same key") {
+			t.Fatalf("other issuer key: %v", err)
+		}
+	})
+	t.Run("KEK", func(t *testing.T) {
+		kek2, err := ms[0].Token.GenerateKEK(ctx, uniqueLabel("other-kek"), tt.SOPIN)
+		if err != nil {
+			t.Fatal(err)
+		}
+		kek2.Label = ms[0].KEK.Label // the same label, another key
+		_, err = NewGroup(ctx, []Member{ms[0], {Token: ms[0].Token, Key: ms[0].Key, KEK: kek2}}, GroupOptions{})
+		if err == nil || !strings.Contains(err.Error(), `its KEK "kek" is not the group's`) {
+			t.Fatalf("other KEK: %v", err)
+		}
+	})
+}
