@@ -289,7 +289,11 @@ func runOps(b *testing.B, w, n int, lockThread bool, op func(i int) error) time.
 // importer uses too), in a session of the issuer's token.
 func bareImport(is *Issuer, p protocol.Profile, tmpl []batch.Record) func(i int) error {
 	return func(i int) error {
-		_, err := is.cardKeys().Import(context.Background(), p, tmpl[i%len(tmpl)].C)
+		g, err := is.cardKeys()
+		if err != nil {
+			return err
+		}
+		_, err = g.Import(context.Background(), p, tmpl[i%len(tmpl)].C)
 		return err
 	}
 }
@@ -1024,7 +1028,8 @@ func BenchmarkIssuerVerify(b *testing.B) {
 					bare := func(i int) error {
 						c := cards[i%len(cards)]
 						// The KEK the issuer uses (its session copy, where made).
-						ok, err := is.cardKeys().Verify(ctx, c.ck.Blob, c.id, chs[i], macs[i])
+						g, _ := is.cardKeys()
+						ok, err := g.Verify(ctx, c.ck.Blob, c.id, chs[i], macs[i])
 						if err == nil && !ok {
 							err = fmt.Errorf("card %x: MAC does not verify", c.id)
 						}

@@ -1,10 +1,12 @@
 package issuer
 
 import (
-	"blindperso/api"
 	"errors"
 	"fmt"
 	"net/http"
+
+	"blindperso/api"
+	"blindperso/hsm"
 )
 
 // Kind is what an error of this package means to whoever asked. It is the
@@ -22,6 +24,9 @@ const (
 	KindConflict
 	// KindRefused: a batch refused as a whole.
 	KindRefused
+	// KindUnavailable: the token failed as a device (every member of a
+	// group, if there are several: hsm.Unavailable); try again later.
+	KindUnavailable
 )
 
 // ErrCardNotBlocked is returned by an unblock of a card that is not
@@ -69,6 +74,9 @@ func Classify(err error) (Kind, string) {
 			return c.kind, c.title
 		}
 	}
+	if hsm.Unavailable(err) {
+		return KindUnavailable, "token unavailable"
+	}
 	return KindInternal, "internal error"
 }
 
@@ -81,6 +89,8 @@ func (k Kind) HTTPStatus() int {
 		return http.StatusConflict
 	case KindRefused:
 		return http.StatusUnprocessableEntity
+	case KindUnavailable:
+		return http.StatusServiceUnavailable
 	}
 	return http.StatusInternalServerError
 }
@@ -95,6 +105,8 @@ func (k Kind) ExitCode() int {
 		return 4
 	case KindRefused:
 		return 5
+	case KindUnavailable:
+		return 6
 	}
 	return 1
 }

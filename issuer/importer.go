@@ -17,6 +17,7 @@ import (
 
 	"blindperso/attest"
 	"blindperso/batch"
+	"blindperso/hsm"
 	"blindperso/protocol"
 )
 
@@ -521,6 +522,12 @@ func (im *Importer) card(ctx context.Context, batchID string, j job) (RecordResu
 		if err != nil {
 			if ctx.Err() != nil {
 				return res, ctx.Err()
+			}
+			if hsm.Unavailable(err) {
+				// The token failed, not the record (every member of a
+				// group, if there are several): stop; a rerun imports
+				// this record and those after it.
+				return res, fmt.Errorf("line %d: %w (nothing of this record was written; run the import again when the token is back)", j.line, err)
 			}
 			if im.Log != nil {
 				im.Log.Warn("token refused c", "batch", batchID, "line", j.line, "card", fmt.Sprintf("%x", []byte(rec.ID)), "err", err)

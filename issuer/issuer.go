@@ -28,31 +28,45 @@ type CardKey struct {
 
 // Issuer binds a token to the issuer key the cards were personalized
 // under and to the KEK that protects stored card keys. The token work —
-// session copies where the token makes them, SoftHSM2's recycling — is
-// hsm.CardKeys's; Issuer adds what the issuer checks of a record.
+// session copies where the token makes them, SoftHSM2's recycling, and
+// the failover between several tokens that hold the same keys — is
+// hsm.Group's; Issuer adds what the issuer checks of a record.
 type Issuer struct {
+	// Token, Key and KEK are the token and keys of a lone token, or the
+	// first member of Group.
 	Token *hsm.Token
 	Key   *hsm.IssuerKeyRef
 	KEK   *hsm.KEKRef
+	// Group, if set, does the token work over its members (made by
+	// hsm.NewGroup, which proved they hold the same keys); else a group
+	// of Token alone does it.
+	Group *hsm.Group
 	// TokenObjects, if set before first use, makes the issuer use the
-	// token objects themselves, without session copies.
+	// token objects themselves, without session copies (a lone token).
 	TokenObjects bool
 	// RecycleEvery, if set before first use, replaces
 	// hsm.DefaultRecycleEvery (tests; hsm.NeverRecycle turns it off; 0
-	// leaves it to hsm.RecycleEnv or the default).
+	// leaves it to hsm.RecycleEnv or the default) for a lone token.
 	// Imports and verifications count alike, so issuer serve, which may
 	// only verify for months, recycles as the importer does.
 	RecycleEvery int64
 
-	once sync.Once
-	keys *hsm.CardKeys
+	once   sync.Once
+	keys   *hsm.Group
+	keyErr error
 }
 
-func (is *Issuer) cardKeys() *hsm.CardKeys {
+func (is *Issuer) cardKeys() (*hsm.Group, error) {
 	is.once.Do(func() {
-		is.keys = &hsm.CardKeys{Token: is.Token, Key: is.Key, KEK: is.KEK, TokenObjects: is.TokenObjects, RecycleEvery: is.RecycleEvery}
+		if is.Group != nil {
+			is.keys = is.Group
+			return
+		}
+		// One member: NewGroup checks nothing and touches no token.
+		is.keys, is.keyErr = hsm.NewGroup(context.Background(), []hsm.Member{{Token: is.Token, Key: is.Key, KEK: is.KEK}},
+			hsm.GroupOptions{TokenObjects: is.TokenObjects, RecycleEvery: is.RecycleEvery})
 	})
-	return is.keys
+	return is.keys, is.keyErr
 }
 
 // Import derives one card's K_I from its record in the token and returns
@@ -67,7 +81,11 @@ func (is *Issuer) Import(ctx context.Context, rec batch.Record) (CardKey, error)
 	if err != nil {
 		return CardKey{}, fmt.Errorf("card %x: %w", []byte(rec.ID), err)
 	}
-	blob, err := is.cardKeys().Import(ctx, p, rec.C)
+	g, err := is.cardKeys()
+	if err != nil {
+		return CardKey{}, err
+	}
+	blob, err := g.Import(ctx, p, rec.C)
 	if err != nil {
 		return CardKey{}, fmt.Errorf("import card %x: %w", []byte(rec.ID), err)
 	}
@@ -78,7 +96,11 @@ func (is *Issuer) Import(ctx context.Context, rec batch.Record) (CardKey, error)
 // card answered with another key: the paper's sign of an active attack
 // during personalization (or a broken card).
 func (is *Issuer) Verify(ctx context.Context, ck CardKey, challenge, mac []byte) (bool, error) {
-	ok, err := is.cardKeys().Verify(ctx, ck.Blob, ck.ID, challenge, mac)
+	g, err := is.cardKeys()
+	if err != nil {
+		return false, err
+	}
+	ok, err := g.Verify(ctx, ck.Blob, ck.ID, challenge, mac)
 	if err != nil {
 		return false, fmt.Errorf("verify card %x: %w", []byte(ck.ID), err)
 	}
@@ -87,9 +109,40 @@ func (is *Issuer) Verify(ctx context.Context, ck CardKey, challenge, mac []byte)
 
 // RecycleStats says how often the token was recycled for this Issuer's
 // imports and verifications, and how long each recycle held them off.
-func (is *Issuer) RecycleStats() hsm.RecycleStats { return is.cardKeys().Stats() }
+// (summed over a group's members).
+func (is *Issuer) RecycleStats() hsm.RecycleStats {
+	g, err := is.cardKeys()
+	if err != nil {
+		return hsm.RecycleStats{}
+	}
+	return g.RecycleStats()
+}
 
-// Close destroys the session copies of the keys (the Token stays open:
-// it is the caller's). The Issuer can still be used afterwards, with the
-// token objects.
-func (is *Issuer) Close(ctx context.Context) error { return is.cardKeys().Close(ctx) }
+// Members says how each token of the issuer is (one for a lone token).
+func (is *Issuer) Members() []hsm.MemberStats {
+	g, err := is.cardKeys()
+	if err != nil {
+		return nil
+	}
+	return g.Stats()
+}
+
+// Failovers counts the token operations redone on another member.
+func (is *Issuer) Failovers() int64 {
+	g, err := is.cardKeys()
+	if err != nil {
+		return 0
+	}
+	return g.Failovers()
+}
+
+// Close stops a group's re-probing and destroys the session copies of
+// the keys (the Tokens stay open: they are the caller's). The Issuer can
+// still be used afterwards, with the token objects.
+func (is *Issuer) Close(ctx context.Context) error {
+	g, err := is.cardKeys()
+	if err != nil {
+		return err
+	}
+	return g.Close(ctx)
+}

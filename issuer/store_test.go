@@ -41,7 +41,7 @@ var storeKinds = []storeKind{
 	}},
 }
 
-func openStore(t *testing.T, db string) Store {
+func openStore(t testing.TB, db string) Store {
 	t.Helper()
 	s, err := Open(context.Background(), db)
 	if err != nil {

@@ -71,6 +71,7 @@ func newMetrics(reg *prometheus.Registry, is *issuer.Issuer, st issuer.Store) *m
 			Help: "The longest pause of one recycle so far."},
 			func() float64 { return rs().Max.Seconds() }),
 	)
+	reg.MustRegister(memberCollector{is})
 	for _, r := range []string{api.ResultOK, api.ResultFailed, api.ResultBlocked, api.ResultRefused} {
 		m.verifies.WithLabelValues(r)
 	}

@@ -163,6 +163,10 @@ func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error) {
 	case kind == issuer.KindInternal:
 		h.log.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
 		detail = "see the server log"
+	case kind == issuer.KindUnavailable:
+		h.log.Error("token unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
+		detail = "the issuer's token is unavailable; try again (the server log says why)"
+		w.Header().Set("Retry-After", "1")
 	case errors.As(err, &br):
 		detail = br.Reason
 	}
