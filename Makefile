@@ -76,6 +76,7 @@ bench: deps
 	$(GO) test -run '^$$' -bench KEKRotate -benchtime 8000x ./issuer
 	$(GO) test -run '^$$' -bench 'BenchmarkExport$$' -benchtime 8000x ./issuer
 	$(GO) test -run '^$$' -bench PGThreeInstances -benchtime 3000x ./issuer
+	$(GO) test -run '^$$' -bench GroupImport -benchtime 12000x ./issuer
 	$(GO) test -run '^$$' -bench IssuerNaive -benchtime 1x ./issuer
 	@echo 'the 100k/1M-record import: BLINDPERSO_BENCH_BIG=1 $(GO) test -run ^$$ -bench IssuerImportBig -benchtime 1x -timeout 60m ./issuer'
 	@echo 'the 1M-verification soak of issuer serve (RSS flat): BLINDPERSO_BENCH_SOAK=1 $(GO) test -run TestServeSoak -v -timeout 180m ./e2e'

@@ -16,43 +16,6 @@ import (
 	"blindperso/issuer"
 )
 
-// issuerFlags adds --key and --kek and returns a function that opens the
-// token and finds both keys in it. gated commands (import, serve) also
-// audit the keys and refuse weak ones (weakKeyGate).
-func issuerFlags(c *cobra.Command, gated bool) func(ctx context.Context, sessions int) (*issuer.Issuer, error) {
-	open := tokenFlag(c)
-	gate := func(context.Context, *issuer.Issuer) error { return nil }
-	if gated {
-		gate = weakKeyGate(c)
-	}
-	key := c.Flags().String("key", "", "label of the issuer key in the token (required)")
-	kek := c.Flags().String("kek", "", "label of the KEK in the token (required)")
-	c.MarkFlagRequired("key")
-	c.MarkFlagRequired("kek")
-	return func(ctx context.Context, sessions int) (*issuer.Issuer, error) {
-		tok, err := open(sessions)
-		if err != nil {
-			return nil, err
-		}
-		k, err := tok.FindIssuerKey(ctx, *key)
-		if err != nil {
-			tok.Close()
-			return nil, err
-		}
-		w, err := tok.FindKEK(ctx, *kek)
-		if err != nil {
-			tok.Close()
-			return nil, err
-		}
-		is := &issuer.Issuer{Token: tok, Key: k, KEK: w}
-		if err := gate(ctx, is); err != nil {
-			tok.Close()
-			return nil, err
-		}
-		return is, nil
-	}
-}
-
 // dbFlag adds --db and returns a function that opens the store it names.
 func dbFlag(c *cobra.Command) func(ctx context.Context) (issuer.Store, error) {
 	db := c.Flags().String("db", "", "the issuer's store: a data directory for the embedded SQLite store, or a PostgreSQL URL (postgres://…) or key=value DSN (default $"+envDB+", else ./issuer-data)")
@@ -94,7 +57,7 @@ conflicted. See docs/ISSUER.md.
 
 ` + attestHelp + `
 
-` + uriHelp,
+` + uriHelp + "\n\n" + memberHelp,
 		Example: `  issuer import --token "$BLINDPERSO_TOKEN" --key issuer-2026 --kek kek-1 \
       --batch batch.ndjson --db /var/lib/blindperso-issuer
   issuer import --key issuer-2026 --kek kek-1 --batch batch.ndjson \
@@ -117,7 +80,7 @@ conflicted. See docs/ISSUER.md.
 		if err != nil {
 			return err
 		}
-		defer is.Token.Close()
+		defer closeIssuer(is)
 		ck, err := checker(is)
 		if err != nil {
 			return err
@@ -395,7 +358,7 @@ asking the token for a card already blocked or in conflict.
 A challenge that is unknown, used, expired or for another card is an
 error (exit 1) that does not count against the card: get a new one.
 
-` + uriHelp,
+` + uriHelp + "\n\n" + memberHelp,
 		Example: `  ch=$(issuer cards challenge B100000000000001)
   mac=$(vcard authenticate --challenge "$ch" card.json)
   issuer cards verify B100000000000001 --challenge "$ch" --mac "$mac" \
@@ -431,7 +394,7 @@ error (exit 1) that does not count against the card: get a new one.
 		if err != nil {
 			return err
 		}
-		defer is.Token.Close()
+		defer closeIssuer(is)
 		st, err := openStore(ctx) // after the token: a failing token leaves no new store
 		if err != nil {
 			return err

@@ -41,6 +41,9 @@ func TestScripts(t *testing.T) {
 	for _, s := range scripts {
 		soft[strings.TrimSuffix(filepath.Base(s), ".txtar")] = hsmtest.SoftHSM(t)
 	}
+	// The group script's second member: its token through a p11fault
+	// copy of the library (the `fault` command sets its rules).
+	faults["group"] = hsmtest.Faulty(t, soft["group"])
 	nss := hsmtest.NSS(t)
 	// opencryptoki's soft token, shared like NSS's database; scripts that
 	// use it start with [!opencryptoki] skip.
@@ -68,6 +71,9 @@ func TestScripts(t *testing.T) {
 			env.Setenv("SOFTHSM2_CONF", os.Getenv("SOFTHSM2_CONF"))
 			env.Setenv("SOFTHSM_URI", tok.URI)
 			env.Setenv("SOFTHSM_SO_PIN_FILE", soPIN)
+			if f := faults[strings.TrimPrefix(filepath.Base(env.WorkDir), "script-")]; f != nil {
+				env.Setenv("SOFTHSM_COPY_URI", f.Token.URI)
+			}
 			env.Setenv("NSS_URI", nss.URI)
 			if ock.URI != "" {
 				ockSO := filepath.Join(env.WorkDir, "ock-so.pin")

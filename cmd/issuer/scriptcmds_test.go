@@ -31,6 +31,7 @@ import (
 	"blindperso/card/cardtest"
 	"blindperso/export"
 	"blindperso/hsm"
+	"blindperso/hsm/hsmtest"
 	"blindperso/protocol"
 )
 
@@ -41,6 +42,7 @@ var scriptCmds = map[string]func(ts *testscript.TestScript, neg bool, args []str
 	"personalize": cmdPersonalize,
 	"cardmac":     cmdCardMAC,
 	"capture":     cmdCapture,
+	"fault":       cmdFault,
 	"tlscert":     cmdTLSCert,
 	"importktk":   cmdImportKTK,
 	"receive":     cmdReceive,
@@ -150,6 +152,23 @@ func cmdCardMAC(ts *testscript.TestScript, neg bool, args []string) {
 	mac, err := cardAnswer(ts.MkAbs(args[0]), ch)
 	ts.Check(err)
 	fmt.Fprintf(ts.Stdout(), "%x\n", mac)
+}
+
+// faults are the p11fault members of the scripts that have one, by
+// script name (TestScripts).
+var faults = map[string]*hsmtest.Fault{}
+
+// fault [RULE ...]: replace the rules of the script's p11fault member
+// ($SOFTHSM_COPY_URI) by these control-file lines; none: clear them.
+func cmdFault(ts *testscript.TestScript, neg bool, args []string) {
+	if neg {
+		ts.Fatalf("unsupported: ! fault")
+	}
+	f := faults[strings.TrimPrefix(filepath.Base(ts.Getenv("WORK")), "script-")]
+	if f == nil {
+		ts.Fatalf("fault: this script has no p11fault member")
+	}
+	f.Set(args...)
 }
 
 // capture VAR: set VAR to the previous command's stdout, trimmed.

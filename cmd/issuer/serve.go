@@ -56,7 +56,7 @@ SIGTERM stops it gracefully. See docs/ISSUER.md "HTTP API".
 ` + attestHelp + ` Uploads are checked as issuer import
 checks them.
 
-` + uriHelp,
+` + uriHelp + "\n\n" + memberHelp,
 		Example: `  issuer serve --addr :8443 --tls-cert server.pem --tls-key server.key \
       --tokens /etc/blindperso/tokens --client-ca clients-ca.pem \
       --key issuer-2026 --kek kek-1 --db /var/lib/blindperso-issuer
@@ -112,7 +112,7 @@ checks them.
 		if err != nil {
 			return err
 		}
-		defer is.Token.Close()
+		defer closeIssuer(is)
 		ck, err := checker(is)
 		if err != nil {
 			return err

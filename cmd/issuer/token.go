@@ -4,8 +4,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -58,7 +61,7 @@ func tokenFlag(c *cobra.Command) func(sessions int) (*hsm.Token, error) {
 func probeCmd() *cobra.Command {
 	var asJSON, noAttack bool
 	c := &cobra.Command{
-		Use:   "probe --token URI [--so-pin-file FILE] [--json]",
+		Use:   "probe --token URI [--token URI ...] [--key L --kek L] [--so-pin-file FILE] [--json]",
 		Short: "Say which profiles a token runs in-token, and what a holder of its user PIN can take out",
 		Long: `Read the token's mechanism list, try every step the in-token chains need
 on throwaway session objects (all destroyed afterwards; the token's keys
@@ -81,76 +84,181 @@ KEK must be marked trusted by the security officer, as in the ceremony:
 give --so-pin-file (or $BLINDPERSO_SO_PIN), else the KEK paths are not
 tried. --no-attack skips the matrix (it writes throwaway token objects).
 
+With several --token, each token is probed in turn. With --key and --kek
+the tokens are then checked as the members of one group, as issuer import
+and serve check them at start (same issuer key and KEK, proved with a
+throwaway card), and each member's rate of imports and verifications
+alone is measured (a quarter of a second each); a running issuer serve shows each
+member's health and work in /metrics (blindperso_issuer_token_member_*).
+
 ` + uriHelp,
 		Example: `  issuer probe --token 'pkcs11:token=issuer?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/blindperso/user.pin' --so-pin-file so.pin
   issuer probe --token "$BLINDPERSO_TOKEN" --json | jq '.profiles[] | select(.runnable) | .profile'
   issuer probe --json --so-pin-file so.pin | jq '.pin_holder.results[] | select(.open) | .id'`,
 		Args: cobra.NoArgs,
 	}
-	open := tokenFlag(c)
+	uris := c.Flags().StringArray("token", nil, "PKCS#11 URI of the token (default $"+envToken+"); repeat for the members of a group")
 	readSOPIN := soPINFlag(c, "file holding the security officer's PIN, to make a trusted throwaway KEK for the PIN-holder matrix")
 	c.Flags().BoolVar(&asJSON, "json", false, "print the report as JSON, for scripts")
 	c.Flags().BoolVar(&noAttack, "no-attack", false, "only the profile matrix: do not run the PIN-holder adversary")
+	key := c.Flags().String("key", "", "with --kek: also check that every --token holds this issuer key and the KEK, and measure each member's rate")
+	kek := c.Flags().String("kek", "", "label of the KEK, with --key")
 	c.RunE = func(cmd *cobra.Command, _ []string) error {
 		soPIN, err := readSOPIN()
 		if err != nil {
 			return err
 		}
-		tok, err := open(1)
-		if err != nil {
-			return err
+		list := *uris
+		if len(list) == 0 {
+			list = strings.Fields(os.Getenv(envToken))
 		}
-		defer tok.Close()
-		ctx := cmd.Context()
-		r, err := tok.Probe(ctx)
-		if err != nil {
-			return err
+		if len(list) == 0 {
+			return errors.New("no token: give --token URI or set " + envToken)
 		}
-		var ph *pinholder.Report
-		var phErr string // the adversary could not run: said, not fatal
-		if !noAttack {
-			uri := c.Flags().Lookup("token").Value.String()
-			if uri == "" {
-				uri = os.Getenv(envToken)
-			}
-			if ph, err = probeWithPINHolder(ctx, tok, uri, soPIN); err != nil {
-				if ctx.Err() != nil {
-					return err
+		if (*key == "") != (*kek == "") {
+			return errors.New("--key and --kek go together")
+		}
+		for i, uri := range list {
+			if len(list) > 1 && !asJSON {
+				if i > 0 {
+					fmt.Fprintln(cmd.OutOrStdout())
 				}
-				phErr = err.Error()
+				fmt.Fprintf(cmd.OutOrStdout(), "== token %d of %d ==\n", i+1, len(list))
+			}
+			if err := probeOne(cmd, uri, soPIN, asJSON, noAttack); err != nil {
+				return err
 			}
 		}
-		pub := publishedTable(tok.Mechanisms())
-		if asJSON {
-			enc := json.NewEncoder(cmd.OutOrStdout())
-			enc.SetIndent("", "  ")
-			return enc.Encode(struct {
-				*hsm.ProbeReport
-				Published *tablePublished   `json:"table_published,omitempty"`
-				PINHolder *pinholder.Report `json:"pin_holder,omitempty"`
-				// PINHolderError says why the adversary did not run.
-				PINHolderError string `json:"pin_holder_error,omitempty"`
-			}{r, pub, ph, phErr})
-		}
-		if err := r.WriteText(cmd.OutOrStdout()); err != nil {
-			return err
-		}
-		if pub != nil {
-			fmt.Fprintf(cmd.OutOrStdout(), "\nnote: table %q is published, not measured (%s).\n"+
-				"      The trials above are its first measurement: record them in docs/HSM.md and correct hsm/vendors.go.\n",
-				pub.Table, pub.Source)
-		}
-		if phErr != "" {
-			fmt.Fprintf(cmd.OutOrStdout(), "\nPIN-holder adversary: not run: %s\n"+
-				"      (it attacks keys made as the ceremony makes them; a token that cannot make them runs no profile either)\n", phErr)
-		}
-		if ph == nil {
+		if *key == "" {
 			return nil
 		}
-		fmt.Fprintln(cmd.OutOrStdout())
-		return ph.WriteText(cmd.OutOrStdout())
+		return probeGroup(cmd, list, *key, *kek, asJSON)
 	}
 	return c
+}
+
+// probeOne probes one token and prints its report.
+func probeOne(cmd *cobra.Command, uri, soPIN string, asJSON, noAttack bool) error {
+	tok, err := hsm.OpenURI(uri, 1)
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	ctx := cmd.Context()
+	r, err := tok.Probe(ctx)
+	if err != nil {
+		return err
+	}
+	var ph *pinholder.Report
+	var phErr string // the adversary could not run: said, not fatal
+	if !noAttack {
+		if ph, err = probeWithPINHolder(ctx, tok, uri, soPIN); err != nil {
+			if ctx.Err() != nil {
+				return err
+			}
+			phErr = err.Error()
+		}
+	}
+	pub := publishedTable(tok.Mechanisms())
+	if asJSON {
+		enc := json.NewEncoder(cmd.OutOrStdout())
+		enc.SetIndent("", "  ")
+		return enc.Encode(struct {
+			*hsm.ProbeReport
+			Published *tablePublished   `json:"table_published,omitempty"`
+			PINHolder *pinholder.Report `json:"pin_holder,omitempty"`
+			// PINHolderError says why the adversary did not run.
+			PINHolderError string `json:"pin_holder_error,omitempty"`
+		}{r, pub, ph, phErr})
+	}
+	if err := r.WriteText(cmd.OutOrStdout()); err != nil {
+		return err
+	}
+	if pub != nil {
+		fmt.Fprintf(cmd.OutOrStdout(), "\nnote: table %q is published, not measured (%s).\n"+
+			"      The trials above are its first measurement: record them in docs/HSM.md and correct hsm/vendors.go.\n",
+			pub.Table, pub.Source)
+	}
+	if phErr != "" {
+		fmt.Fprintf(cmd.OutOrStdout(), "\nPIN-holder adversary: not run: %s\n"+
+			"      (it attacks keys made as the ceremony makes them; a token that cannot make them runs no profile either)\n", phErr)
+	}
+	if ph == nil {
+		return nil
+	}
+	fmt.Fprintln(cmd.OutOrStdout())
+	return ph.WriteText(cmd.OutOrStdout())
+}
+
+// groupReport is what issuer probe --key --kek says of the tokens as a
+// group: whether they hold the same keys (hsm.NewGroup's proof) and each
+// member's rate alone.
+type groupReport struct {
+	Key     string        `json:"key"`
+	KEK     string        `json:"kek"`
+	Same    bool          `json:"same_keys"`
+	Refusal string        `json:"refusal,omitempty"`
+	Members []memberProbe `json:"members,omitempty"`
+}
+
+type memberProbe struct {
+	Member         string  `json:"member"`
+	ImportsPerSec  float64 `json:"imports_per_second"`
+	VerifiesPerSec float64 `json:"verifications_per_second"`
+	Error          string  `json:"error,omitempty"`
+}
+
+// probeGroup proves the tokens hold the same keys and measures each.
+func probeGroup(cmd *cobra.Command, uris []string, key, kek string, asJSON bool) error {
+	ctx := cmd.Context()
+	var members []hsm.Member
+	defer func() {
+		for _, m := range members {
+			m.Token.Close()
+		}
+	}()
+	for i, u := range uris {
+		m, err := openMember(ctx, u, 1, key, kek)
+		if err != nil {
+			return fmt.Errorf("token %d of %d: %w", i+1, len(uris), err)
+		}
+		members = append(members, m)
+	}
+	rep := groupReport{Key: key, KEK: kek}
+	g, err := hsm.NewGroup(ctx, members, hsm.GroupOptions{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		rep.Refusal = err.Error()
+	} else {
+		defer g.Close(ctx)
+		rep.Same = true
+		for _, r := range g.Measure(ctx, 250*time.Millisecond) {
+			mp := memberProbe{Member: r.Name, ImportsPerSec: r.Imports, VerifiesPerSec: r.Verifies}
+			if r.Err != nil {
+				mp.Error = r.Err.Error()
+			}
+			rep.Members = append(rep.Members, mp)
+		}
+	}
+	out := cmd.OutOrStdout()
+	if asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(map[string]groupReport{"group": rep})
+	}
+	fmt.Fprintf(out, "\ntoken group of %d (issuer key %q, KEK %q):\n", len(uris), key, kek)
+	if !rep.Same {
+		fmt.Fprintf(out, "  REFUSED: %s\n", rep.Refusal)
+		return errors.New("the tokens do not hold the same keys")
+	}
+	fmt.Fprintln(out, "  every member holds the same issuer key and KEK (a throwaway card gave the same wrapped key in each)")
+	for _, m := range rep.Members {
+		if m.Error != "" {
+			fmt.Fprintf(out, "  %-24s FAILED: %s\n", m.Member, m.Error)
+			continue
+		}
+		fmt.Fprintf(out, "  %-24s up, %6.0f imports/s, %6.0f verifications/s (alone, one session)\n", m.Member, m.ImportsPerSec, m.VerifiesPerSec)
+	}
+	return nil
 }
 
 func keygenCmd() *cobra.Command {
