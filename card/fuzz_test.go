@@ -38,7 +38,8 @@ func FuzzTransmit(f *testing.F) {
 	// Durability is not what this target tests: skip fsync, and reuse one
 	// directory, so each input costs microseconds.
 	writeState = func(path string, b []byte) error { return os.WriteFile(path, b, 0o600) }
-	defer func() { writeState = atomicfile.Write }()
+	syncState = func(string) error { return nil }
+	defer func() { writeState, syncState = atomicfile.Write, atomicfile.Sync }()
 	dir := f.TempDir()
 	var n atomic.Int64
 	f.Fuzz(func(t *testing.T, in []byte) {

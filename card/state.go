@@ -167,9 +167,23 @@ func (s *state) load(path string) error {
 	if err := s.validate(); err != nil {
 		return fmt.Errorf("card state %s: %w", path, err)
 	}
+	// The card answers from this state from now on, but it may be only
+	// what an earlier process wrote: atomicfile.Write syncs the new file
+	// before its rename, and the rename with the directory sync after it,
+	// and a process killed between the two leaves a rename in the page
+	// cache only. A card that read back a PERSONALIZE whose rename a power
+	// loss then undoes would be blank again under a c already recorded.
+	if err := syncState(path); err != nil {
+		return fmt.Errorf("card state %s: make it durable: %w", path, err)
+	}
 	return nil
 }
 
-// writeState is how state reaches the file. Only the fuzz test replaces it
-// (with a write that skips fsync, to run thousands of cards a second).
-var writeState = atomicfile.Write
+// writeState is how state reaches the file, and syncState how a loaded
+// state file (and its directory entry) is made durable. Only the fuzz
+// test replaces them (with a write that skips fsync and no sync, to run
+// thousands of cards a second).
+var (
+	writeState = atomicfile.Write
+	syncState  = atomicfile.Sync
+)

@@ -344,6 +344,16 @@ func Resume(path string, m Manifest, seen func(Record) error) (*Writer, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: %w (%v)", pp, ErrPartialBusy, err)
 	}
+	// What is read back below may be only what a killed run wrote, in
+	// the page cache: make it durable (and the file's name) before seen
+	// tells the caller about it (the issuer logs those cards as exported).
+	if err := f.Sync(); err == nil {
+		err = atomicfile.SyncDir(filepath.Dir(pp))
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s: make it durable: %w", pp, err)
+	}
 	m.File = filepath.Base(path)
 	w := &Writer{path: path, tmp: f, m: m, h: newHashCounter(), partial: true}
 	if err := w.rehash(seen); err != nil {

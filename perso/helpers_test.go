@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -23,25 +24,28 @@ import (
 // cheapest profile for the card, so tests measure the station.
 func testJob(t testing.TB) perso.Job {
 	t.Helper()
-	vs, err := protocol.ReadVectors("../testdata/vectors.json")
+	job, err := loadTestJob()
 	if err != nil {
 		t.Fatal(err)
+	}
+	return job
+}
+
+func loadTestJob() (perso.Job, error) {
+	vs, err := protocol.ReadVectors("../testdata/vectors.json")
+	if err != nil {
+		return perso.Job{}, err
 	}
 	for _, v := range vs {
 		if v.Profile == protocol.ECDHP256AES.Name {
 			key, err := protocol.ParseIssuerKey(v.IssuerSPKI)
 			if err != nil {
-				t.Fatal(err)
+				return perso.Job{}, err
 			}
-			job, err := perso.NewJob(protocol.ECDHP256AES, key, v.Fingerprint)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return job
+			return perso.NewJob(protocol.ECDHP256AES, key, v.Fingerprint)
 		}
 	}
-	t.Fatal("no ecdh-p256-aes vector")
-	return perso.Job{}
+	return perso.Job{}, errors.New("no ecdh-p256-aes vector")
 }
 
 // manufacture makes n blank cards in dir with Ids prefix‖i and returns

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"blindperso/batch"
+	"blindperso/internal/atomicfile"
 )
 
 // ErrDuplicateID reports a second card claiming the Id of a card already in
@@ -67,7 +68,7 @@ type Journal struct {
 	failed error
 
 	syncMu sync.Mutex
-	synced int64 // bytes known durable
+	synced int64 // bytes a sync of this process covered, and so durable
 
 	rejects *os.File
 }
@@ -98,6 +99,10 @@ func attDigest(a *batch.Attestation) []byte {
 // line (a crash in the middle of an append: that record was never synced,
 // so its card was never locked and will be read back) and refuses a batch
 // with a corrupt line elsewhere or records of another profile or key.
+// Before it returns, everything it read is made durable by this process
+// (makeDurable): the batch, the rejects file and their directory, so
+// that a record an earlier run wrote but never synced is synced before
+// any card is locked on it.
 // Empty profile and nil fp take them from the first record (for sealing a
 // batch without knowing its job).
 //
@@ -128,11 +133,6 @@ func OpenJournal(path, profile string, fp []byte, log *slog.Logger) (*Journal, e
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		return fail(fmt.Errorf("batch %s is in use by another station (flock: %v)", path, err))
 	}
-	if created {
-		if err := syncDir(filepath.Dir(path)); err != nil {
-			return fail(fmt.Errorf("create batch %s: %w", path, err))
-		}
-	}
 	j := &Journal{path: path, profile: profile, fp: fp, log: log, f: f,
 		index: map[string]entry{}, sum: sha256.New()}
 	sealing := profile == "" && fp == nil
@@ -142,11 +142,44 @@ func OpenJournal(path, profile string, fp []byte, log *slog.Logger) (*Journal, e
 	if j.version == 0 { // no record: the batch is written in this version
 		j.version = batch.Version
 	}
-	j.synced = j.size
 	if _, err := f.Seek(j.size, io.SeekStart); err != nil {
 		return fail(err)
 	}
+	testHooks.event(TraceOpen, path, j.size)
+	if err := j.makeDurable(); err != nil {
+		if j.rejects != nil {
+			j.rejects.Close()
+		}
+		return fail(fmt.Errorf("batch %s: make what it holds durable before relying on it: %w", path, err))
+	}
+	j.synced = j.size // true now, not merely read back
 	return j, nil
+}
+
+// makeDurable makes durable, in this process, everything the journal
+// read and will rely on: a record an earlier run wrote and was killed
+// before its fdatasync returned is in the page cache only, and that run
+// never locked its card; this run would, on the strength of reading the
+// record back (Commit of the same Id and c returns once synced reaches
+// the record). So: fsync the batch (everything load read), fsync the
+// rejects file if there is one (the manifest counts its lines), and fsync
+// the directory, on every open: the batch's entry (a run that created
+// it may have died before its directory sync) and the rejects and torn
+// side files'. docs/STATION.md, "What is durable, and since when".
+func (j *Journal) makeDurable() error {
+	if err := syncFull(j.f, j.path, j.size); err != nil {
+		return err
+	}
+	rp := batch.RejectsPath(j.path)
+	if r, err := os.OpenFile(rp, os.O_WRONLY|os.O_APPEND, 0); err == nil {
+		j.rejects = r
+		if err := syncFull(r, rp, -1); err != nil {
+			return fmt.Errorf("%s: %w", rp, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return syncDir(filepath.Dir(j.path))
 }
 
 // load reads every record, checks it and indexes it. Unless sealing,
@@ -211,13 +244,18 @@ func (j *Journal) load(sealing bool) error {
 // did not return), so no card was locked on its strength.
 func (j *Journal) repairTail(off int64, torn []byte, why string) error {
 	side := fmt.Sprintf("%s.torn-%s", j.path, time.Now().UTC().Format("20060102T150405.000000000"))
-	if err := os.WriteFile(side, torn, 0o644); err != nil {
+	// The side file, and its directory entry, are durable before the
+	// bytes are cut from the batch: a power loss never loses both.
+	if err := writeDurable(side, torn); err != nil {
+		return fmt.Errorf("batch %s: keep torn last line: %w", j.path, err)
+	}
+	if err := syncDir(filepath.Dir(j.path)); err != nil {
 		return fmt.Errorf("batch %s: keep torn last line: %w", j.path, err)
 	}
 	if err := j.f.Truncate(off); err != nil {
 		return fmt.Errorf("batch %s: cut torn last line: %w", j.path, err)
 	}
-	if err := j.f.Sync(); err != nil {
+	if err := syncFull(j.f, j.path, off); err != nil {
 		return fmt.Errorf("batch %s: %w", j.path, err)
 	}
 	j.size = off
@@ -319,11 +357,20 @@ func (j *Journal) syncTo(end int64) error {
 	if failed != nil {
 		return failed
 	}
-	if err := fdatasync(j.f); err != nil {
+	if err := syncData(j.f, j.path, target); err != nil {
 		// After a failed fsync the kernel may have dropped the dirty
-		// pages: nothing written since the last good sync can be trusted.
+		// pages, or kept them marked clean, and reports the error once:
+		// a later fsync, this run's or the next one's, returns nil
+		// without those bytes on disk. So nothing written since the last
+		// good sync can be trusted, and it is cut off, lest the next run
+		// read a record back and lock its card on a sync that proves
+		// nothing. No card was locked on it (its commit fails here); the
+		// next run reads its c back and appends it again.
 		j.mu.Lock()
 		j.failed = fmt.Errorf("%w: sync %s: %w", ErrJournalFailed, j.path, err)
+		if terr := j.f.Truncate(j.synced); terr != nil {
+			j.failed = fmt.Errorf("%w (and cutting the unsynced records off failed: %v)", j.failed, terr)
+		}
 		j.mu.Unlock()
 		return j.failed
 	}
@@ -337,18 +384,24 @@ func (j *Journal) reject(rec batch.Record, line []byte) error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
 	dupErr := fmt.Errorf("%w: card %x is already in the batch with another c; kept the first record, this card stays unlocked: set it aside", ErrDuplicateID, []byte(rec.ID))
-	if j.rejects == nil {
+	created := false
+	if j.rejects == nil { // OpenJournal opened it if it existed
 		f, err := os.OpenFile(batch.RejectsPath(j.path), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 		if err != nil {
 			return fmt.Errorf("%w (and recording it failed: %v)", dupErr, err)
 		}
-		j.rejects = f
+		j.rejects, created = f, true
 	}
 	if _, err := j.rejects.Write(line); err != nil {
 		return fmt.Errorf("%w (and recording it failed: %v)", dupErr, err)
 	}
-	if err := j.rejects.Sync(); err != nil {
+	if err := syncFull(j.rejects, j.rejects.Name(), -1); err != nil {
 		return fmt.Errorf("%w (and recording it failed: %v)", dupErr, err)
+	}
+	if created {
+		if err := syncDir(filepath.Dir(j.path)); err != nil {
+			return fmt.Errorf("%w (and recording it failed: %v)", dupErr, err)
+		}
 	}
 	return dupErr
 }
@@ -379,17 +432,56 @@ func (j *Journal) Close() error {
 		errs = append(errs, j.rejects.Close())
 	}
 	if j.failed == nil {
-		errs = append(errs, j.f.Sync())
+		errs = append(errs, syncFull(j.f, j.path, j.size))
 	}
 	errs = append(errs, j.f.Close())
 	return errors.Join(errs...)
 }
 
 func syncDir(dir string) error {
-	d, err := os.Open(dir)
+	if err := atomicfile.SyncDir(dir); err != nil {
+		return err
+	}
+	testHooks.event(TraceDirSync, dir, 0)
+	return nil
+}
+
+// writeDurable creates path (which must not exist) holding data, synced.
+func writeDurable(path string, data []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	return d.Sync()
+	_, err = f.Write(data)
+	if err == nil {
+		err = syncFull(f, path, int64(len(data)))
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// syncFull fsyncs f (named path, n bytes long); syncData fdatasyncs it.
+// Both are traced in a test build (testhook.go), and a test build may
+// slow fdatasync down.
+func syncFull(f *os.File, path string, n int64) error {
+	testHooks.event(TraceFsyncBegin, path, n)
+	if err := f.Sync(); err != nil {
+		return err
+	}
+	testHooks.event(TraceFsync, path, n)
+	return nil
+}
+
+func syncData(f *os.File, path string, n int64) error {
+	testHooks.event(TraceFdatasyncBegin, path, n)
+	if err := testHooks.slowDisk(); err != nil {
+		return err
+	}
+	if err := fdatasync(f); err != nil {
+		return err
+	}
+	testHooks.event(TraceFdatasync, path, n)
+	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -197,4 +198,54 @@ func TestOpenJournalBOM(t *testing.T) {
 	if b, _ := os.ReadFile(path); string(b) != "\uFEFF"+line {
 		t.Fatal("the batch was changed")
 	}
+}
+
+// A failed fdatasync stops the station, and the records written since the
+// last good sync are cut off: the kernel reports a writeback error once,
+// so the next run's sync could not prove them durable, and their cards
+// were not locked. The next run reads those cards back and records them
+// again; every card ends locked with one record.
+func TestJournalSyncFailure(t *testing.T) {
+	job := testJob(t)
+	dir := t.TempDir()
+	paths := manufacture(t, dir, 0x5f, 3)
+	batch := filepath.Join(dir, "batch.ndjson")
+	log, logs := newLog()
+	j := openJournal(t, job, batch, log)
+	restore := perso.FailSyncs(1, syscall.EIO)
+	st := &perso.Station{Job: job, Ledger: j, Log: log}
+	var cards []persotest.LocalCard
+	for _, p := range paths {
+		cards = append(cards, persotest.AppletCard(open(t, p)))
+	}
+	err := st.Run(t.Context(), persotest.LocalSlots{N: 1, Hopper: hopper(cards...)})
+	restore()
+	if !errors.Is(err, perso.ErrJournalFailed) || !errors.Is(err, syscall.EIO) {
+		t.Fatalf("Run = %v, want a journal failure (EIO)", err)
+	}
+	j.Close()
+	if !strings.Contains(logs.String(), "journal failed: stopping") {
+		t.Errorf("log:\n%s", logs)
+	}
+	want := []protocol.LifeCycle{protocol.Locked, protocol.Personalized, protocol.Blank}
+	for i, p := range paths {
+		if lc := open(t, p).LifeCycle(); lc != want[i] {
+			t.Errorf("card %d is %v, want %v", i, lc, want[i])
+		}
+	}
+	if n := countLines(t, batch); n != 1 {
+		t.Errorf("batch holds %d records after the failed sync, want 1 (the synced one)", n)
+	}
+
+	j = openJournal(t, job, batch, log)
+	cards = nil
+	for _, p := range paths {
+		cards = append(cards, persotest.AppletCard(open(t, p)))
+	}
+	runLocal(t, &perso.Station{Job: job, Ledger: j, Log: log}, 1, hopper(cards...))
+	if _, err := perso.WriteManifest(j, "t"); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	checkFinal(t, batch, paths)
 }

@@ -13,10 +13,14 @@ import (
 
 // WriteManifest writes the manifest for the journal's current content,
 // in the format of its records' version (batch.Format, or an older one
-// for a batch opened to be sealed).
+// for a batch opened to be sealed). The bytes it describes are synced
+// first, so a durable manifest never names batch bytes that are not.
 func WriteManifest(j *Journal, station string) (batch.Manifest, error) {
 	count, size, sum, err := j.Summary()
 	if err != nil {
+		return batch.Manifest{}, err
+	}
+	if err := j.syncTo(size); err != nil {
 		return batch.Manifest{}, err
 	}
 	m := batch.Manifest{

@@ -21,7 +21,14 @@ import (
 // -short). Tests that use it must not run in parallel with each other.
 var daemon *pcscd.Daemon
 
-func TestMain(m *testing.M) { os.Exit(pcscd.RunTests(m, &daemon)) }
+// TestMain runs the tests under a private pcscd, or, in a child started
+// by startStation (durable_test.go), a station.
+func TestMain(m *testing.M) {
+	if spec := os.Getenv(childEnv); spec != "" {
+		os.Exit(stationChild(spec))
+	}
+	os.Exit(pcscd.RunTests(m, &daemon))
+}
 
 func needPCSC(t testing.TB) {
 	t.Helper()

@@ -71,6 +71,7 @@ func (t *timed) Transmit(capdu []byte) ([]byte, error) {
 		b   []byte
 		err error
 	}
+	testHooks.lock(capdu)
 	ch := make(chan result, 1)
 	go func() {
 		b, err := t.t.Transmit(capdu)

@@ -21,6 +21,7 @@ import (
 	"blindperso/chipca"
 	"blindperso/internal/vcard"
 	"blindperso/perso"
+	"blindperso/perso/persotest"
 	"blindperso/protocol"
 )
 
@@ -32,12 +33,20 @@ ShOjsgzGRFRPuVIOxsPwPCkH/jTM6f8s0uQR7X525j0ld2LXtgcEVHciHw==
 `
 
 // The crash campaign: the station process is killed with SIGKILL 30
-// times over a run of 40 cards (half of them attested) in two vpcd readers — half at a random
-// instant, half the moment the batch grows (a record just synced, LOCK
-// about to go) — and restarted each time with the same batch. At the end
-// no card is stranded (all locked), every card has exactly one record, the
-// manifest matches, every attested card's record carries an attestation
-// that verifies, and nothing written or logged holds a K_I.
+// times over a run of 40 cards (half of them attested) in two vpcd
+// readers, on a slow disk (every fdatasync of the batch delayed by
+// syncDelay, perso.SyncDelayEnv), and restarted each time with the same
+// batch. The kills take turns: at a random instant; the moment the batch
+// grows (a record written, its fdatasync pending); and at a random point
+// inside a sync window (after the run's first, second or third
+// fdatasync of the batch began, before it can return). Every run
+// traces its real syncs and the LOCK APDUs it sends (perso.TraceEnv),
+// and the order is checked across all runs, not only the end state: no
+// LOCK went out before a sync covering its record had returned, in that
+// run or an earlier one. At the end no card is stranded (all locked),
+// every card has exactly one record and a LOCK in the trace, the manifest
+// matches, every attested card's record carries an attestation that
+// verifies, and nothing written or logged holds a K_I.
 func TestCrashCampaign(t *testing.T) {
 	if daemon == nil {
 		t.Skip("needs a private pcscd (not with -short)")
@@ -73,34 +82,59 @@ func TestCrashCampaign(t *testing.T) {
 	}
 	batch := filepath.Join(dir, "batch.ndjson")
 	logFile := filepath.Join(dir, "perso.log")
+	trace := filepath.Join(dir, "trace")
+	const syncDelay = 200 * time.Millisecond
 	station := func(count int) *exec.Cmd {
 		cmd := exec.CommandContext(ctx, "perso", "run", "--issuer-key", keyFile, "--profile", "ecdh-p256-aes",
 			"--batch", batch, "--station", "crash", "--progress", "off", "--log", logFile,
 			"--count", strconv.Itoa(count))
+		cmd.Env = append(os.Environ(), perso.TraceEnv+"="+trace, perso.SyncDelayEnv+"="+syncDelay.String())
 		cmd.Stderr = os.Stderr
 		must(t, cmd.Start())
 		return cmd
 	}
 	start := time.Now()
 	rng := rand.New(rand.NewPCG(1, 2))
+	inWindow := 0 // kills that landed inside a sync of the batch
 	for k := range kills {
 		cmd := station(0)
-		if k%2 == 0 {
+		switch k % 3 {
+		case 0:
 			time.Sleep(time.Duration(50+rng.IntN(900)) * time.Millisecond)
-		} else {
+		case 1:
 			size := fileSize(batch)
 			for deadline := time.Now().Add(3 * time.Second); fileSize(batch) == size && time.Now().Before(deadline); {
 				time.Sleep(200 * time.Microsecond)
 			}
+		case 2:
+			nth := 1 + rng.IntN(3)
+			for deadline := time.Now().Add(5 * time.Second); syncsBegun(t, trace, cmd.Process.Pid) < nth && time.Now().Before(deadline); {
+				time.Sleep(time.Millisecond)
+			}
+			time.Sleep(time.Duration(rng.Int64N(int64(syncDelay) * 3 / 4)))
 		}
 		cmd.Process.Signal(syscall.SIGKILL)
 		cmd.Wait()
+		evs, err := persotest.ReadTrace(trace)
+		must(t, err)
+		if persotest.InSyncWindow(evs, cmd.Process.Pid, batch) {
+			inWindow++
+		}
 	}
 	locked := countLocked(t, paths)
-	t.Logf("%v: after %d kills: %d of %d cards locked, %d records", time.Since(start), kills, locked, nCards, lines(batch))
+	t.Logf("%v: after %d kills (%d inside a sync of the batch): %d of %d cards locked, %d records",
+		time.Since(start), kills, inWindow, locked, nCards, lines(batch))
+	if inWindow == 0 {
+		t.Error("no kill landed inside a sync of the batch")
+	}
 	// The last run is left alone until every card is locked, then stopped
 	// the way an operator does (SIGTERM), which must exit cleanly.
 	cmd := station(0)
+	// Its signal handler is in place once it has opened the batch (the
+	// kills may have left no card to do).
+	for deadline := time.Now().Add(10 * time.Second); !opened(t, trace, cmd.Process.Pid) && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
 	for deadline := time.Now().Add(60 * time.Second); countLocked(t, paths) < nCards && time.Now().Before(deadline); {
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -147,8 +181,26 @@ func TestCrashCampaign(t *testing.T) {
 			t.Errorf("card %x has no record", a.ID())
 		}
 	}
+	// The order of every run's syncs and LOCKs, not only where they ended.
+	evs, err := persotest.ReadTrace(trace)
+	must(t, err)
+	lockCount, err := persotest.CheckDurableLocks(evs, batch)
+	if err != nil {
+		t.Errorf("LOCK before its record was durable:\n%v", err)
+	}
+	sent := 0
+	for _, p := range paths {
+		a, err := card.Open(p)
+		must(t, err)
+		id := hex.EncodeToString(a.ID())
+		if lockCount[id] == 0 {
+			t.Errorf("card %s is locked, but no run's trace holds a LOCK for it", id)
+		}
+		sent += lockCount[id]
+	}
 	logs, _ := os.ReadFile(logFile)
-	t.Logf("torn lines repaired: %d; cards recovered: %d", bytes.Count(logs, []byte("torn last line")), bytes.Count(logs, []byte("outcome=recovered")))
+	t.Logf("%d runs, %d LOCKs checked; torn lines repaired: %d; cards recovered: %d", len(persotest.Runs(evs)), sent,
+		bytes.Count(logs, []byte("torn last line")), bytes.Count(logs, []byte("outcome=recovered")))
 	files, _ := filepath.Glob(batch + "*")
 	checkNoKI(t, paths, append(files, logFile))
 }
@@ -197,6 +249,31 @@ func checkNoKI(t *testing.T, cards, files []string) {
 			}
 		}
 	}
+}
+
+// opened reports whether run pid has opened the batch.
+func opened(t *testing.T, trace string, pid int) bool {
+	evs, err := persotest.ReadTrace(trace)
+	must(t, err)
+	for _, e := range evs {
+		if e.PID == pid && e.Op == perso.TraceOpen {
+			return true
+		}
+	}
+	return false
+}
+
+// syncsBegun is how many fdatasyncs of a record run pid has begun.
+func syncsBegun(t *testing.T, trace string, pid int) int {
+	evs, err := persotest.ReadTrace(trace)
+	must(t, err)
+	n := 0
+	for _, e := range evs {
+		if e.PID == pid && e.Op == perso.TraceFdatasyncBegin {
+			n++
+		}
+	}
+	return n
 }
 
 func fileSize(p string) int64 {

@@ -1,6 +1,8 @@
 // Package atomicfile replaces a file so that after a crash at any instant
 // it holds either the old or the new content, never a mix: the card's
-// state file (EEPROM) and the station's manifest rely on it.
+// state file (EEPROM) and the station's manifest rely on it. Sync and
+// SyncDir make durable what another (perhaps killed) process only wrote,
+// before this one relies on it.
 package atomicfile
 
 import (
@@ -38,10 +40,36 @@ func Write(path string, data []byte) (err error) {
 	if err = os.Rename(f.Name(), path); err != nil {
 		return err
 	}
+	return SyncDir(dir)
+}
+
+// SyncDir fsyncs a directory: the entries created, renamed or removed in
+// it become durable.
+func SyncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	return d.Sync()
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Sync fsyncs the file at path and its directory: its content and its
+// name become durable, whoever wrote them.
+func Sync(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	return SyncDir(filepath.Dir(path))
 }
