@@ -193,7 +193,7 @@ func (g *Group) check(ctx context.Context) error {
 	}
 	g.probe = pc
 	for _, m := range g.members {
-		if err := g.same(ctx, m); err != nil {
+		if err := g.same(ctx, m, startDeadline); err != nil {
 			return fmt.Errorf("token group: member %q is refused: %w", m.name, err)
 		}
 	}
@@ -232,14 +232,20 @@ func newProbeCard(ctx context.Context, m *member) (probeCard, error) {
 	return probeCard{}, fmt.Errorf("no profile imports a test card: %w", errors.Join(errs...))
 }
 
-// same proves that m holds the group's keys with the throwaway card.
-func (g *Group) same(ctx context.Context, m *member) error {
+// startDeadline bounds each call of the check at start, which may open
+// the member's first sessions and log in (and, on SoftHSM2, copy the
+// keys into session objects): generous, since nothing waits for it.
+const startDeadline = 10 * time.Second
+
+// same proves that m holds the group's keys with the throwaway card,
+// each call within d.
+func (g *Group) same(ctx context.Context, m *member, d time.Duration) error {
 	pc := g.probe
-	blob, err := call(ctx, g.deadline, func(ctx context.Context) (Blob, error) { return m.keys.Import(ctx, pc.profile, pc.c) })
+	blob, err := call(ctx, d, func(ctx context.Context) (Blob, error) { return m.keys.Import(ctx, pc.profile, pc.c) })
 	if err != nil {
 		return fmt.Errorf("import of a test card failed: %w", err)
 	}
-	ok, err := call(ctx, g.deadline, func(ctx context.Context) (bool, error) { return m.keys.Verify(ctx, blob, pc.id, pc.chal, pc.mac) })
+	ok, err := call(ctx, d, func(ctx context.Context) (bool, error) { return m.keys.Verify(ctx, blob, pc.id, pc.chal, pc.mac) })
 	if err != nil {
 		return fmt.Errorf("verification of a test card failed: %w", err)
 	}
@@ -442,7 +448,7 @@ func (g *Group) reprobe(m *member) {
 }
 
 // rejoinable probes m with the throwaway card.
-func (g *Group) rejoinable(m *member) error { return g.same(context.Background(), m) }
+func (g *Group) rejoinable(m *member) error { return g.same(context.Background(), m, g.deadline) }
 
 // Unavailable reports whether err says the token failed as a device —
 // it is gone, broken, did not answer, or its sessions cannot be reopened

@@ -206,7 +206,7 @@ var faultKinds = []faultKind{
 			fmt.Sprintf("fail C_OpenSession 0x%X", pkcs11.CKR_TOKEN_NOT_PRESENT))
 	}},
 	{name: "vanish", atRandomTime: true, inject: func(f *hsmtest.Fault, _ int) { f.Vanish() }},
-	{name: "hang", atRandomTime: true, inject: func(f *hsmtest.Fault, _ int) { f.Delay("*", 2*time.Second) }},
+	{name: "hang", atRandomTime: true, inject: func(f *hsmtest.Fault, _ int) { f.Delay("*", 3*time.Second) }},
 }
 
 // TestGroupImportFailover: 20 000 records imported over two members, one
@@ -218,7 +218,7 @@ var faultKinds = []faultKind{
 // taken out and logged once, it rejoins after the fault clears and gets
 // work again, and sampled cards verify through either member.
 func TestGroupImportFailover(t *testing.T) {
-	r := newGroupRig(t, true, 1, 2, 300*time.Millisecond, 50*time.Millisecond)
+	r := newGroupRig(t, true, 1, 2, time.Second, 50*time.Millisecond)
 	f := r.faults[0]
 	p := protocol.ECDHP256AES
 	const rounds, n = 10, 2000
@@ -294,7 +294,7 @@ func TestGroupImportFailover(t *testing.T) {
 // whole (every stored card verifies through each member); once the
 // members are back, the rerun completes the batch with exact counts.
 func TestGroupAllMembersDown(t *testing.T) {
-	r := newGroupRig(t, false, 2, 2, 300*time.Millisecond, 50*time.Millisecond)
+	r := newGroupRig(t, false, 2, 2, time.Second, 50*time.Millisecond)
 	p := protocol.ECDHP256AES
 	const n = 1500
 	ctx := context.Background()
