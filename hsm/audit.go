@@ -38,6 +38,7 @@ var policyAttrNames = map[uint]string{
 	pkcs11.CKA_SIGN_RECOVER: "CKA_SIGN_RECOVER", pkcs11.CKA_VERIFY_RECOVER: "CKA_VERIFY_RECOVER",
 	pkcs11.CKA_DERIVE: "CKA_DERIVE", pkcs11.CKA_TRUSTED: "CKA_TRUSTED",
 	pkcs11.CKA_UNWRAP_TEMPLATE: "CKA_UNWRAP_TEMPLATE", pkcs11.CKA_DERIVE_TEMPLATE: "CKA_DERIVE_TEMPLATE",
+	pkcs11.CKA_WRAP_WITH_TRUSTED: "CKA_WRAP_WITH_TRUSTED", // compared only on replicable keys, whose templates state it
 }
 
 // otherAttrNames names attributes the audit does not compare.
@@ -45,7 +46,9 @@ var otherAttrNames = map[uint]string{
 	pkcs11.CKA_CLASS: "CKA_CLASS", pkcs11.CKA_KEY_TYPE: "CKA_KEY_TYPE", pkcs11.CKA_TOKEN: "CKA_TOKEN",
 	pkcs11.CKA_VALUE_LEN: "CKA_VALUE_LEN", pkcs11.CKA_LOCAL: "CKA_LOCAL",
 	pkcs11.CKA_ALWAYS_SENSITIVE: "CKA_ALWAYS_SENSITIVE", pkcs11.CKA_NEVER_EXTRACTABLE: "CKA_NEVER_EXTRACTABLE",
-	pkcs11.CKA_WRAP_WITH_TRUSTED: "CKA_WRAP_WITH_TRUSTED",
+	pkcs11.CKA_LABEL: "CKA_LABEL", pkcs11.CKA_ID: "CKA_ID", pkcs11.CKA_MODULUS: "CKA_MODULUS",
+	pkcs11.CKA_PUBLIC_EXPONENT: "CKA_PUBLIC_EXPONENT", pkcs11.CKA_EC_PARAMS: "CKA_EC_PARAMS", pkcs11.CKA_EC_POINT: "CKA_EC_POINT",
+	pkcs11.CKA_WRAP_TEMPLATE: "CKA_WRAP_TEMPLATE",
 }
 
 // AttrName is the CKA_ name of an attribute this package sets or reads.
@@ -80,15 +83,14 @@ func (t *Token) Audit(ctx context.Context, keys []*IssuerKeyRef, kek *KEKRef, tk
 			if err != nil {
 				return err
 			}
-			priv, err := k.Handle(s)
+			if k.Replicable && t.mech.EnforcesWrapWithTrusted {
+				privT = replicableAttrs(privT)
+			}
+			priv, pub, err := k.handles(s)
 			if err != nil {
 				return err
 			}
-			pub, err := findOne(s, publicKeyFind(k.ID), "public key with the private key's CKA_ID")
-			if err != nil {
-				return err
-			}
-			out = append(out, auditKeyObject(s, "issuer key "+k.Label+" (private)", k.Label, fixIssuerKey, priv, privT)...)
+			out = append(out, notReplicableHere(t, auditKeyObject(s, "issuer key "+k.Label+" (private)", k.Label, fixIssuerKey, priv, privT))...)
 			out = append(out, auditKeyObject(s, "issuer key "+k.Label+" (public)", k.Label, fixIssuerKey, pub, pubT)...)
 		}
 		if kek != nil {
@@ -101,6 +103,9 @@ func (t *Token) Audit(ctx context.Context, keys []*IssuerKeyRef, kek *KEKRef, tk
 				// Made by the SO and copied: copyable (unchanged copies
 				// only, as the key is read-only), and trusted.
 				want = append(want, attr(pkcs11.CKA_TRUSTED, true))
+				if kek.Replicable {
+					want = replicableAttrs(want)
+				}
 			} else {
 				want = append(want, locked(t.mech, false)...)
 			}
@@ -108,7 +113,7 @@ func (t *Token) Audit(ctx context.Context, keys []*IssuerKeyRef, kek *KEKRef, tk
 			if err != nil {
 				return err
 			}
-			out = append(out, auditKeyObject(s, "KEK "+kek.Label, kek.Label, fixKEK, h, want)...)
+			out = append(out, notReplicableHere(t, auditKeyObject(s, "KEK "+kek.Label, kek.Label, fixKEK, h, want))...)
 		}
 		if tk != nil {
 			_, privT := signingKeyTemplates(tk.Label, tk.ID, t.mech)
@@ -123,7 +128,38 @@ func (t *Token) Audit(ctx context.Context, keys []*IssuerKeyRef, kek *KEKRef, tk
 	if err != nil {
 		return nil, fmt.Errorf("audit the keys on token %q: %w", t.info.Label, err)
 	}
+	// A replicable key leaves only under trusted keys: every trusted key
+	// that could carry it out is a finding too (UnsafeTrustedWrappers).
+	replicable := kek != nil && kek.Replicable
+	for _, k := range keys {
+		replicable = replicable || k != nil && k.Replicable
+	}
+	if replicable {
+		fs, err := t.UnsafeTrustedWrappers(ctx)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, fs...)
+	}
 	return out, nil
+}
+
+// fixNotReplicableHere is the fix of an extractable key on a token that
+// does not enforce CKA_WRAP_WITH_TRUSTED.
+const fixNotReplicableHere = "the token does not enforce CKA_WRAP_WITH_TRUSTED, so an extractable key leaves it under any key a holder of the user PIN makes: make the key again, not replicable (replication needs a token that enforces it)"
+
+// notReplicableHere gives a finding on CKA_EXTRACTABLE the fix for a
+// token that does not enforce CKA_WRAP_WITH_TRUSTED.
+func notReplicableHere(t *Token, fs []Finding) []Finding {
+	if t.mech.EnforcesWrapWithTrusted {
+		return fs
+	}
+	for i := range fs {
+		if fs[i].Attribute == "CKA_EXTRACTABLE" {
+			fs[i].Fix = fixNotReplicableHere
+		}
+	}
+	return fs
 }
 
 // auditObject compares h's attributes with the policy template it would

@@ -102,6 +102,10 @@ type IssuerKeyRef struct {
 	// Public is the public key in canonical form: PEM, fingerprint,
 	// binding data B all come from it.
 	Public *protocol.IssuerKey
+	// Replicable is CKA_EXTRACTABLE of the private key: a key made to be
+	// copied to the other members of a group, under trusted keys only
+	// (replicate.go).
+	Replicable bool
 
 	tok  *Token
 	priv handleCache
@@ -112,6 +116,16 @@ type IssuerKeyRef struct {
 // the library is re-initialized the key is found again.
 func (k *IssuerKeyRef) Handle(s Session) (pkcs11.ObjectHandle, error) {
 	return k.priv.get(k.tok, s)
+}
+
+// handles returns the handles of the private key and of its public key
+// object (the one with the private key's CKA_ID) in s.
+func (k *IssuerKeyRef) handles(s Session) (priv, pub pkcs11.ObjectHandle, err error) {
+	if priv, err = k.Handle(s); err != nil {
+		return 0, 0, err
+	}
+	pub, err = findOne(s, publicKeyFind(k.ID), "public key with the private key's CKA_ID")
+	return priv, pub, err
 }
 
 // PublicKeyPEM is the public key as a PEM "PUBLIC KEY" block.
@@ -127,6 +141,8 @@ type KEKRef struct {
 	// Trusted is CKA_TRUSTED: the security officer marked it, and keys
 	// with CKA_WRAP_WITH_TRUSTED can leave the token only under it.
 	Trusted bool
+	// Replicable is CKA_EXTRACTABLE (see IssuerKeyRef.Replicable).
+	Replicable bool
 
 	tok *Token
 	obj handleCache
@@ -193,6 +209,10 @@ func issuerKeyTemplates(kind, label string, id []byte, m *Mechanisms, ts *templa
 // token generates it, as the paper has it; else 65537). A label already
 // in use is refused.
 func (t *Token) GenerateIssuerKey(ctx context.Context, kind, label string) (*IssuerKeyRef, error) {
+	return t.generateIssuerKey(ctx, kind, label, false)
+}
+
+func (t *Token) generateIssuerKey(ctx context.Context, kind, label string, replicable bool) (*IssuerKeyRef, error) {
 	if label == "" {
 		return nil, errors.New("generate issuer key: empty label")
 	}
@@ -203,7 +223,10 @@ func (t *Token) GenerateIssuerKey(ctx context.Context, kind, label string) (*Iss
 	if err != nil {
 		return nil, fmt.Errorf("generate issuer key %q: %w", label, err)
 	}
-	ref := &IssuerKeyRef{Label: label, ID: id, Kind: kind, tok: t}
+	if replicable {
+		privT = replicableAttrs(privT)
+	}
+	ref := &IssuerKeyRef{Label: label, ID: id, Kind: kind, Replicable: replicable, tok: t}
 	ref.priv.find = privateKeyFind(label, id)
 	err = t.With(ctx, func(s Session) error {
 		pubH, privH, err := generatePair(s, mech, label, id, pubT, privT)
@@ -275,6 +298,7 @@ func (t *Token) FindIssuerKey(ctx context.Context, label string) (*IssuerKeyRef,
 			return err
 		}
 		ref.Kind = kindOf(ref.Public)
+		ref.Replicable = flagAttr(s, privH, pkcs11.CKA_EXTRACTABLE)
 		ref.priv.find = privateKeyFind(label, ref.ID)
 		ref.priv.set(t, privH)
 		return nil
@@ -400,10 +424,14 @@ func kekFind(label string, id []byte) []*pkcs11.Attribute {
 // is stored encrypted under the user PIN), and the session original is
 // destroyed. On other tokens soPIN is not used.
 func (t *Token) GenerateKEK(ctx context.Context, label, soPIN string) (*KEKRef, error) {
+	return t.generateKEK(ctx, label, soPIN, false)
+}
+
+func (t *Token) generateKEK(ctx context.Context, label, soPIN string, replicable bool) (*KEKRef, error) {
 	if label == "" {
 		return nil, errors.New("generate KEK: empty label")
 	}
-	ref := &KEKRef{Label: label, ID: newID(), tok: t}
+	ref := &KEKRef{Label: label, ID: newID(), Replicable: replicable, tok: t}
 	ref.obj.find = kekFind(label, ref.ID)
 	var err error
 	if t.mech.EnforcesWrapWithTrusted {
@@ -412,6 +440,8 @@ func (t *Token) GenerateKEK(ctx context.Context, label, soPIN string) (*KEKRef, 
 		}
 		ref.Trusted = true
 		err = t.exclusive(ctx, func(ps *pooled) error { return t.trustedKEK(ps, ref, soPIN) })
+	} else if replicable {
+		err = t.ReplicationRefusal()
 	} else {
 		err = t.With(ctx, func(s Session) error {
 			if hs, err := findObjects(s, ref.obj.find, 1); err != nil || len(hs) == 1 {
@@ -462,6 +492,9 @@ func (t *Token) trustedKEK(ps *pooled, ref *KEKRef, soPIN string) error {
 	// (CKR_ATTRIBUTE_READ_ONLY): the KEK stays copyable, but only
 	// unchanged (`issuer probe`, path kek-copy-*).
 	tmpl := append(kekAttrs(ref.Label, ref.ID, false, false, ut.attr), attr(pkcs11.CKA_TRUSTED, true))
+	if ref.Replicable {
+		tmpl = replicableAttrs(tmpl)
+	}
 	m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)
 	var tmp pkcs11.ObjectHandle
 	err = t.asSO(ps, soPIN, func(s Session) error {
@@ -502,6 +535,7 @@ func (t *Token) FindKEK(ctx context.Context, label string) (*KEKRef, error) {
 		// NSS softokn does not know CKA_TRUSTED on keys: not trusted.
 		a, err = s.P.GetAttributeValue(s.H, h, []*pkcs11.Attribute{attr(pkcs11.CKA_TRUSTED, nil)})
 		ref.Trusted = err == nil && len(a[0].Value) == 1 && a[0].Value[0] != 0
+		ref.Replicable = flagAttr(s, h, pkcs11.CKA_EXTRACTABLE)
 		ref.obj.find = kekFind(label, ref.ID)
 		ref.obj.set(t, h)
 		return nil

@@ -30,6 +30,15 @@ var KTKUnwrapTemplate = map[uint]bool{
 	pkcs11.CKA_SIGN: false, pkcs11.CKA_VERIFY: false, pkcs11.CKA_DERIVE: false,
 }
 
+// KTKWrapTemplate is a trusted KTK's CKA_WRAP_TEMPLATE (set where the
+// SO makes the KTK trusted): it wraps only a key that can neither wrap,
+// unwrap nor derive — K_I as ExportCardKey unwraps it — never a KEK, a
+// private key (which has no CKA_WRAP) or a chain's S. Without it a
+// holder of the user PIN could wrap a replicable issuer key or KEK
+// (replicate.go), extractable under trusted keys, under the KTK for its
+// receiver to open.
+var KTKWrapTemplate = map[uint]bool{pkcs11.CKA_WRAP: false, pkcs11.CKA_UNWRAP: false, pkcs11.CKA_DERIVE: false}
+
 // KeyImportKind is the key-import key's type: RSA-3072, for its
 // 128-bit strength (the KTK is AES-256).
 const KeyImportKind = KindRSA3072
@@ -231,7 +240,12 @@ func (t *Token) trustedKTK(ps *pooled, ik *KeyImportRef, ref *KTKRef, wrapped []
 		}
 	}()
 	wm := pkcs11.NewMechanism(s.M.AESKeyWrap(), nil)
-	err := t.asSO(ps, soPIN, func(s Session) (err error) {
+	wt, err := newCKATemplate(pkcs11.CKA_WRAP_TEMPLATE, KTKWrapTemplate)
+	if err != nil {
+		return err
+	}
+	defer wt.free()
+	err = t.asSO(ps, soPIN, func(s Session) (err error) {
 		m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)
 		transfer, err = s.P.GenerateKey(s.H, []*pkcs11.Mechanism{m}, append([]*pkcs11.Attribute{
 			attr(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), attr(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
@@ -256,7 +270,7 @@ func (t *Token) trustedKTK(ps *pooled, ik *KeyImportRef, ref *KTKRef, wrapped []
 	}
 	err = t.asSO(ps, soPIN, func(s Session) (err error) {
 		trusted, err = s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{wm}, transfer, crossing,
-			append(ktkAttrs(ref.Label, ref.ID, false, false, false), attr(pkcs11.CKA_TRUSTED, true)))
+			append(ktkAttrs(ref.Label, ref.ID, false, false, false), attr(pkcs11.CKA_TRUSTED, true), wt.attr))
 		return Call("C_UnwrapKey", wm, err)
 	})
 	if err != nil {
