@@ -462,18 +462,24 @@ func (e *env) copy(s hsm.Session, h pkcs11.ObjectHandle, change *pkcs11.Attribut
 // blobByOracle decrypts the stored blob on the host with AES-ECB
 // decryptions by key h in the token.
 func (e *env) blobByOracle(s hsm.Session, h pkcs11.ObjectHandle) (string, error) {
+	return decryptBlobByOracle(s, h, e.blob.Wrapped, e.kiBlob)
+}
+
+// decryptBlobByOracle unwraps the RFC 5649 blob wrapped on the host with
+// AES-ECB decryptions by key h in the token, and confirms it gives ki.
+func decryptBlobByOracle(s hsm.Session, h pkcs11.ObjectHandle, wrapped, ki []byte) (string, error) {
 	m := pkcs11.NewMechanism(pkcs11.CKM_AES_ECB, nil)
-	ki, err := unwrapKWP(func(in []byte) ([]byte, error) {
+	got, err := unwrapKWP(func(in []byte) ([]byte, error) {
 		if err := refused("C_DecryptInit(CKM_AES_ECB)", s.P.DecryptInit(s.H, []*pkcs11.Mechanism{m}, h)); err != nil {
 			return nil, err
 		}
 		out, err := s.P.Decrypt(s.H, in)
 		return out, refused("C_Decrypt", err)
-	}, e.blob.Wrapped)
+	}, wrapped)
 	if err != nil {
 		return "", err
 	}
-	return confirm(ki, e.kiBlob, "K_I")
+	return confirm(got, ki, "K_I")
 }
 
 func (e *env) oaepDecrypt(s hsm.Session, h pkcs11.ObjectHandle) (string, error) {
@@ -534,10 +540,15 @@ func dedup(t []*pkcs11.Attribute) []*pkcs11.Attribute {
 	return out
 }
 
+// ownLabel labels the attacker's own keys: SoftHSM2 2.6.1 leaves the
+// object of a C_GenerateKey it refuses (CKA_TRUSTED by the user) in the
+// session, and Run finds and destroys it by this label.
+const ownLabel = "pinholder-attacker-own-key"
+
 // ownKey makes the attacker's AES-256 wrapping key and reads its value.
 func (e *env) ownKey(s hsm.Session, extra ...*pkcs11.Attribute) (pkcs11.ObjectHandle, []byte, error) {
 	t := append(readable(pkcs11.CKK_AES), attr(pkcs11.CKA_VALUE_LEN, 32), attr(pkcs11.CKA_WRAP, true), attr(pkcs11.CKA_UNWRAP, true),
-		attr(pkcs11.CKA_ENCRYPT, true), attr(pkcs11.CKA_DECRYPT, true))
+		attr(pkcs11.CKA_ENCRYPT, true), attr(pkcs11.CKA_DECRYPT, true), attr(pkcs11.CKA_LABEL, ownLabel))
 	h, err := s.P.GenerateKey(s.H, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, append(t, extra...))
 	if err := refused("C_GenerateKey(the attacker's own key)", err); err != nil {
 		return 0, nil, err

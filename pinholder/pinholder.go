@@ -80,6 +80,21 @@ type Options struct {
 	// a trusted throwaway KEK as the ceremony does; without it the KEK
 	// paths are skipped there.
 	SOPIN string
+	// Replicable makes the throwaway issuer keys and KEK that every path
+	// attacks replicable, as a ceremony makes them with replicable: true
+	// (replicate.go). Without it, the replication paths attack replicable
+	// throwaway keys of their own, made beside the others where the token
+	// allows replicable keys (and the SO PIN is given).
+	Replicable bool
+	// Peer is a second member of a group, PeerSOPIN its SO PIN. With it
+	// the throwaway issuer keys and KEK are replicable and replicated as
+	// the ceremony replicates them: from the token under attack to Peer,
+	// or, with PeerIsSource, from Peer to the token under attack, so that
+	// every path attacks the replicas. The replication's transport, as it
+	// crossed the host, is the attacker's for the transport paths.
+	Peer         *hsm.Token
+	PeerSOPIN    string
+	PeerIsSource bool
 }
 
 // env is what the paths attack: throwaway keys and a card whose secrets
@@ -108,6 +123,8 @@ type env struct {
 	ktk                  *hsm.KTKRef
 	ktkValue, ktkWrapped []byte
 	export               []byte
+	// Replication (replicate.go).
+	rep rep
 }
 
 // Run tries every path on tok and destroys every object it made.
@@ -126,6 +143,8 @@ func Run(ctx context.Context, tok *hsm.Token, opt Options) (*Report, error) {
 			skip = e.skipKEK
 		case p.needs == needPIN && e.opt.UserPIN == "":
 			skip = "no user PIN (the token needs no login)"
+		default:
+			skip = e.skipReplication(p.needs)
 		}
 		if skip != "" {
 			res.Detail = "not tried: " + skip
@@ -146,6 +165,7 @@ func Run(ctx context.Context, tok *hsm.Token, opt Options) (*Report, error) {
 				for _, h := range e.made {
 					s.P.DestroyObject(s.H, h)
 				}
+				destroyOwn(s)
 				return err
 			})
 		}
@@ -194,18 +214,28 @@ func (e *env) label(what string) string {
 
 func (e *env) setup(ctx context.Context) error {
 	var err error
-	if e.rsa, err = e.tok.GenerateIssuerKey(ctx, hsm.KindRSA2048, e.label("rsa")); err != nil {
-		return err
-	}
-	if e.ec, err = e.tok.GenerateIssuerKey(ctx, hsm.KindP256, e.label("ec")); err != nil {
-		return err
-	}
-	if e.tk, err = e.tok.GenerateSigningKey(ctx, e.label("transcript")); err != nil {
-		return err
-	}
 	if e.tok.Mechanisms().EnforcesWrapWithTrusted && e.opt.SOPIN == "" {
 		e.skipKEK = "the token enforces CKA_WRAP_WITH_TRUSTED and no SO PIN was given to make a trusted KEK as the ceremony does (--so-pin-file)"
-	} else if e.kek, err = e.tok.GenerateKEK(ctx, e.label("kek"), e.opt.SOPIN); err != nil {
+	}
+	// The replicable keys (and replicas) first: with Replicable or a
+	// Peer they are the ones every path attacks.
+	if err := e.setupReplication(ctx); err != nil {
+		return err
+	}
+	if e.rsa == nil {
+		if e.rsa, err = e.tok.GenerateIssuerKey(ctx, hsm.KindRSA2048, e.label("rsa")); err != nil {
+			return err
+		}
+		if e.ec, err = e.tok.GenerateIssuerKey(ctx, hsm.KindP256, e.label("ec")); err != nil {
+			return err
+		}
+		if e.skipKEK == "" {
+			if e.kek, err = e.tok.GenerateKEK(ctx, e.label("kek"), e.opt.SOPIN); err != nil {
+				return err
+			}
+		}
+	}
+	if e.tk, err = e.tok.GenerateSigningKey(ctx, e.label("transcript")); err != nil {
 		return err
 	}
 	// The RSA card: a chosen 32-byte S under OAEP, as a card draws it.
@@ -263,13 +293,19 @@ func (e *env) setup(ctx context.Context) error {
 		}
 		x, err := hsm.ExportCardKey(s, kek, ktk, e.blob)
 		e.export = x.Wrapped
-		return err
+		if err != nil {
+			return err
+		}
+		return e.repBlobs(s)
 	})
 }
 
 func (e *env) cleanup(ctx context.Context) {
 	for _, l := range e.labels {
 		e.tok.DestroyLabel(ctx, l)
+		if e.opt.Peer != nil {
+			e.opt.Peer.DestroyLabel(ctx, l)
+		}
 	}
 }
 
@@ -341,4 +377,17 @@ func rvName(rv pkcs11.Error) string {
 		return s[i+2:]
 	}
 	return fmt.Sprintf("CKR_0x%X", uint(rv))
+}
+
+// destroyOwn destroys every session object labelled ownLabel, among
+// them those a refused C_GenerateKey left (SoftHSM2).
+func destroyOwn(s hsm.Session) {
+	if err := s.P.FindObjectsInit(s.H, []*pkcs11.Attribute{attr(pkcs11.CKA_LABEL, ownLabel), attr(pkcs11.CKA_TOKEN, false)}); err != nil {
+		return
+	}
+	hs, _, _ := s.P.FindObjects(s.H, 64)
+	s.P.FindObjectsFinal(s.H)
+	for _, h := range hs {
+		s.P.DestroyObject(s.H, h)
+	}
 }

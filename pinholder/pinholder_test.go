@@ -49,9 +49,7 @@ func TestMatrixMatchesTable(t *testing.T) {
 				t.Errorf("%s: closed without the token's refusal: %q", r.ID, r.Refusal)
 			}
 		}
-		if rep.Skipped > 1 || rep.Skipped == 1 && ht.PIN != "" {
-			t.Errorf("%s: %d paths not tried", rep.Table, rep.Skipped)
-		}
+		checkSkipped(t, rep, tok, ht.PIN != "", false)
 		if after, _ := tok.CountObjects(context.Background()); after != before {
 			t.Errorf("%s: %d objects before the run, %d after: throwaway keys left", rep.Table, before, after)
 		}
@@ -75,6 +73,37 @@ func TestPathsIDsUnique(t *testing.T) {
 			if !seen[id] {
 				t.Errorf("table %s names unknown path %q", m.Name, id)
 			}
+		}
+	}
+}
+
+// checkSkipped allows exactly the paths a run may leave out: the SO
+// login on a token without login, the replication's transport without a
+// second member, and the replicable keys' paths on a token that refuses
+// replicable keys.
+func checkSkipped(t *testing.T, rep *Report, tok *hsm.Token, login, peer bool) {
+	t.Helper()
+	refuses := tok.ReplicationRefusal() != nil
+	for _, r := range rep.Results {
+		if r.Tried {
+			continue
+		}
+		ok := false
+		for _, p := range paths {
+			if p.id != r.ID {
+				continue
+			}
+			switch p.needs {
+			case needPIN:
+				ok = !login
+			case needTransport:
+				ok = !peer || refuses
+			case needRep:
+				ok = refuses
+			}
+		}
+		if !ok {
+			t.Errorf("%s: path %s not tried: %s", rep.Table, r.ID, r.Detail)
 		}
 	}
 }
