@@ -81,7 +81,11 @@ func wrapUnderKTK(t *testing.T, tok *hsm.Token, ktk *hsm.KTKRef) (value, wrapped
 	err := tok.With(context.Background(), func(s hsm.Session) error {
 		kh, err := s.P.GenerateKey(s.H, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, []*pkcs11.Attribute{
 			a(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY), a(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES), a(pkcs11.CKA_VALUE_LEN, 16),
-			a(pkcs11.CKA_TOKEN, false), a(pkcs11.CKA_SENSITIVE, false), a(pkcs11.CKA_EXTRACTABLE, true)})
+			a(pkcs11.CKA_TOKEN, false), a(pkcs11.CKA_SENSITIVE, false), a(pkcs11.CKA_EXTRACTABLE, true),
+			// A trusted KTK wraps only a key that can neither wrap, unwrap
+			// nor derive (hsm.KTKWrapTemplate), as K_I; SoftHSM2 defaults
+			// usages a template leaves out to true.
+			a(pkcs11.CKA_WRAP, false), a(pkcs11.CKA_UNWRAP, false), a(pkcs11.CKA_DERIVE, false)})
 		if err != nil {
 			return fmt.Errorf("C_GenerateKey: %w", err)
 		}

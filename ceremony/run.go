@@ -20,6 +20,7 @@ import (
 	"blindperso/attest"
 	"blindperso/export"
 	"blindperso/hsm"
+	"blindperso/protocol"
 )
 
 // Options of Run.
@@ -59,6 +60,24 @@ type runner struct {
 	// keyImports the key-import keys they name, found in preflight.
 	ktks       []wrappedKTK
 	keyImports map[string]*hsm.KeyImportRef
+	// members are token.members, opened in preflight; repKeys and
+	// repKEK the keys of replicate, found there; made the replicable
+	// keys this ceremony generates, and profiles the profile of each
+	// issuer key's throwaway card in the replication's proof.
+	members  []*member
+	repKeys  []*hsm.IssuerKeyRef
+	repKEK   *hsm.KEKRef
+	madeKeys []*hsm.IssuerKeyRef
+	madeKEK  *hsm.KEKRef
+	profiles map[string]protocol.Profile
+}
+
+// member is one of token.members.
+type member struct {
+	spec  Member
+	tok   *hsm.Token
+	soPIN string
+	rec   TokenRec
 }
 
 // wrappedKTK is a ktks[].wrapped file as read.
@@ -118,6 +137,11 @@ func Run(ctx context.Context, s *Script, opt Options) (*Result, error) {
 	if r.tok != nil {
 		defer r.tok.Close()
 	}
+	defer func() {
+		for _, m := range r.members {
+			m.tok.Close()
+		}
+	}()
 	if err != nil {
 		return nil, err
 	}
@@ -243,6 +267,14 @@ func (r *runner) preflight(ctx context.Context) (soPIN string, err error) {
 		}
 		r.logf("ktks[%d]: %s from %s (sha256 %s), under key-import key %q (sha256 %x)", i, k.Wrapped, k.Sender, r.ktks[i].sha256, k.KeyImport, fp)
 	}
+	if s.anyReplicable() {
+		if err := r.tok.ReplicationRefusal(); err != nil {
+			return "", fmt.Errorf("%w (the script asks for replicable keys or names members; nothing was created)", err)
+		}
+	}
+	if err := r.preflightMembers(ctx, byName); err != nil {
+		return "", err
+	}
 	if needTrust := r.trustedKeys(); len(needTrust) > 0 && mech.EnforcesWrapWithTrusted {
 		if s.Token.SOPIN == nil {
 			return "", fmt.Errorf("token %q enforces CKA_WRAP_WITH_TRUSTED: the security officer must mark the %s trusted; add token.so-pin (file or env) to the script", info.Label, strings.Join(needTrust, " and the "))
@@ -274,6 +306,9 @@ func (r *runner) trustedKeys() []string {
 	}
 	if len(r.s.KTKs) > 0 {
 		w = append(w, "KTK")
+	}
+	if len(r.s.Token.Members) > 0 {
+		w = append(w, "replication's transport key")
 	}
 	return w
 }
@@ -307,11 +342,19 @@ func (r *runner) plan() {
 	say("create directory %s if missing", r.dir)
 	say("generate the transcript signing key %q (EC P-256, sign only, non-extractable) and write %s", s.TranscriptKey.Label, filepath.Join(r.dir, s.TranscriptKey.Label+".pub.pem"))
 	for _, k := range s.IssuerKeys {
-		say("generate issuer key %q (%s) for %s and write %s", k.Label, k.Kind, strings.Join(k.Profiles, ", "), filepath.Join(r.dir, k.Label+".pub.pem"))
+		rep := ""
+		if s.replicableKey(k) {
+			rep = ", replicable (extractable only under keys the SO made trusted)"
+		}
+		say("generate issuer key %q (%s%s) for %s and write %s", k.Label, k.Kind, rep, strings.Join(k.Profiles, ", "), filepath.Join(r.dir, k.Label+".pub.pem"))
 	}
 	if s.KEK != nil {
 		if r.tok.Mechanisms().EnforcesWrapWithTrusted {
-			say("generate KEK %q (AES-256); the security officer (%s) marks it CKA_TRUSTED", s.KEK.Label, s.Token.SOPIN.describe())
+			rep := ""
+			if s.replicableKEK() {
+				rep = ", replicable (extractable only under keys the SO made trusted)"
+			}
+			say("generate KEK %q (AES-256%s); the security officer (%s) marks it CKA_TRUSTED", s.KEK.Label, rep, s.Token.SOPIN.describe())
 		} else {
 			say("generate KEK %q (AES-256); not marked trusted (the token does not enforce CKA_WRAP_WITH_TRUSTED)", s.KEK.Label)
 		}
@@ -336,6 +379,7 @@ func (r *runner) plan() {
 		say("import KTK %q from %s (%s, sha256 %s) under the key-import key %q, wrap only; %s",
 			k.Label, k.Sender, k.Wrapped, r.ktks[i].sha256, k.KeyImport, trust)
 	}
+	r.planReplication(say)
 	say("write the pinned fingerprints to %s", filepath.Join(r.dir, s.FingerprintFile))
 	if a := s.ChipAttestation; a != nil {
 		say("trust the chip-vendor roots of %s for attestation and copy them to %s", a.Roots, filepath.Join(r.dir, ChipRootsFile))
@@ -410,9 +454,16 @@ func (r *runner) execute(ctx context.Context, soPIN string) error {
 	fmt.Fprintf(&pins, "# blindperso pinned issuer-key fingerprints: SHA-256 of the DER SubjectPublicKeyInfo, hex\n")
 	fmt.Fprintf(&pins, "# ceremony %s, token %q serial %s; one line per key: fingerprint label kind profiles\n", s.Ceremony, r.body.Token.Label, r.body.Token.Serial)
 	for _, k := range s.IssuerKeys {
-		key, err := r.tok.GenerateIssuerKey(ctx, k.Kind, k.Label)
+		gen := r.tok.GenerateIssuerKey
+		if s.replicableKey(k) {
+			gen = r.tok.GenerateReplicableIssuerKey
+		}
+		key, err := gen(ctx, k.Kind, k.Label)
 		if err != nil {
 			return err
+		}
+		if key.Replicable {
+			r.madeKeys = append(r.madeKeys, key)
 		}
 		fp := key.Fingerprint()
 		file := k.Label + ".pub.pem"
@@ -420,22 +471,30 @@ func (r *runner) execute(ctx context.Context, soPIN string) error {
 		if err != nil {
 			return err
 		}
-		r.step("generate-issuer-key", map[string]any{"label": k.Label, "kind": k.Kind, "profiles": k.Profiles},
-			map[string]any{"cka_id": hex.EncodeToString(key.ID), "fingerprint": hex.EncodeToString(fp[:]), "file": file, "file_sha256": fh})
+		r.step("generate-issuer-key", map[string]any{"label": k.Label, "kind": k.Kind, "profiles": k.Profiles, "replicable": key.Replicable},
+			map[string]any{"cka_id": hex.EncodeToString(key.ID), "fingerprint": hex.EncodeToString(fp[:]), "file": file, "file_sha256": fh,
+				"extractable": replicableNote(key.Replicable)})
 		fmt.Fprintf(&pins, "%x %s %s %s\n", fp, k.Label, k.Kind, strings.Join(k.Profiles, ","))
 		r.logf("issuer key %q (%s): sha256 %x -> %s", k.Label, k.Kind, fp, file)
 	}
 	if s.KEK != nil {
-		kek, err := r.tok.GenerateKEK(ctx, s.KEK.Label, soPIN)
+		gen := r.tok.GenerateKEK
+		if s.replicableKEK() {
+			gen = r.tok.GenerateReplicableKEK
+		}
+		kek, err := gen(ctx, s.KEK.Label, soPIN)
 		if err != nil {
 			return err
+		}
+		if kek.Replicable {
+			r.madeKEK = kek
 		}
 		by := "not marked (the token does not enforce CKA_WRAP_WITH_TRUSTED)"
 		if kek.Trusted {
 			by = "CKA_TRUSTED, set by the security officer"
 		}
-		r.step("generate-kek", map[string]any{"label": kek.Label, "kind": "aes256", "so_pin_source": s.Token.SOPIN.describe()},
-			map[string]any{"cka_id": hex.EncodeToString(kek.ID), "trusted": kek.Trusted, "trust": by})
+		r.step("generate-kek", map[string]any{"label": kek.Label, "kind": "aes256", "so_pin_source": s.Token.SOPIN.describe(), "replicable": kek.Replicable},
+			map[string]any{"cka_id": hex.EncodeToString(kek.ID), "trusted": kek.Trusted, "trust": by, "extractable": replicableNote(kek.Replicable)})
 		r.logf("KEK %q: AES-256, %s", kek.Label, by)
 	}
 	if rot := s.KEKRotation; rot != nil {
@@ -463,6 +522,9 @@ func (r *runner) execute(ctx context.Context, soPIN string) error {
 		if err := r.importKTK(ctx, i, soPIN); err != nil {
 			return err
 		}
+	}
+	if err := r.replicate(ctx, soPIN); err != nil {
+		return err
 	}
 	fh, err = r.write(s.FingerprintFile, pins.Bytes())
 	if err != nil {
@@ -605,4 +667,12 @@ func (r *runner) finish() error {
 	r.written[TranscriptFile] = true
 	r.logf("transcript signed by %q -> %s", r.signer.Label, TranscriptFile)
 	return nil
+}
+
+// replicableNote is what the transcript says of a key's extractability.
+func replicableNote(replicable bool) string {
+	if replicable {
+		return "only wrapped under a key the security officer marked CKA_TRUSTED (CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED true): replicable to the group's members"
+	}
+	return "never (CKA_EXTRACTABLE false)"
 }

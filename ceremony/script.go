@@ -35,6 +35,12 @@ type Script struct {
 		// file or env. Needed only where the token enforces
 		// CKA_WRAP_WITH_TRUSTED (the SO marks the KEK trusted).
 		SOPIN *PINSource `yaml:"so-pin"`
+		// Members are the other tokens of the issuer's group: every
+		// issuer key and the KEK the ceremony makes are made replicable
+		// on token.uri and copied to each member inside the tokens
+		// (hsm.Replicate), with the keys of replicate. Each member needs
+		// its own so-pin (its SO makes the KEK's replica trusted).
+		Members []Member `yaml:"members"`
 	} `yaml:"token"`
 	Roles struct {
 		Operator        string   `yaml:"operator"`
@@ -49,7 +55,13 @@ type Script struct {
 	IssuerKeys []IssuerKey `yaml:"issuer-keys"`
 	KEK        *struct {
 		Label string `yaml:"label"`
+		// Replicable makes the KEK extractable under trusted keys only,
+		// to be copied to members (implied, and required, with members).
+		Replicable *bool `yaml:"replicable"`
 	} `yaml:"kek"`
+	// Replicate names keys an earlier ceremony made replicable on
+	// token.uri, to be copied to the members (which must be given).
+	Replicate *Replicate `yaml:"replicate"`
 	// KEKRotation, if set, generates the next KEK, To, as the target of
 	// a KEK rotation away from the existing KEK From: the ceremony checks
 	// From is in the token and generates To exactly as kek does (the SO
@@ -104,6 +116,21 @@ type PINSource struct {
 	Env  string `yaml:"env"`
 }
 
+// Member is another token of the issuer's group.
+type Member struct {
+	// URI is the member's RFC 7512 URI (user PIN by pin-source).
+	URI string `yaml:"uri"`
+	// SOPIN is where the member's SO PIN is (file or env): required.
+	SOPIN *PINSource `yaml:"so-pin"`
+}
+
+// Replicate names existing replicable keys of token.uri to copy to the
+// members.
+type Replicate struct {
+	IssuerKeys []string `yaml:"issuer-keys"`
+	KEK        string   `yaml:"kek"`
+}
+
 // KEKRotation names the KEK blobs are under now (From, which must exist)
 // and the KEK the ceremony generates for them to move to (To).
 type KEKRotation struct {
@@ -151,6 +178,34 @@ type IssuerKey struct {
 	// required, optional or off; default required with chip-attestation,
 	// else off.
 	Attestation string `yaml:"attestation"`
+	// Replicable makes the private key extractable under trusted keys
+	// only, to be copied to members (implied, and required, with
+	// members). Default false: never extractable.
+	Replicable *bool `yaml:"replicable"`
+}
+
+// replicableKey reports whether k is made replicable.
+func (s *Script) replicableKey(k IssuerKey) bool {
+	return k.Replicable != nil && *k.Replicable || len(s.Token.Members) > 0
+}
+
+// replicableKEK reports whether the KEK is made replicable.
+func (s *Script) replicableKEK() bool {
+	return s.KEK != nil && (s.KEK.Replicable != nil && *s.KEK.Replicable || len(s.Token.Members) > 0)
+}
+
+// anyReplicable reports whether the ceremony makes or copies a
+// replicable key (the token must enforce CKA_WRAP_WITH_TRUSTED).
+func (s *Script) anyReplicable() bool {
+	if len(s.Token.Members) > 0 || s.replicableKEK() {
+		return true
+	}
+	for _, k := range s.IssuerKeys {
+		if s.replicableKey(k) {
+			return true
+		}
+	}
+	return false
 }
 
 // ChipRootsFile is the copy of the trusted chip-vendor roots in Output.
@@ -226,6 +281,17 @@ func (s *Script) expand() error {
 			return err
 		}
 	}
+	for i := range s.Token.Members {
+		m := &s.Token.Members[i]
+		if m.URI, err = expandEnv(fmt.Sprintf("token.members[%d].uri", i), m.URI); err != nil {
+			return err
+		}
+		if m.SOPIN != nil {
+			if m.SOPIN.File, err = expandEnv(fmt.Sprintf("token.members[%d].so-pin.file", i), m.SOPIN.File); err != nil {
+				return err
+			}
+		}
+	}
 	if a := s.ChipAttestation; a != nil {
 		if a.Roots, err = expandEnv("chip-attestation.roots", a.Roots); err != nil {
 			return err
@@ -264,8 +330,45 @@ func (s *Script) check() error {
 	if s.Output == "" {
 		bad("output (a directory) is required")
 	}
-	if len(s.IssuerKeys) == 0 && s.KEKRotation == nil && s.KeyImport == nil && len(s.KTKs) == 0 {
-		bad("issuer-keys: at least one issuer key is required (or kek-rotation, key-import or ktks, for a ceremony that makes only those)")
+	if len(s.IssuerKeys) == 0 && s.KEKRotation == nil && s.KeyImport == nil && len(s.KTKs) == 0 && s.Replicate == nil {
+		bad("issuer-keys: at least one issuer key is required (or kek-rotation, key-import, ktks or replicate, for a ceremony that makes only those)")
+	}
+	uris := map[string]string{s.Token.URI: "token.uri"}
+	for i, m := range s.Token.Members {
+		where := fmt.Sprintf("token.members[%d]", i)
+		switch {
+		case m.URI == "":
+			bad("%s.uri is required", where)
+		case strings.Contains(m.URI, "pin-value"):
+			bad("%s.uri: pin-value is refused: give the user PIN by pin-source=file:PATH or env:VAR", where)
+		case uris[m.URI] != "":
+			bad("%s.uri is the same token as %s", where, uris[m.URI])
+		default:
+			uris[m.URI] = where
+		}
+		if p := m.SOPIN; p == nil || (p.File == "") == (p.Env == "") {
+			bad("%s.so-pin: give exactly one of file or env (the member's security officer makes the KEK's replica trusted)", where)
+		}
+	}
+	members := len(s.Token.Members) > 0
+	for i, k := range s.IssuerKeys {
+		if members && k.Replicable != nil && !*k.Replicable {
+			bad("issuer-keys[%d].replicable is false, but the script names members: the group's members hold the same issuer keys, so every key the ceremony makes is replicated", i)
+		}
+	}
+	if members && s.KEK != nil && s.KEK.Replicable != nil && !*s.KEK.Replicable {
+		bad("kek.replicable is false, but the script names members: the group's members hold the same KEK")
+	}
+	if members && s.KEKRotation != nil {
+		bad("kek-rotation with token.members: make the rotation KEK on one member in its own ceremony, then copy it with replicate: {kek: NEW} (the members then hold it too)")
+	}
+	if r := s.Replicate; r != nil {
+		if !members {
+			bad("replicate: name the members to copy the keys to (token.members)")
+		}
+		if len(r.IssuerKeys) == 0 && r.KEK == "" {
+			bad("replicate: name the issuer-keys and/or the kek to copy")
+		}
 	}
 	labels := map[string]string{}
 	label := func(where, l string) {
@@ -350,6 +453,22 @@ func (s *Script) check() error {
 		if fp := k.SenderFingerprint; fp != "" {
 			if b, err := hex.DecodeString(fp); err != nil || len(b) != sha256.Size {
 				bad("%s.sender-fingerprint %q: want the SHA-256 of the wrapped file, 64 hex digits", where, fp)
+			}
+		}
+	}
+	if r := s.Replicate; r != nil {
+		names := append(append([]string{}, r.IssuerKeys...), r.KEK)
+		for i, l := range names {
+			where := fmt.Sprintf("replicate.issuer-keys[%d]", i)
+			if i == len(r.IssuerKeys) {
+				where = "replicate.kek"
+			}
+			switch {
+			case l == "" && i == len(r.IssuerKeys):
+			case !labelRE.MatchString(l):
+				bad("%s %q: use letters, digits, '.', '_' and '-'", where, l)
+			case labels[l] != "":
+				bad("%s %q is a label this ceremony creates (%s): keys the ceremony makes are replicated to the members anyway; replicate names keys already in the token", where, l, labels[l])
 			}
 		}
 	}

@@ -45,9 +45,12 @@ type Body struct {
 	Ceremony string   `json:"ceremony"`
 	Script   FileHash `json:"script"`
 	Token    TokenRec `json:"token"`
-	Roles    RolesRec `json:"roles"`
-	Started  string   `json:"started"`
-	Finished string   `json:"finished"`
+	// Members are the other tokens of the group the keys were
+	// replicated to (token.members), each as Token is recorded.
+	Members  []TokenRec `json:"members,omitempty"`
+	Roles    RolesRec   `json:"roles"`
+	Started  string     `json:"started"`
+	Finished string     `json:"finished"`
 	// Status is "completed" or "failed" (then Error says why).
 	Status        string   `json:"status"`
 	Error         string   `json:"error,omitempty"`
