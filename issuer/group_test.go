@@ -153,16 +153,15 @@ func (r *groupRig) waitUp(t testing.TB) {
 	}
 }
 
-// checkThrough verifies sampled cards of the store through each member
-// alone: the stored blob unwraps under every member's KEK and gives the
-// card's K_I.
-func (r *groupRig) checkThrough(t *testing.T, st Store, rs []batch.Record, kis [][]byte, samples int) {
+// checkThrough verifies the cards rs[i] for i in idx, as stored in st,
+// through each member alone: the stored blob unwraps under every
+// member's KEK and gives the card's K_I.
+func (r *groupRig) checkThrough(t *testing.T, st Store, rs []batch.Record, kis [][]byte, idx []int) {
 	t.Helper()
 	ctx := context.Background()
 	for _, m := range r.members {
 		ck := &hsm.CardKeys{Token: m.Token, Key: m.Key, KEK: m.KEK, TokenObjects: true}
-		for range samples {
-			i := mrand.IntN(len(rs))
+		for _, i := range idx {
 			sc, err := st.Card(ctx, rs[i].ID)
 			if err != nil {
 				t.Fatal(err)
@@ -179,6 +178,15 @@ func (r *groupRig) checkThrough(t *testing.T, st Store, rs []batch.Record, kis [
 			}
 		}
 	}
+}
+
+// sample is k indices of n, at random.
+func sample(n, k int) []int {
+	idx := make([]int, k)
+	for j := range idx {
+		idx[j] = mrand.IntN(n)
+	}
+	return idx
 }
 
 // faultKind is one way a member fails, injected at a random point of an
@@ -279,7 +287,7 @@ func TestGroupImportFailover(t *testing.T) {
 		if got := r.is.Members()[1].Imports; got == back {
 			t.Fatalf("round %d (%s): the member that came back got no work", round, kind.name)
 		}
-		r.checkThrough(t, st, rs, kis, 8)
+		r.checkThrough(t, st, rs, kis, sample(n, 8))
 		t.Logf("round %d (%s): %d records in %v, faulty member answered %d of them, failovers so far %d",
 			round, kind.name, n, took.Round(time.Millisecond), after.Imports-before.Imports, r.is.Failovers())
 	}
@@ -296,15 +304,31 @@ func TestGroupImportFailover(t *testing.T) {
 func TestGroupAllMembersDown(t *testing.T) {
 	r := newGroupRig(t, false, 2, 2, time.Second, 50*time.Millisecond)
 	p := protocol.ECDHP256AES
-	const n = 1500
+	const n = 3000
 	ctx := context.Background()
 	rs, kis := keyedRecords(t, r.is, p, 0xDD, n)
 	path := batchFile(t, r.is, p, rs)
 	st := openStore(t, t.TempDir())
-	for _, f := range r.faults {
-		f.FailAfter("C_DeriveKey", pkcs11.CKR_DEVICE_ERROR, 400+mrand.IntN(400), 0)
+	var err error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, err = (&Importer{Issuer: r.is, Store: st, Workers: 2}).ImportFile(ctx, path)
+	}()
+	// Both members fail once some cards are stored.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		cards, cerr := st.Cards(ctx, "")
+		if cerr != nil {
+			t.Fatal(cerr)
+		}
+		if len(cards) >= 200 || time.Now().After(deadline) {
+			break
+		}
 	}
-	_, err := (&Importer{Issuer: r.is, Store: st, Workers: 2}).ImportFile(ctx, path)
+	for _, f := range r.faults {
+		f.Fail("C_DeriveKey", pkcs11.CKR_DEVICE_ERROR)
+	}
+	<-done
 	if !errors.Is(err, hsm.ErrNoMember) {
 		t.Fatalf("import with every member failing: %v, want hsm.ErrNoMember", err)
 	}
@@ -325,6 +349,17 @@ func TestGroupAllMembersDown(t *testing.T) {
 		f.Clear()
 	}
 	r.waitUp(t)
+	// What was stored is whole: every card stored before the stop
+	// verifies through each member.
+	byID := map[string]int{}
+	for i, rec := range rs {
+		byID[string(rec.ID)] = i
+	}
+	var before []int
+	for _, c := range cards {
+		before = append(before, byID[string(c.ID)])
+	}
+	r.checkThrough(t, st, rs, kis, before)
 	rep, err := (&Importer{Issuer: r.is, Store: st, Workers: 2}).ImportFile(ctx, path)
 	if err != nil {
 		t.Fatalf("rerun: %v", err)
@@ -335,5 +370,5 @@ func TestGroupAllMembersDown(t *testing.T) {
 	if cards, err = st.Cards(ctx, ""); err != nil || len(cards) != n {
 		t.Fatalf("after the rerun: %d cards, %v", len(cards), err)
 	}
-	r.checkThrough(t, st, rs, kis, 8)
+	r.checkThrough(t, st, rs, kis, sample(n, 8))
 }
