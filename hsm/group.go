@@ -47,6 +47,19 @@ type GroupOptions struct {
 	RecycleEvery int64
 	// Log gets one line per change of a member's state (nil: slog.Default()).
 	Log *slog.Logger
+	// Pending are members that could not be opened at start: they start
+	// out, and the re-probing opens them and lets them in once they
+	// prove the group's keys, as members that come back do.
+	Pending []Pending
+}
+
+// Pending is a member that could not be opened when the group was made
+// (its HSM in maintenance, say): Open opens it and finds its keys, Err
+// says why it could not, Name names it until it is open.
+type Pending struct {
+	Name string
+	Open func(context.Context) (Member, error)
+	Err  error
 }
 
 // ErrNoMember is the error of an operation when every member of its
@@ -75,6 +88,8 @@ type Group struct {
 	probeEvery time.Duration
 	log        *slog.Logger
 	probe      probeCard
+	first      *member                // whose keys the others must hold
+	keysOf     func(Member) *CardKeys // a member's CardKeys, as the options make them
 	rr         atomic.Uint64
 	failovers  atomic.Int64
 	done       chan struct{}
@@ -82,11 +97,13 @@ type Group struct {
 	wg         sync.WaitGroup
 }
 
-// member is a Member with its state in the Group.
+// member is a Member with its state in the Group. A pending member has
+// open and no Member or keys until the re-probing opens it (under mu).
 type member struct {
 	Member
 	name     string
 	keys     *CardKeys
+	open     func(context.Context) (Member, error)
 	inflight atomic.Int64
 	imports  atomic.Int64
 	verifies atomic.Int64
@@ -116,10 +133,11 @@ type probeCard struct {
 // throwaway K_I (its private key is its public key's), and every
 // member's blob must equal the first's byte for byte (RFC 5649 is
 // deterministic, so equal blobs of one K_I mean one KEK). A member that
-// differs is refused, naming it and why.
+// differs is refused, naming it and why. opts.Pending members start out
+// and face the same check when the re-probing has opened them.
 func NewGroup(ctx context.Context, members []Member, opts GroupOptions) (*Group, error) {
 	if len(members) == 0 {
-		return nil, errors.New("a token group needs at least one member")
+		return nil, errors.New("a token group needs at least one member that opens")
 	}
 	g := &Group{deadline: opts.Deadline, probeEvery: opts.ProbeEvery, log: opts.Log, done: make(chan struct{})}
 	if g.deadline == 0 {
@@ -131,18 +149,28 @@ func NewGroup(ctx context.Context, members []Member, opts GroupOptions) (*Group,
 	if g.log == nil {
 		g.log = slog.Default()
 	}
+	g.keysOf = func(m Member) *CardKeys {
+		return &CardKeys{Token: m.Token, Key: m.Key, KEK: m.KEK, TokenObjects: opts.TokenObjects, RecycleEvery: opts.RecycleEvery}
+	}
 	names := memberNames(members)
 	for i, m := range members {
 		if m.Token == nil || m.Key == nil || m.KEK == nil {
 			return nil, fmt.Errorf("token group member %d: no token, issuer key or KEK", i+1)
 		}
-		g.members = append(g.members, &member{Member: m, name: names[i], up: true, since: time.Now(),
-			keys: &CardKeys{Token: m.Token, Key: m.Key, KEK: m.KEK, TokenObjects: opts.TokenObjects, RecycleEvery: opts.RecycleEvery}})
+		g.members = append(g.members, &member{Member: m, name: names[i], up: true, since: time.Now(), keys: g.keysOf(m)})
 	}
-	if len(members) > 1 {
+	if len(members)+len(opts.Pending) > 1 {
 		if err := g.check(ctx); err != nil {
 			return nil, err
 		}
+	}
+	for _, p := range opts.Pending {
+		m := &member{name: p.Name, open: p.Open, since: time.Now(), reason: p.Err}
+		g.members = append(g.members, m)
+		m.downs.Add(1)
+		g.log.Error("token group member out at start: it could not be opened; it is re-probed, and joins once it holds the group's keys", "member", m.name, "reason", p.Err)
+		g.wg.Add(1)
+		go g.reprobe(m)
 	}
 	return g, nil
 }
@@ -177,14 +205,10 @@ func memberNames(ms []Member) []string {
 // check is NewGroup's proof that the members hold the same keys.
 func (g *Group) check(ctx context.Context) error {
 	first := g.members[0]
-	fp := first.Key.Fingerprint()
+	g.first = first
 	for _, m := range g.members[1:] {
-		if f := m.Key.Fingerprint(); f != fp {
-			return fmt.Errorf("token group: member %q is refused: its issuer key %q has fingerprint %x, member %q's has %x: not the same key",
-				m.name, m.Key.Label, f, first.name, fp)
-		}
-		if m.KEK.Label != first.KEK.Label {
-			return fmt.Errorf("token group: member %q is refused: KEK %q, not %q", m.name, m.KEK.Label, first.KEK.Label)
+		if err := g.sameNames(m); err != nil {
+			return fmt.Errorf("token group: member %q is refused: %w", m.name, err)
 		}
 	}
 	pc, err := newProbeCard(ctx, first)
@@ -196,6 +220,19 @@ func (g *Group) check(ctx context.Context) error {
 		if err := g.same(ctx, m, startDeadline); err != nil {
 			return fmt.Errorf("token group: member %q is refused: %w", m.name, err)
 		}
+	}
+	return nil
+}
+
+// sameNames compares what m says of its keys with the first member:
+// the issuer key's fingerprint and the KEK's label.
+func (g *Group) sameNames(m *member) error {
+	f, ff := m.Key.Fingerprint(), g.first.Key.Fingerprint()
+	if f != ff {
+		return fmt.Errorf("its issuer key %q has fingerprint %x, member %q's has %x: not the same key", m.Key.Label, f, g.first.name, ff)
+	}
+	if m.KEK.Label != g.first.KEK.Label {
+		return fmt.Errorf("KEK %q, not %q", m.KEK.Label, g.first.KEK.Label)
 	}
 	return nil
 }
@@ -447,8 +484,28 @@ func (g *Group) reprobe(m *member) {
 	}
 }
 
-// rejoinable probes m with the throwaway card.
-func (g *Group) rejoinable(m *member) error { return g.same(context.Background(), m, g.deadline) }
+// rejoinable probes m with the throwaway card; a pending member is
+// opened first (within startDeadline: opening logs in).
+func (g *Group) rejoinable(m *member) error {
+	ctx := context.Background()
+	m.mu.Lock()
+	pending := m.keys == nil
+	m.mu.Unlock()
+	if pending {
+		mm, err := call(ctx, startDeadline, m.open)
+		if err != nil {
+			return err
+		}
+		if err := g.sameNames(&member{Member: mm}); err != nil {
+			mm.Token.Close()
+			return err
+		}
+		m.mu.Lock()
+		m.Member, m.keys = mm, g.keysOf(mm)
+		m.mu.Unlock()
+	}
+	return g.same(ctx, m, g.deadline)
+}
 
 // Unavailable reports whether err says the token failed as a device —
 // it is gone, broken, did not answer, or its sessions cannot be reopened
@@ -506,9 +563,12 @@ func (g *Group) Stats() []MemberStats {
 		if m.reason != nil {
 			st.Reason = m.reason.Error()
 		}
+		keys := m.keys
 		m.mu.Unlock()
 		st.InFlight, st.Imports, st.Verifies, st.Downs = m.inflight.Load(), m.imports.Load(), m.verifies.Load(), m.downs.Load()
-		st.Recycle = m.keys.Stats()
+		if keys != nil {
+			st.Recycle = keys.Stats()
+		}
 		out[i] = st
 	}
 	return out
@@ -538,6 +598,11 @@ func (g *Group) Measure(ctx context.Context, d time.Duration) []MemberRate {
 	out := make([]MemberRate, len(g.members))
 	for i, m := range g.members {
 		r := MemberRate{Name: m.name}
+		if !m.isUp() {
+			r.Err = errors.New("out of the group")
+			out[i] = r
+			continue
+		}
 		r.Imports, r.Err = rate(ctx, d, func() error { _, err := m.keys.Import(ctx, pc.profile, pc.c); return err })
 		if r.Err == nil {
 			r.Verifies, r.Err = rate(ctx, d, func() error { _, err := m.keys.Verify(ctx, pc.blob, pc.id, pc.chal, pc.mac); return err })
@@ -559,11 +624,16 @@ func rate(ctx context.Context, d time.Duration, op func() error) (float64, error
 	return float64(n) / time.Since(start).Seconds(), ctx.Err()
 }
 
-// Members are the group's members, in the order given to NewGroup.
+// Members are the group's members that are open, in the order given to
+// NewGroup (the pending ones last, once open).
 func (g *Group) Members() []Member {
-	out := make([]Member, len(g.members))
-	for i, m := range g.members {
-		out[i] = m.Member
+	var out []Member
+	for _, m := range g.members {
+		m.mu.Lock()
+		if m.keys != nil {
+			out = append(out, m.Member)
+		}
+		m.mu.Unlock()
 	}
 	return out
 }
@@ -575,7 +645,13 @@ func (g *Group) Failovers() int64 { return g.failovers.Load() }
 func (g *Group) RecycleStats() RecycleStats {
 	var sum RecycleStats
 	for _, m := range g.members {
-		st := m.keys.Stats()
+		m.mu.Lock()
+		keys := m.keys
+		m.mu.Unlock()
+		if keys == nil {
+			continue
+		}
+		st := keys.Stats()
 		sum.Every = st.Every
 		sum.Ops += st.Ops
 		sum.Recycles += st.Recycles
@@ -597,7 +673,9 @@ func (g *Group) Close(ctx context.Context) error {
 	g.wg.Wait()
 	var errs []error
 	for _, m := range g.members {
-		errs = append(errs, m.keys.Close(ctx))
+		if m.keys != nil { // the re-probing has stopped
+			errs = append(errs, m.keys.Close(ctx))
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/miekg/pkcs11"
 
@@ -158,4 +159,62 @@ func TestGroupRefusesOtherKeys(t *testing.T) {
 			t.Fatalf("other KEK: %v", err)
 		}
 	})
+}
+
+// A member that cannot be opened at start (its token gone) starts out:
+// the group works on the others, and the member joins by itself once it
+// opens and proves the group's keys; then it gets work.
+func TestGroupMemberDownAtStart(t *testing.T) {
+	ms, tt := groupOf(t)
+	ctx := context.Background()
+	f := hsmtest.Faulty(t, tt)
+	f.Vanish()
+	open := func(ctx context.Context) (Member, error) {
+		tok, err := OpenURI(f.Token.URI, 2)
+		if err != nil {
+			return Member{}, err
+		}
+		key, err := tok.FindIssuerKey(ctx, "issuer")
+		if err == nil {
+			var kek *KEKRef
+			if kek, err = tok.FindKEK(ctx, "kek"); err == nil {
+				t.Cleanup(func() { tok.Close() })
+				return Member{Token: tok, Key: key, KEK: kek}, nil
+			}
+		}
+		tok.Close()
+		return Member{}, err
+	}
+	_, err := open(ctx)
+	if !Unavailable(err) {
+		t.Fatalf("opening a vanished token: %v, want a device failure", err)
+	}
+	g, err := NewGroup(ctx, ms[:1], GroupOptions{ProbeEvery: 20 * time.Millisecond, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Pending: []Pending{{Name: "late", Open: open, Err: err}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close(ctx) })
+	p := protocol.RSAOAEPAES
+	importSome := func() {
+		for range 8 {
+			if _, err := g.Import(ctx, p, newSoftCard(t, p, ms[0].Key.Public).c); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	importSome()
+	if st := g.Stats(); st[1].Up || st[1].Imports != 0 || len(g.Members()) != 1 {
+		t.Fatalf("a member down at start: %+v", st)
+	}
+	f.Clear()
+	for deadline := time.Now().Add(10 * time.Second); !g.Stats()[1].Up; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the member never joined: %+v", g.Stats()[1])
+		}
+	}
+	importSome()
+	if st := g.Stats(); st[1].Imports == 0 || len(g.Members()) != 2 {
+		t.Fatalf("the member that joined got no work: %+v", st)
+	}
 }

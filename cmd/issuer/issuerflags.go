@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/miekg/pkcs11"
 	"github.com/spf13/cobra"
 
 	"blindperso/hsm"
@@ -29,7 +30,10 @@ flight; a member that fails as a device (CKR_DEVICE_ERROR,
 CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, sessions that cannot be
 reopened) or does not answer within --member-deadline is taken out, the
 record or verification in flight is redone on another member, and the
-member is re-probed every second until it answers with the group's keys.`
+member is re-probed every second until it answers with the group's keys.
+A member whose token is down at start (not present, not answering) is
+started out and re-probed the same way; a wrong PIN or a missing key
+stops the start.`
 
 // issuerFlags adds --token (repeatable), --key, --kek and
 // --member-deadline, and returns a function that opens every token, finds
@@ -59,6 +63,7 @@ func issuerFlags(c *cobra.Command, gated bool) func(ctx context.Context, session
 			return nil, fmt.Errorf("--member-deadline %v: must be positive", *deadline)
 		}
 		var members []hsm.Member
+		var pending []hsm.Pending
 		defer func() {
 			if err != nil {
 				for _, m := range members {
@@ -67,29 +72,74 @@ func issuerFlags(c *cobra.Command, gated bool) func(ctx context.Context, session
 			}
 		}()
 		for i, u := range list {
-			m, err := openMember(ctx, u, sessions, *key, *kek)
-			if err != nil {
-				if len(list) > 1 {
-					return nil, fmt.Errorf("token %d of %d: %w", i+1, len(list), err)
+			open := func(ctx context.Context) (hsm.Member, error) {
+				m, err := openMember(ctx, u, sessions, *key, *kek)
+				if err != nil {
+					return m, err
 				}
-				return nil, err
+				if err := gate(ctx, &issuer.Issuer{Token: m.Token, Key: m.Key, KEK: m.KEK}); err != nil {
+					m.Token.Close()
+					return hsm.Member{}, err
+				}
+				return m, nil
 			}
-			members = append(members, m)
-			if err := gate(ctx, &issuer.Issuer{Token: m.Token, Key: m.Key, KEK: m.KEK}); err != nil {
+			m, err := open(ctx)
+			switch {
+			case err == nil:
+				members = append(members, m)
+			case len(list) > 1 && downAtStart(err):
+				// Its HSM is down (in maintenance, say): start without
+				// it; the group opens it when it is back.
+				pending = append(pending, hsm.Pending{Name: tokenName(u, i), Open: open, Err: err})
+			case len(list) > 1:
+				return nil, fmt.Errorf("token %d of %d: %w", i+1, len(list), err)
+			default:
 				return nil, err
 			}
 		}
+		if len(members) == 0 {
+			return nil, fmt.Errorf("no token of the group could be opened: %w", errors.Join(pendingErrs(pending)...))
+		}
 		log := slog.New(slog.NewTextHandler(c.ErrOrStderr(), nil))
-		g, err := hsm.NewGroup(ctx, members, hsm.GroupOptions{Deadline: *deadline, Log: log})
+		g, err := hsm.NewGroup(ctx, members, hsm.GroupOptions{Deadline: *deadline, Log: log, Pending: pending})
 		if err != nil {
 			return nil, err
 		}
-		if len(members) > 1 {
-			log.Info("token group: every member holds the same issuer key and KEK", "members", len(members), "key", *key, "kek", *kek)
+		if len(members)+len(pending) > 1 {
+			log.Info("token group: every member holds the same issuer key and KEK", "members", len(members), "pending", len(pending), "key", *key, "kek", *kek)
 		}
 		first := members[0]
 		return &issuer.Issuer{Token: first.Token, Key: first.Key, KEK: first.KEK, Group: g}, nil
 	}
+}
+
+// downAtStart says whether a member that failed to open is down, not
+// misconfigured: the group starts without it. A wrong PIN, a missing key
+// or library is the operator's to fix, and stops the start.
+func downAtStart(err error) bool {
+	return hsm.Unavailable(err) && !hsm.IsRV(err, pkcs11.CKR_PIN_INCORRECT) && !hsm.IsRV(err, pkcs11.CKR_PIN_LOCKED)
+}
+
+// tokenName names a member that could not be opened: its URI's token
+// label or serial, else its place.
+func tokenName(uri string, i int) string {
+	if cfg, err := hsm.ParseURI(uri); err == nil {
+		if cfg.TokenLabel != "" {
+			return cfg.TokenLabel
+		}
+		if cfg.Serial != "" {
+			return "serial " + cfg.Serial
+		}
+	}
+	return fmt.Sprintf("token %d", i+1)
+}
+
+func pendingErrs(ps []hsm.Pending) []error {
+	errs := make([]error, len(ps))
+	for i, p := range ps {
+		errs[i] = fmt.Errorf("%s: %w", p.Name, p.Err)
+	}
+	return errs
 }
 
 // openMember opens one token and finds the issuer key and the KEK in it.
