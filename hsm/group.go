@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -93,7 +94,8 @@ type Group struct {
 	rr         atomic.Uint64
 	failovers  atomic.Int64
 	done       chan struct{}
-	closeOnce  sync.Once
+	closeMu    sync.Mutex // orders Close and starting a re-probe
+	closed     bool
 	wg         sync.WaitGroup
 }
 
@@ -399,7 +401,7 @@ func (g *Group) pick(tried []*member) *member {
 	var best *member
 	for i := range n {
 		m := g.members[(start+i)%n]
-		if !m.isUp() || contains(tried, m) {
+		if !m.isUp() || slices.Contains(tried, m) {
 			continue
 		}
 		if best == nil || m.inflight.Load() < best.inflight.Load() {
@@ -407,15 +409,6 @@ func (g *Group) pick(tried []*member) *member {
 		}
 	}
 	return best
-}
-
-func contains(ms []*member, m *member) bool {
-	for _, x := range ms {
-		if x == m {
-			return true
-		}
-	}
-	return false
 }
 
 func (m *member) isUp() bool {
@@ -448,10 +441,10 @@ func (g *Group) takeOut(m *member, err error) {
 	m.mu.Unlock()
 	m.downs.Add(1)
 	g.log.Error("token group member taken out; its work goes to the others", "member", m.name, "reason", err)
-	select {
-	case <-g.done:
+	g.closeMu.Lock()
+	defer g.closeMu.Unlock()
+	if g.closed {
 		return
-	default:
 	}
 	g.wg.Add(1)
 	go g.reprobe(m)
@@ -669,7 +662,12 @@ func (g *Group) RecycleStats() RecycleStats {
 // Close stops the re-probing and destroys every member's session copies
 // (the Tokens stay open: they are the caller's).
 func (g *Group) Close(ctx context.Context) error {
-	g.closeOnce.Do(func() { close(g.done) })
+	g.closeMu.Lock()
+	if !g.closed {
+		g.closed = true
+		close(g.done)
+	}
+	g.closeMu.Unlock()
 	g.wg.Wait()
 	var errs []error
 	for _, m := range g.members {
