@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
-	"strings"
 	"time"
 
 	"github.com/miekg/pkcs11"
@@ -52,12 +50,9 @@ func issuerFlags(c *cobra.Command, gated bool) func(ctx context.Context, session
 	c.MarkFlagRequired("key")
 	c.MarkFlagRequired("kek")
 	return func(ctx context.Context, sessions int) (is *issuer.Issuer, err error) {
-		list := *uris
-		if len(list) == 0 {
-			list = strings.Fields(os.Getenv(envToken))
-		}
-		if len(list) == 0 {
-			return nil, errors.New("no token: give --token URI or set " + envToken)
+		list, err := tokenURIs(*uris)
+		if err != nil {
+			return nil, err
 		}
 		if *deadline <= 0 {
 			return nil, fmt.Errorf("--member-deadline %v: must be positive", *deadline)

@@ -43,6 +43,19 @@ See docs/HSM.md.`
 // tableKeys lists the values x-blindperso-table takes, for the help.
 var tableKeys = strings.Join(hsm.TableNames(), ", ")
 
+// tokenURIs is the URIs of a repeatable --token, or else those in
+// $BLINDPERSO_TOKEN (separated by spaces or newlines: URIs have none).
+func tokenURIs(flag []string) ([]string, error) {
+	list := flag
+	if len(list) == 0 {
+		list = strings.Fields(os.Getenv(envToken))
+	}
+	if len(list) == 0 {
+		return nil, errors.New("no token: give --token URI or set " + envToken)
+	}
+	return list, nil
+}
+
 // tokenFlag adds --token to c and returns a function that opens the token.
 func tokenFlag(c *cobra.Command) func(sessions int) (*hsm.Token, error) {
 	uri := c.Flags().String("token", "", "PKCS#11 URI of the token (default $"+envToken+")")
@@ -88,8 +101,10 @@ With several --token, each token is probed in turn. With --key and --kek
 the tokens are then checked as the members of one group, as issuer import
 and serve check them at start (same issuer key and KEK, proved with a
 throwaway card), and each member's rate of imports and verifications
-alone is measured (a quarter of a second each); a running issuer serve shows each
-member's health and work in /metrics (blindperso_issuer_token_member_*).
+alone is measured (a quarter of a second each); a running issuer serve
+shows each member's health and work in /metrics
+(blindperso_issuer_token_member_*). With --json: one object per token,
+then {"group": …}.
 
 ` + uriHelp,
 		Example: `  issuer probe --token 'pkcs11:token=issuer?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/blindperso/user.pin' --so-pin-file so.pin
@@ -108,12 +123,9 @@ member's health and work in /metrics (blindperso_issuer_token_member_*).
 		if err != nil {
 			return err
 		}
-		list := *uris
-		if len(list) == 0 {
-			list = strings.Fields(os.Getenv(envToken))
-		}
-		if len(list) == 0 {
-			return errors.New("no token: give --token URI or set " + envToken)
+		list, err := tokenURIs(*uris)
+		if err != nil {
+			return err
 		}
 		if (*key == "") != (*kek == "") {
 			return errors.New("--key and --kek go together")
