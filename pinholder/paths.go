@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha1"
+	"errors"
 	"fmt"
 
 	"github.com/miekg/pkcs11"
@@ -571,7 +572,10 @@ func (e *env) wrapOwn(s hsm.Session, target pkcs11.ObjectHandle, what string, wa
 	return e.wrapUnder(s, own, val, target, what, want)
 }
 
-func (e *env) wrapUnder(s hsm.Session, own pkcs11.ObjectHandle, val []byte, target pkcs11.ObjectHandle, what string, want []byte) (string, error) {
+// wrapOut wraps target under the attacker's key own (value val: known to
+// the attacker, or to a receiver for a KTK) and decrypts the result on
+// the host: CBC-PAD where the token wraps with it, else RFC 5649.
+func (e *env) wrapOut(s hsm.Session, own pkcs11.ObjectHandle, val []byte, target pkcs11.ObjectHandle) ([]byte, error) {
 	m := pkcs11.NewMechanism(pkcs11.CKM_AES_CBC_PAD, make([]byte, 16))
 	w, err := s.P.WrapKey(s.H, []*pkcs11.Mechanism{m}, own, target)
 	if hsm.IsRV(err, pkcs11.CKR_MECHANISM_INVALID) {
@@ -580,15 +584,24 @@ func (e *env) wrapUnder(s hsm.Session, own pkcs11.ObjectHandle, val []byte, targ
 		if w, err = s.P.WrapKey(s.H, []*pkcs11.Mechanism{m}, own, target); err == nil {
 			dec, derr := aesDecrypter(val)
 			if derr != nil {
-				return "", derr
+				return nil, derr
 			}
-			return e.opened(unwrapKWP(dec, w))(what, want)
+			return unwrapKWP(dec, w)
 		}
 	}
 	if err := refused("C_WrapKey(the attacker's own key)", err); err != nil {
+		return nil, err
+	}
+	return cbcPadDecrypt(val, w)
+}
+
+func (e *env) wrapUnder(s hsm.Session, own pkcs11.ObjectHandle, val []byte, target pkcs11.ObjectHandle, what string, want []byte) (string, error) {
+	got, err := e.wrapOut(s, own, val, target)
+	var r *refusal
+	if errors.As(err, &r) {
 		return "", err
 	}
-	return e.opened(cbcPadDecrypt(val, w))(what, want)
+	return e.opened(got, err)(what, want)
 }
 
 func (e *env) opened(got []byte, err error) func(string, []byte) (string, error) {

@@ -350,28 +350,6 @@ var replicationPaths = []path{
 func (e *env) repRSAH(s hsm.Session) pkcs11.ObjectHandle { h, _ := e.rep.rsa.Handle(s); return h }
 func (e *env) repKEKH(s hsm.Session) pkcs11.ObjectHandle { h, _ := e.rep.kek.Handle(s); return h }
 
-// wrapOut wraps target under the attacker's key own (value val: known to
-// the attacker, or to a receiver for a KTK) and decrypts the result on
-// the host: CBC-PAD where the token wraps with it, else RFC 5649.
-func (e *env) wrapOut(s hsm.Session, own pkcs11.ObjectHandle, val []byte, target pkcs11.ObjectHandle) ([]byte, error) {
-	m := pkcs11.NewMechanism(pkcs11.CKM_AES_CBC_PAD, make([]byte, 16))
-	w, err := s.P.WrapKey(s.H, []*pkcs11.Mechanism{m}, own, target)
-	if hsm.IsRV(err, pkcs11.CKR_MECHANISM_INVALID) {
-		m = pkcs11.NewMechanism(s.M.KeyWrapRFC5649, nil)
-		if w, err = s.P.WrapKey(s.H, []*pkcs11.Mechanism{m}, own, target); err == nil {
-			dec, derr := aesDecrypter(val)
-			if derr != nil {
-				return nil, derr
-			}
-			return unwrapKWP(dec, w)
-		}
-	}
-	if err := refused("C_WrapKey", err); err != nil {
-		return nil, err
-	}
-	return cbcPadDecrypt(val, w)
-}
-
 // privOut is wrapOut of a private key, confirmed: the PKCS#8 that came
 // out must hold k's public key.
 func (e *env) privOut(s hsm.Session, own pkcs11.ObjectHandle, val []byte, target pkcs11.ObjectHandle, k *hsm.IssuerKeyRef) (string, error) {
