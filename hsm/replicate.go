@@ -1068,10 +1068,17 @@ type objAttrs struct {
 // transcript records them: CK_BBOOL true/false, CKA_CLASS and
 // CKA_KEY_TYPE by name, CKA_LABEL as text, array attributes as
 // "{CKA_X=v, …}", other byte strings in hex; "—" for an attribute the
-// object does not have. Never called for a value a token keeps secret
-// (a sensitive key's CKA_VALUE or private exponent is not in the lists).
+// object does not have. It refuses to read a key's secret attributes
+// (CKA_VALUE, the private exponent and CRT values).
 func readObject(s Session, h pkcs11.ObjectHandle, names []uint) (objAttrs, error) {
 	o := objAttrs{shown: map[string]string{}, raw: map[uint][]byte{}, history: map[string]string{}}
+	for _, n := range names {
+		switch n {
+		case pkcs11.CKA_VALUE, pkcs11.CKA_PRIVATE_EXPONENT, pkcs11.CKA_PRIME_1, pkcs11.CKA_PRIME_2,
+			pkcs11.CKA_EXPONENT_1, pkcs11.CKA_EXPONENT_2, pkcs11.CKA_COEFFICIENT:
+			return o, fmt.Errorf("readObject: %s is a key's secret, never read to the host", AttrName(n))
+		}
+	}
 	for _, n := range names {
 		v, err := showAttr(s, h, n, o.raw)
 		if err != nil {
