@@ -487,7 +487,7 @@ func (t *Token) trustedKEK(ps *pooled, ref *KEKRef, soPIN string) error {
 	defer ut.free()
 	// Modifiable and copyable for the moment it lives: SoftHSM2 refuses
 	// every changing copy of a read-only object, and the user's copy
-	// below makes it read-only (CKA_MODIFIABLE may go from true to false
+	// (trustedToPrivate) makes it read-only (CKA_MODIFIABLE may go from true to false
 	// in a copy). CKA_COPYABLE cannot be cleared in a copy there
 	// (CKR_ATTRIBUTE_READ_ONLY): the KEK stays copyable, but only
 	// unchanged (`issuer probe`, path kek-copy-*).
@@ -496,27 +496,45 @@ func (t *Token) trustedKEK(ps *pooled, ref *KEKRef, soPIN string) error {
 		tmpl = replicableAttrs(tmpl)
 	}
 	m := pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)
-	var tmp pkcs11.ObjectHandle
-	err = t.asSO(ps, soPIN, func(s Session) error {
-		var err error
-		tmp, err = s.P.GenerateKey(s.H, []*pkcs11.Mechanism{m}, tmpl)
-		return Call("C_GenerateKey", m, err)
+	h, err := t.trustedToPrivate(ps, soPIN, func(s Session) (pkcs11.ObjectHandle, error) {
+		h, err := s.P.GenerateKey(s.H, []*pkcs11.Mechanism{m}, tmpl)
+		return h, Call("C_GenerateKey", m, err)
 	})
+	if err != nil {
+		return err
+	}
+	ref.obj.set(t, h)
+	return nil
+}
+
+// trustedToPrivate makes a trusted KEK as the SO (make returns a public
+// session object: only the SO may set CKA_TRUSTED), copies it into a
+// private, read-only token object as the user and destroys the session
+// original. A session object survives the change of login; either the
+// token object is there and the original gone, or an error and neither.
+func (t *Token) trustedToPrivate(ps *pooled, soPIN string, make func(Session) (pkcs11.ObjectHandle, error)) (pkcs11.ObjectHandle, error) {
+	var tmp pkcs11.ObjectHandle
+	err := t.asSO(ps, soPIN, func(s Session) error {
+		var err error
+		tmp, err = make(s)
+		return err
+	})
+	s := t.session(ps)
 	if err != nil {
 		if tmp != 0 {
 			s.P.DestroyObject(s.H, tmp)
 		}
-		return err
+		return 0, err
 	}
 	h, err := s.P.CopyObject(s.H, tmp, []*pkcs11.Attribute{attr(pkcs11.CKA_TOKEN, true), attr(pkcs11.CKA_PRIVATE, true), attr(pkcs11.CKA_MODIFIABLE, false)})
 	if derr := s.P.DestroyObject(s.H, tmp); derr != nil && err == nil {
-		err = Call("C_DestroyObject", nil, derr)
+		s.P.DestroyObject(s.H, h)
+		return 0, fmt.Errorf("destroy the SO's session copy of the KEK: %w", Call("C_DestroyObject", nil, derr))
 	}
 	if err != nil {
-		return fmt.Errorf("copy the SO's trusted KEK into a private token object: %w", Call("C_CopyObject", nil, err))
+		return 0, fmt.Errorf("copy the SO's trusted KEK into a private token object: %w", Call("C_CopyObject", nil, err))
 	}
-	ref.obj.set(t, h)
-	return nil
+	return h, nil
 }
 
 // FindKEK finds the KEK labelled label.

@@ -724,26 +724,12 @@ func (x *replication) receiveKEK() error {
 	defer ut.free()
 	tmpl := forUnwrap(replicableAttrs(append(kekAttrs(k.Label, k.ID, false, false, ut.attr), attr(pkcs11.CKA_TRUSTED, true))))
 	wm := pkcs11.NewMechanism(x.r.Target.mech.KeyWrapRFC5649, nil)
-	var tmp pkcs11.ObjectHandle
-	err = x.r.Target.asSO(x.pt, x.r.TargetSOPIN, func(s Session) error {
-		var err error
-		tmp, err = s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{wm}, x.tTarget, x.tr.Wrapped[k.Label], tmpl)
-		return Call("C_UnwrapKey", wm, err)
+	h, err := x.r.Target.trustedToPrivate(x.pt, x.r.TargetSOPIN, func(s Session) (pkcs11.ObjectHandle, error) {
+		h, err := s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{wm}, x.tTarget, x.tr.Wrapped[k.Label], tmpl)
+		return h, Call("C_UnwrapKey", wm, err)
 	})
-	s := x.dst()
 	if err != nil {
-		if tmp != 0 {
-			s.P.DestroyObject(s.H, tmp)
-		}
 		return err
-	}
-	h, err := s.P.CopyObject(s.H, tmp, []*pkcs11.Attribute{attr(pkcs11.CKA_TOKEN, true), attr(pkcs11.CKA_PRIVATE, true), attr(pkcs11.CKA_MODIFIABLE, false)})
-	if derr := s.P.DestroyObject(s.H, tmp); derr != nil && err == nil {
-		s.P.DestroyObject(s.H, h)
-		return fmt.Errorf("destroy the SO's session copy of the KEK: %w", Call("C_DestroyObject", nil, derr))
-	}
-	if err != nil {
-		return fmt.Errorf("copy the trusted KEK into a private token object: %w", Call("C_CopyObject", nil, err))
 	}
 	x.replicas = append(x.replicas, kekFind(k.Label, k.ID))
 	ref := &KEKRef{Label: k.Label, ID: k.ID, Trusted: true, Replicable: true, tok: x.r.Target}
