@@ -112,6 +112,11 @@ func (r *runner) preflightMembers(ctx context.Context, byName map[string]hsm.Pro
 		if mb.soPIN, err = m.SOPIN.read(); err != nil {
 			return fmt.Errorf("%s: %w", where, err)
 		}
+		if rot := s.KEKRotation; rot != nil {
+			if _, err := tok.FindKEK(ctx, rot.From); err != nil {
+				return fmt.Errorf("%s: member %q does not hold kek-rotation.from: %w (a group moves to the new KEK together: every member holds the KEK the card keys are under now; nothing was created)", where, info.Label, err)
+			}
+		}
 		for _, l := range r.replicatedLabels() {
 			used, err := tok.LabelInUse(ctx, l)
 			if err != nil {
@@ -147,6 +152,9 @@ func (r *runner) replicatedLabels() []string {
 	}
 	if r.s.KEK != nil {
 		l = append(l, r.s.KEK.Label)
+	}
+	if rot := r.s.KEKRotation; rot != nil {
+		l = append(l, rot.To)
 	}
 	if rp := r.s.Replicate; rp != nil {
 		l = append(l, rp.IssuerKeys...)
@@ -212,19 +220,7 @@ func (r *runner) replicate(ctx context.Context, soPIN string) error {
 
 // planReplication is plan's part for the replication.
 func (r *runner) planReplication(say func(string, ...any)) {
-	var labels []string
-	for _, k := range r.s.IssuerKeys {
-		labels = append(labels, k.Label)
-	}
-	if r.s.KEK != nil {
-		labels = append(labels, r.s.KEK.Label)
-	}
-	for _, k := range r.repKeys {
-		labels = append(labels, k.Label)
-	}
-	if r.repKEK != nil {
-		labels = append(labels, r.repKEK.Label)
-	}
+	labels := r.replicatedLabels()
 	for i, m := range r.members {
 		say("replicate %s to member %d %q (serial %s) inside the tokens: a replication-import key made there, a transport key the security officers (%s, %s) make trusted, every attribute compared, equality proved in the tokens, the transport destroyed",
 			strings.Join(labels, ", "), i, m.rec.Label, m.rec.Serial, r.s.Token.SOPIN.describe(), m.spec.SOPIN.describe())

@@ -358,3 +358,130 @@ func (l testLog) Write(b []byte) (int, error) {
 	l.t.Log(strings.TrimSpace(string(b)))
 	return len(b), nil
 }
+
+// TestGroupKEKRotation: a kek-rotation ceremony with token.members makes
+// the new KEK replicable and copies it to every member, so a card key
+// re-wrapped to it on one member (issuer kek rotate) is verified by the
+// other; a member without the old KEK is refused before anything is
+// made, as is a script that would copy two KEKs.
+func TestGroupKEKRotation(t *testing.T) {
+	ctx := context.Background()
+	m1, m2, m3 := hsmtest.SoftHSM(t), hsmtest.SoftHSM(t), hsmtest.SoftHSM(t)
+	dir := t.TempDir()
+	so1, so2, so3 := soFile(t, dir, m1), soFile(t, dir, m2), soFile(t, dir, m3)
+	if _, err := run(t, groupScript(m1.URI, so1, membersYAML([2]string{m2.URI, so2}), filepath.Join(dir, "made"), "-k", groupKeys), false); err != nil {
+		t.Fatal(err)
+	}
+	rotation := "kek-rotation: {from: kek-g, to: kek-g2}\n"
+	for _, tc := range []struct{ name, members, body, want string }{
+		{"member without the old KEK", membersYAML([2]string{m3.URI, so3}), rotation, `does not hold kek-rotation.from`},
+		{"two KEKs to copy", membersYAML([2]string{m2.URI, so2}), rotation + "kek: {label: kek-other}\n", "kek and kek-rotation: a replication copies one KEK"},
+	} {
+		counts := []int{count(t, m1.URI), count(t, m2.URI), count(t, m3.URI)}
+		s, err := Parse([]byte(groupScript(m1.URI, so1, tc.members, filepath.Join(dir, "refused"), "-x", tc.body)))
+		if err == nil {
+			_, err = Run(ctx, s, Options{Log: testLog{t}})
+		}
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Fatalf("%s: %v, want %q", tc.name, err, tc.want)
+		}
+		for i, u := range []string{m1.URI, m2.URI, m3.URI} {
+			if n := count(t, u); n != counts[i] {
+				t.Errorf("%s: token %d: %d objects before, %d after", tc.name, i, counts[i], n)
+			}
+		}
+	}
+
+	// The card key stored before the rotation, under kek-g.
+	t1, err := hsm.OpenURI(m1.URI, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := protocol.ECDHP256AES
+	key, err := t1.FindIssuerKey(ctx, "issuer-ec-g")
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := t1.FindKEK(ctx, "kek-g")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sec, c, err := protocol.Encapsulate(p, key.Public, rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck := &hsm.CardKeys{Token: t1, Key: key, KEK: old}
+	blob, err := ck.Import(ctx, p, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck.Close(ctx)
+	t1.Close()
+
+	res, err := run(t, groupScript(m1.URI, so1, membersYAML([2]string{m2.URI, so2}), filepath.Join(dir, "rotation"), "-k2", rotation), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := stepOf(t, res.Body, "generate-rotation-kek")
+	if st.Inputs["replicable"] != true {
+		t.Errorf("generate-rotation-kek: %v", st.Inputs)
+	}
+	if objs := stepOf(t, res.Body, "replicate").Inputs["objects"]; fmt.Sprint(objs) != "[kek-g2]" {
+		t.Errorf("replicated %v, want [kek-g2]", objs)
+	}
+
+	// issuer kek rotate's re-wrap on member 1, verified on member 2.
+	if t1, err = hsm.OpenURI(m1.URI, 1); err != nil {
+		t.Fatal(err)
+	}
+	defer t1.Close()
+	from, err := t1.FindKEK(ctx, "kek-g")
+	if err != nil {
+		t.Fatal(err)
+	}
+	to, err := t1.FindKEK(ctx, "kek-g2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rw := &hsm.Rewrapper{Token: t1, From: from, To: to}
+	moved, err := rw.Rewrap(ctx, blob)
+	rw.Close(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t2, err := hsm.OpenURI(m2.URI, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer t2.Close()
+	key2, err := t2.FindIssuerKey(ctx, "issuer-ec-g")
+	if err != nil {
+		t.Fatal(err)
+	}
+	kek2, err := t2.FindKEK(ctx, "kek-g2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !kek2.Replicable || !kek2.Trusted {
+		t.Errorf("member 2's kek-g2: replicable %v, trusted %v", kek2.Replicable, kek2.Trusted)
+	}
+	ki, err := protocol.DeriveKey(p, sec, protocol.Binding(p, key.Public.SPKI))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, challenge := []byte{0x42, 0x01}, bytes.Repeat([]byte{7}, 16)
+	mac, err := protocol.AuthMAC(ki, id, challenge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &hsm.CardKeys{Token: t2, Key: key2, KEK: kek2}
+	defer v.Close(ctx)
+	for _, tc := range []struct {
+		mac  []byte
+		want bool
+	}{{mac, true}, {append([]byte{mac[0] ^ 1}, mac[1:]...), false}} {
+		if ok, err := v.Verify(ctx, moved, id, challenge, tc.mac); err != nil || ok != tc.want {
+			t.Errorf("member 2 verifies the re-wrapped card key: %v %v, want %v", ok, err, tc.want)
+		}
+	}
+}

@@ -364,8 +364,12 @@ func (r *runner) plan() {
 		if r.tok.Mechanisms().EnforcesWrapWithTrusted {
 			trust = fmt.Sprintf("the security officer (%s) marks it CKA_TRUSTED", s.Token.SOPIN.describe())
 		}
-		say("generate KEK %q (AES-256) as the rotation target of the existing KEK %q; %s (the re-wrap is issuer kek rotate --from %s --to %s, after the ceremony)",
-			rot.To, rot.From, trust, rot.From, rot.To)
+		rep := ""
+		if len(s.Token.Members) > 0 {
+			rep = ", replicable (extractable only under keys the SO made trusted)"
+		}
+		say("generate KEK %q (AES-256%s) as the rotation target of the existing KEK %q; %s (the re-wrap is issuer kek rotate --from %s --to %s, after the ceremony)",
+			rot.To, rep, rot.From, trust, rot.From, rot.To)
 	}
 	if ki := s.KeyImport; ki != nil {
 		say("generate the key-import key %q (%s, unwrap of a wrap-only KTK only) and write its public key to %s",
@@ -498,18 +502,25 @@ func (r *runner) execute(ctx context.Context, soPIN string) error {
 		r.logf("KEK %q: AES-256, %s", kek.Label, by)
 	}
 	if rot := s.KEKRotation; rot != nil {
-		kek, err := r.tok.GenerateKEK(ctx, rot.To, soPIN)
+		gen := r.tok.GenerateKEK
+		if len(s.Token.Members) > 0 {
+			gen = r.tok.GenerateReplicableKEK
+		}
+		kek, err := gen(ctx, rot.To, soPIN)
 		if err != nil {
 			return err
+		}
+		if kek.Replicable {
+			r.madeKEK = kek
 		}
 		by := "not marked (the token does not enforce CKA_WRAP_WITH_TRUSTED)"
 		if kek.Trusted {
 			by = "CKA_TRUSTED, set by the security officer"
 		}
 		r.step("generate-rotation-kek",
-			map[string]any{"from": rot.From, "to": rot.To, "kind": "aes256", "so_pin_source": s.Token.SOPIN.describe()},
+			map[string]any{"from": rot.From, "to": rot.To, "kind": "aes256", "so_pin_source": s.Token.SOPIN.describe(), "replicable": kek.Replicable},
 			map[string]any{"from_cka_id": hex.EncodeToString(r.rotFrom.ID), "from_trusted": r.rotFrom.Trusted,
-				"cka_id": hex.EncodeToString(kek.ID), "trusted": kek.Trusted, "trust": by,
+				"cka_id": hex.EncodeToString(kek.ID), "trusted": kek.Trusted, "trust": by, "extractable": replicableNote(kek.Replicable),
 				"rewrap": fmt.Sprintf("issuer kek rotate --from %s --to %s (with the store; not part of the ceremony)", rot.From, rot.To)})
 		r.logf("rotation KEK %q: AES-256, %s; next: issuer kek rotate --from %s --to %s", kek.Label, by, rot.From, rot.To)
 	}

@@ -67,7 +67,10 @@ type Script struct {
 	// From is in the token and generates To exactly as kek does (the SO
 	// marks it trusted where the token enforces CKA_WRAP_WITH_TRUSTED).
 	// The re-wrap itself needs the store and is not part of the ceremony:
-	// issuer kek rotate --from From --to To (docs/OPERATIONS.md).
+	// issuer kek rotate --from From --to To (docs/OPERATIONS.md). With
+	// token.members, To is made replicable and copied to every member,
+	// each of which must hold From: the group moves to the new KEK
+	// together.
 	KEKRotation *KEKRotation `yaml:"kek-rotation"`
 	// ChipAttestation, if set, names the chip-vendor roots the issuer will
 	// trust for attestation (PROTOCOL.md §10): the ceremony checks them,
@@ -187,6 +190,21 @@ type IssuerKey struct {
 // replicableKey reports whether k is made replicable.
 func (s *Script) replicableKey(k IssuerKey) bool {
 	return k.Replicable != nil && *k.Replicable || len(s.Token.Members) > 0
+}
+
+// keksToCopy names the script's entries that give the members a KEK.
+func (s *Script) keksToCopy() []string {
+	var l []string
+	if s.KEK != nil {
+		l = append(l, "kek")
+	}
+	if s.KEKRotation != nil {
+		l = append(l, "kek-rotation")
+	}
+	if s.Replicate != nil && s.Replicate.KEK != "" {
+		l = append(l, "replicate.kek")
+	}
+	return l
 }
 
 // replicableKEK reports whether the KEK is made replicable.
@@ -359,8 +377,8 @@ func (s *Script) check() error {
 	if members && s.KEK != nil && s.KEK.Replicable != nil && !*s.KEK.Replicable {
 		bad("kek.replicable is false, but the script names members: the group's members hold the same KEK")
 	}
-	if members && s.KEKRotation != nil {
-		bad("kek-rotation with token.members: make the rotation KEK on one member in its own ceremony, then copy it with replicate: {kek: NEW} (the members then hold it too)")
+	if members && len(s.keksToCopy()) > 1 {
+		bad("%s: a replication copies one KEK: copy them in separate ceremonies", strings.Join(s.keksToCopy(), " and "))
 	}
 	if r := s.Replicate; r != nil {
 		if !members {

@@ -56,18 +56,23 @@ func tokenURIs(flag []string) ([]string, error) {
 	return list, nil
 }
 
-// tokenFlag adds --token to c and returns a function that opens the token.
+// tokenFlag adds --token to c, for a command that runs on one token, and
+// returns a function that opens the token.
 func tokenFlag(c *cobra.Command) func(sessions int) (*hsm.Token, error) {
-	uri := c.Flags().String("token", "", "PKCS#11 URI of the token (default $"+envToken+")")
+	uri := c.Flags().String("token", "", "PKCS#11 URI of the token (default $"+envToken+"); one token: in a group, the member to use")
 	return func(sessions int) (*hsm.Token, error) {
-		u := *uri
-		if u == "" {
-			u = os.Getenv(envToken)
+		var list []string
+		if *uri != "" {
+			list = []string{*uri}
 		}
-		if u == "" {
-			return nil, errors.New("no token: give --token URI or set " + envToken)
+		list, err := tokenURIs(list)
+		if err != nil {
+			return nil, err
 		}
-		return hsm.OpenURI(u, sessions)
+		if len(list) > 1 {
+			return nil, fmt.Errorf("%s names %d tokens (a group), and %s runs on one: give the member to use as --token (docs/OPERATIONS.md §5, \"In a token group\")", envToken, len(list), c.CommandPath())
+		}
+		return hsm.OpenURI(list[0], sessions)
 	}
 }
 
