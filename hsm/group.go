@@ -89,24 +89,32 @@ type Group struct {
 	probeEvery time.Duration
 	log        *slog.Logger
 	probe      probeCard
-	first      *member                // whose keys the others must hold
 	keysOf     func(Member) *CardKeys // a member's CardKeys, as the options make them
 	rr         atomic.Uint64
 	failovers  atomic.Int64
 	done       chan struct{}
-	closeMu    sync.Mutex // orders Close and starting a re-probe
-	closed     bool
-	wg         sync.WaitGroup
+	// probeCtx is the re-probing's context, cancelled by Close so that
+	// no probe holds Close up.
+	probeCtx    context.Context
+	cancelProbe context.CancelFunc
+	closeMu     sync.Mutex // orders Close and starting a re-probe
+	closed      bool
+	wg          sync.WaitGroup
 }
 
 // member is a Member with its state in the Group. A pending member has
-// open and no Member or keys until the re-probing opens it (under mu).
+// open and no Member, keys or slots until the re-probing opens it
+// (under mu).
 type member struct {
 	Member
-	name     string
-	keys     *CardKeys
-	open     func(context.Context) (Member, error)
-	inflight atomic.Int64
+	name string
+	keys *CardKeys
+	open func(context.Context) (Member, error)
+	// slots holds one token per call on the member's sessions: a call
+	// waits for one before its deadline starts, so that a member busy
+	// with a burst is not taken for a failed one.
+	slots    chan struct{}
+	inflight atomic.Int64 // calls waiting for or holding a slot
 	imports  atomic.Int64
 	verifies atomic.Int64
 	downs    atomic.Int64
@@ -142,6 +150,7 @@ func NewGroup(ctx context.Context, members []Member, opts GroupOptions) (*Group,
 		return nil, errors.New("a token group needs at least one member that opens")
 	}
 	g := &Group{deadline: opts.Deadline, probeEvery: opts.ProbeEvery, log: opts.Log, done: make(chan struct{})}
+	g.probeCtx, g.cancelProbe = context.WithCancel(context.Background())
 	if g.deadline == 0 {
 		g.deadline = DefaultDeadline
 	}
@@ -154,20 +163,25 @@ func NewGroup(ctx context.Context, members []Member, opts GroupOptions) (*Group,
 	g.keysOf = func(m Member) *CardKeys {
 		return &CardKeys{Token: m.Token, Key: m.Key, KEK: m.KEK, TokenObjects: opts.TokenObjects, RecycleEvery: opts.RecycleEvery}
 	}
-	names := memberNames(members)
 	for i, m := range members {
-		if m.Token == nil || m.Key == nil || m.KEK == nil {
-			return nil, fmt.Errorf("token group member %d: no token, issuer key or KEK", i+1)
+		if err := complete(m); err != nil {
+			return nil, fmt.Errorf("token group member %d: %w", i+1, err)
 		}
-		g.members = append(g.members, &member{Member: m, name: names[i], up: true, since: time.Now(), keys: g.keysOf(m)})
+	}
+	names := memberNames(members, opts.Pending)
+	for i, m := range members {
+		g.members = append(g.members, &member{Member: m, name: names[i], up: true, since: time.Now(), keys: g.keysOf(m), slots: slotsOf(m)})
 	}
 	if len(members)+len(opts.Pending) > 1 {
 		if err := g.check(ctx); err != nil {
+			for _, m := range g.members {
+				m.keys.Close(ctx)
+			}
 			return nil, err
 		}
 	}
-	for _, p := range opts.Pending {
-		m := &member{name: p.Name, open: p.Open, since: time.Now(), reason: p.Err}
+	for i, p := range opts.Pending {
+		m := &member{name: names[len(members)+i], open: p.Open, since: time.Now(), reason: p.Err}
 		g.members = append(g.members, m)
 		m.downs.Add(1)
 		g.log.Error("token group member out at start: it could not be opened; it is re-probed, and joins once it holds the group's keys", "member", m.name, "reason", p.Err)
@@ -177,18 +191,34 @@ func NewGroup(ctx context.Context, members []Member, opts GroupOptions) (*Group,
 	return g, nil
 }
 
-// memberNames names members by token label, with the serial where two
-// labels are the same, and the member's place where even those are (one
-// token through two libraries).
-func memberNames(ms []Member) []string {
-	names := make([]string, len(ms))
-	for i, m := range ms {
-		if m.Token != nil {
-			names[i] = m.Token.Info().Label
-		}
+func complete(m Member) error {
+	if m.Token == nil || m.Key == nil || m.KEK == nil {
+		return errors.New("no token, issuer key or KEK")
+	}
+	return nil
+}
+
+func slotsOf(m Member) chan struct{} { return make(chan struct{}, max(1, m.Token.Sessions())) }
+
+// memberNames names the members, then the pending ones, uniquely (the
+// names label /metrics series): by token label (a pending member by its
+// Name), with the serial where two labels are the same, and the place in
+// the group where even those are (one token through two libraries).
+func memberNames(ms []Member, pending []Pending) []string {
+	var names, serials []string
+	for _, m := range ms {
+		names, serials = append(names, m.Token.Info().Label), append(serials, m.Token.Info().Serial)
+	}
+	for _, p := range pending {
+		names, serials = append(names, p.Name), append(serials, "")
 	}
 	for _, suffix := range []func(int) string{
-		func(i int) string { return "#" + ms[i].Token.Info().Serial },
+		func(i int) string {
+			if serials[i] == "" {
+				return ""
+			}
+			return "#" + serials[i]
+		},
 		func(i int) string { return fmt.Sprintf("@%d", i+1) },
 	} {
 		count := map[string]int{}
@@ -196,7 +226,7 @@ func memberNames(ms []Member) []string {
 			count[n]++
 		}
 		for i := range names {
-			if count[names[i]] > 1 && ms[i].Token != nil {
+			if count[names[i]] > 1 {
 				names[i] += suffix(i)
 			}
 		}
@@ -207,7 +237,6 @@ func memberNames(ms []Member) []string {
 // check is NewGroup's proof that the members hold the same keys.
 func (g *Group) check(ctx context.Context) error {
 	first := g.members[0]
-	g.first = first
 	for _, m := range g.members[1:] {
 		if err := g.sameNames(m); err != nil {
 			return fmt.Errorf("token group: member %q is refused: %w", m.name, err)
@@ -226,15 +255,17 @@ func (g *Group) check(ctx context.Context) error {
 	return nil
 }
 
-// sameNames compares what m says of its keys with the first member:
-// the issuer key's fingerprint and the KEK's label.
+// sameNames compares what m says of its keys with the first member's
+// (whose keys the others must hold): the issuer key's fingerprint and
+// the KEK's label.
 func (g *Group) sameNames(m *member) error {
-	f, ff := m.Key.Fingerprint(), g.first.Key.Fingerprint()
+	first := g.members[0]
+	f, ff := m.Key.Fingerprint(), first.Key.Fingerprint()
 	if f != ff {
-		return fmt.Errorf("its issuer key %q has fingerprint %x, member %q's has %x: not the same key", m.Key.Label, f, g.first.name, ff)
+		return fmt.Errorf("its issuer key %q has fingerprint %x, member %q's has %x: not the same key", m.Key.Label, f, first.name, ff)
 	}
-	if m.KEK.Label != g.first.KEK.Label {
-		return fmt.Errorf("KEK %q, not %q", m.KEK.Label, g.first.KEK.Label)
+	if m.KEK.Label != first.KEK.Label {
+		return fmt.Errorf("KEK %q, not %q", m.KEK.Label, first.KEK.Label)
 	}
 	return nil
 }
@@ -300,29 +331,27 @@ func (g *Group) same(ctx context.Context, m *member, d time.Duration) error {
 // Import derives a card's K_I from c on a healthy member and returns it
 // wrapped under the KEK (see CardKeys.Import and Group).
 func (g *Group) Import(ctx context.Context, p protocol.Profile, c []byte) (Blob, error) {
-	return do(ctx, g, func(ctx context.Context, m *member) (Blob, error) {
-		b, err := m.keys.Import(ctx, p, c)
-		if err == nil {
-			m.imports.Add(1)
-		}
-		return b, err
+	return do(ctx, g, func(m *member) *atomic.Int64 { return &m.imports }, func(ctx context.Context, m *member) (Blob, error) {
+		return m.keys.Import(ctx, p, c)
 	})
 }
 
 // Verify checks a card's MAC on a healthy member (see CardKeys.Verify).
 func (g *Group) Verify(ctx context.Context, blob Blob, id, challenge, mac []byte) (bool, error) {
-	return do(ctx, g, func(ctx context.Context, m *member) (bool, error) {
-		ok, err := m.keys.Verify(ctx, blob, id, challenge, mac)
-		if err == nil {
-			m.verifies.Add(1)
-		}
-		return ok, err
+	return do(ctx, g, func(m *member) *atomic.Int64 { return &m.verifies }, func(ctx context.Context, m *member) (bool, error) {
+		return m.keys.Verify(ctx, blob, id, challenge, mac)
 	})
 }
 
-// do runs op on the healthy members in turn until one answers without a
-// device failure.
-func do[T any](ctx context.Context, g *Group, op func(context.Context, *member) (T, error)) (T, error) {
+// do runs op on the healthy members until one answers without a device
+// failure, and counts the answer in the member's counter. A request the
+// member refuses (a c it will not decapsulate, a blob it will not
+// unwrap) is asked once more of another member: a record is refused
+// only if two members refuse it, so a member that fails in ways that
+// look like refusals (CKR_GENERAL_ERROR, CKR_FUNCTION_FAILED) rejects no
+// good record; a forged record costs two token calls and takes no
+// member out.
+func do[T any](ctx context.Context, g *Group, counter func(*member) *atomic.Int64, op func(context.Context, *member) (T, error)) (T, error) {
 	if len(g.members) == 1 {
 		// Nothing to fail over to: no deadline (it would only turn a
 		// slow answer into an error) and no taking out. A device failure
@@ -336,26 +365,84 @@ func do[T any](ctx context.Context, g *Group, op func(context.Context, *member) 
 			g.failovers.Add(1)
 			v, err = op(ctx, m)
 		}
+		if err == nil {
+			counter(m).Add(1)
+		}
 		return v, err
 	}
 	var zero T
 	var tried []*member
+	var refused error
 	for {
 		m := g.pick(tried)
 		if m == nil {
+			if refused != nil {
+				return zero, refused
+			}
 			return zero, g.noMember()
 		}
-		if len(tried) > 0 {
+		if len(tried) > 0 && refused == nil {
 			g.failovers.Add(1)
 		}
-		m.inflight.Add(1)
-		v, err := call(ctx, g.deadline, func(ctx context.Context) (T, error) { return op(ctx, m) })
-		m.inflight.Add(-1)
-		if err == nil || ctx.Err() != nil || !Unavailable(err) {
+		v, err := run(ctx, m, g.deadline, op)
+		if err == nil {
+			counter(m).Add(1)
+			return v, nil
+		}
+		if ctx.Err() != nil || (refused != nil && !Unavailable(err)) {
 			return v, err
 		}
-		g.takeOut(m, err)
 		tried = append(tried, m)
+		if Unavailable(err) {
+			g.takeOut(m, err)
+		} else {
+			refused = err
+		}
+	}
+}
+
+// run runs op on m within d, once a slot of m's sessions is free. The
+// wait for the slot is not under the deadline (a busy member is not a
+// failed one); it ends when m is taken out. The slot is given back when
+// op really returns: a call left at its deadline still holds its
+// session.
+func run[T any](ctx context.Context, m *member, d time.Duration, op func(context.Context, *member) (T, error)) (T, error) {
+	var zero T
+	m.inflight.Add(1)
+	if err := m.acquire(ctx); err != nil {
+		m.inflight.Add(-1)
+		return zero, err
+	}
+	return call(ctx, d, func(ctx context.Context) (T, error) {
+		defer func() { <-m.slots; m.inflight.Add(-1) }()
+		return op(ctx, m)
+	})
+}
+
+// errOut ends a wait for a slot of a member taken out meanwhile.
+var errOut = errors.New("the token group member was taken out while the call waited for one of its sessions")
+
+// acquire takes a slot of m's sessions, waiting for as long as ctx
+// allows while m stays up.
+func (m *member) acquire(ctx context.Context) error {
+	select {
+	case m.slots <- struct{}{}:
+		return nil
+	default:
+	}
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case m.slots <- struct{}{}:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+			if !m.isUp() {
+				return errOut
+			}
+		}
 	}
 }
 
@@ -440,6 +527,10 @@ func (g *Group) takeOut(m *member, err error) {
 	m.up, m.since, m.reason = false, time.Now(), err
 	m.mu.Unlock()
 	m.downs.Add(1)
+	if pinRefused(err) {
+		g.log.Error(pinStop, "member", m.name, "reason", err)
+		return
+	}
 	g.log.Error("token group member taken out; its work goes to the others", "member", m.name, "reason", err)
 	g.closeMu.Lock()
 	defer g.closeMu.Unlock()
@@ -474,19 +565,39 @@ func (g *Group) reprobe(m *member) {
 		m.mu.Lock()
 		m.reason = err
 		m.mu.Unlock()
+		if pinRefused(err) {
+			g.log.Error(pinStop, "member", m.name, "reason", err)
+			return
+		}
 	}
 }
 
 // rejoinable probes m with the throwaway card; a pending member is
-// opened first (within startDeadline: opening logs in).
+// opened first, and its first probe is given startDeadline a call, as
+// at start (opening logs in, the first calls make session copies).
 func (g *Group) rejoinable(m *member) error {
-	ctx := context.Background()
+	ctx := g.probeCtx
 	m.mu.Lock()
 	pending := m.keys == nil
 	m.mu.Unlock()
+	d := g.deadline
 	if pending {
-		mm, err := call(ctx, startDeadline, m.open)
+		mm, err := call(ctx, startDeadline, func(ctx context.Context) (Member, error) {
+			mm, err := m.open(ctx)
+			if err == nil && ctx.Err() != nil {
+				// Opened after call gave up on it: nobody will use it.
+				mm.Token.Close()
+				return Member{}, ctx.Err()
+			}
+			return mm, err
+		})
 		if err != nil {
+			return err
+		}
+		if err := complete(mm); err != nil {
+			if mm.Token != nil {
+				mm.Token.Close()
+			}
 			return err
 		}
 		if err := g.sameNames(&member{Member: mm}); err != nil {
@@ -494,11 +605,23 @@ func (g *Group) rejoinable(m *member) error {
 			return err
 		}
 		m.mu.Lock()
-		m.Member, m.keys = mm, g.keysOf(mm)
+		m.Member, m.keys, m.slots = mm, g.keysOf(mm), slotsOf(mm)
 		m.mu.Unlock()
+		d = startDeadline
 	}
-	return g.same(ctx, m, g.deadline)
+	return g.same(ctx, m, d)
 }
+
+// pinRefused reports whether err is the token refusing the PIN: trying
+// again would only spend the token's retry counter and lock the PIN.
+func pinRefused(err error) bool {
+	rv, ok := RV(err)
+	return ok && (rv == pkcs11.CKR_PIN_INCORRECT || rv == pkcs11.CKR_PIN_LOCKED || rv == pkcs11.CKR_PIN_EXPIRED || rv == pkcs11.CKR_PIN_INVALID || rv == pkcs11.CKR_PIN_LEN_RANGE)
+}
+
+// pinStop is the log line of a member whose token refuses its PIN: it
+// stays out, and is not probed again.
+const pinStop = "token group member out for good: its token refuses the PIN, and probing it again would spend the token's PIN retries; fix the member's pin-source and restart the issuer"
 
 // Unavailable reports whether err says the token failed as a device —
 // it is gone, broken, did not answer, or its sessions cannot be reopened
@@ -509,7 +632,7 @@ func Unavailable(err error) bool {
 	if err == nil {
 		return false
 	}
-	if errors.Is(err, ErrDeadline) || errors.Is(err, ErrNoMember) || errors.Is(err, ErrClosed) || errors.Is(err, errTokenAbsent) {
+	if errors.Is(err, ErrDeadline) || errors.Is(err, ErrNoMember) || errors.Is(err, ErrClosed) || errors.Is(err, errTokenAbsent) || errors.Is(err, errOut) {
 		return true
 	}
 	rv, ok := RV(err)
@@ -540,10 +663,10 @@ type MemberStats struct {
 	Up       bool
 	Since    time.Time // of the last change of state
 	Reason   string    // why it is out
-	InFlight int64
-	Imports  int64 // imports it answered
-	Verifies int64 // verifications it answered
-	Downs    int64 // times it was taken out
+	InFlight int64     // calls waiting for one of its sessions or in one
+	Imports  int64     // imports it answered
+	Verifies int64     // verifications it answered
+	Downs    int64     // times it was taken out
 	Recycle  RecycleStats
 }
 
@@ -576,7 +699,7 @@ type MemberRate struct {
 }
 
 // Measure runs the group's throwaway card through each member in turn,
-// d for imports and d for verifications in one session, and says each
+// d for imports and d for verifications, one call at a time, and says each
 // member's rate (issuer probe): what a member gives alone, to compare
 // members and to size a group.
 func (g *Group) Measure(ctx context.Context, d time.Duration) []MemberRate {
@@ -631,10 +754,12 @@ func (g *Group) Members() []Member {
 	return out
 }
 
-// Failovers counts the operations redone on another member.
+// Failovers counts the calls redone after a device failure: on another
+// member, or, for a lone token, once more in a new session.
 func (g *Group) Failovers() int64 { return g.failovers.Load() }
 
-// RecycleStats sums the members' recycling.
+// RecycleStats sums the members' recycling counts and times; Every,
+// Last and LastErr are the last member's that has them.
 func (g *Group) RecycleStats() RecycleStats {
 	var sum RecycleStats
 	for _, m := range g.members {
@@ -666,6 +791,7 @@ func (g *Group) Close(ctx context.Context) error {
 	if !g.closed {
 		g.closed = true
 		close(g.done)
+		g.cancelProbe()
 	}
 	g.closeMu.Unlock()
 	g.wg.Wait()

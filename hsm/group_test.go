@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -51,8 +53,8 @@ func TestUnavailable(t *testing.T) {
 
 // groupOf opens one SoftHSM2 token with an RSA-2048 issuer key and a
 // trusted KEK twice: through its library, and through a p11fault copy of
-// it; and returns the two as members.
-func groupOf(t *testing.T) ([]Member, hsmtest.Token) {
+// it; and returns the two as members, the token and the copy's Fault.
+func groupOf(t *testing.T) ([]Member, hsmtest.Token, *hsmtest.Fault) {
 	t.Helper()
 	ctx := context.Background()
 	tt := hsmtest.SoftHSM(t)
@@ -80,7 +82,7 @@ func groupOf(t *testing.T) ([]Member, hsmtest.Token) {
 		}
 		ms = append(ms, Member{Token: tok, Key: key, KEK: kek})
 	}
-	return ms, tt
+	return ms, tt, f
 }
 
 func quietGroup(t *testing.T, ms []Member) *Group {
@@ -96,7 +98,7 @@ func quietGroup(t *testing.T, ms []Member) *Group {
 // A c the token refuses is the record's error: it takes no member out,
 // and is not tried on the other member as a failover.
 func TestGroupRecordErrorKeepsMembers(t *testing.T) {
-	ms, _ := groupOf(t)
+	ms, _, _ := groupOf(t)
 	g := quietGroup(t, ms)
 	ctx := context.Background()
 	p := protocol.RSAOAEPAES
@@ -136,7 +138,7 @@ func TestGroupRecordErrorKeepsMembers(t *testing.T) {
 // first's token again, with a reference to another KEK of it under the
 // group's label.
 func TestGroupRefusesOtherKeys(t *testing.T) {
-	ms, tt := groupOf(t)
+	ms, tt, _ := groupOf(t)
 	ctx := context.Background()
 	t.Run("issuer key", func(t *testing.T) {
 		key, err := ms[0].Token.GenerateIssuerKey(ctx, KindRSA2048, uniqueLabel("other-issuer"))
@@ -165,7 +167,7 @@ func TestGroupRefusesOtherKeys(t *testing.T) {
 // the group works on the others, and the member joins by itself once it
 // opens and proves the group's keys; then it gets work.
 func TestGroupMemberDownAtStart(t *testing.T) {
-	ms, tt := groupOf(t)
+	ms, tt, _ := groupOf(t)
 	ctx := context.Background()
 	f := hsmtest.Faulty(t, tt)
 	f.Vanish()
@@ -216,5 +218,119 @@ func TestGroupMemberDownAtStart(t *testing.T) {
 	importSome()
 	if st := g.Stats(); st[1].Imports == 0 || len(g.Members()) != 2 {
 		t.Fatalf("the member that joined got no work: %+v", st)
+	}
+}
+
+// A member that fails in a way that looks like a refusal of the request
+// (CKR_GENERAL_ERROR is also SoftHSM2's answer to a bad blob) would, on
+// its own, refuse good cards: shown first with that member alone. In a
+// group the request is asked once more of another member, so every good
+// card imports, and the sick member is not taken out for it.
+func TestGroupSecondOpinion(t *testing.T) {
+	ms, _, f := groupOf(t)
+	g := quietGroup(t, ms)
+	ctx := context.Background()
+	p := protocol.RSAOAEPAES
+	f.Fail("C_WrapKey", pkcs11.CKR_GENERAL_ERROR)
+	lone, err := NewGroup(ctx, ms[1:], GroupOptions{Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lone.Import(ctx, p, newSoftCard(t, p, ms[0].Key.Public).c); err == nil || Unavailable(err) {
+		t.Fatalf("a good card on the sick member alone: %v, want a refusal", err)
+	}
+	lone.Close(ctx)
+	for range 16 {
+		if _, err := g.Import(ctx, p, newSoftCard(t, p, ms[0].Key.Public).c); err != nil {
+			t.Fatalf("a good card in the group: %v", err)
+		}
+	}
+	st := g.Stats()
+	if st[0].Imports != 16 || st[1].Imports != 0 || !st[1].Up || st[1].Downs != 0 {
+		t.Fatalf("after 16 good cards with a sick member: %+v", st)
+	}
+	bad := make([]byte, ms[0].Key.Public.CiphertextLen(p.Transport))
+	rand.Read(bad[1:])
+	if _, err := g.Import(ctx, p, bad); err == nil || Unavailable(err) {
+		t.Fatalf("a forged c: %v, want the refusal", err)
+	}
+}
+
+// A member whose token refuses its PIN is never probed again (each
+// probe's login would spend a PIN retry): shown against a login that
+// fails as a device, whose member is re-probed and comes back once the
+// fault clears. Both after the token vanished, which ends its login.
+func TestGroupPINRefusedNotReprobed(t *testing.T) {
+	ms, _, f := groupOf(t)
+	ctx := context.Background()
+	var log syncLog
+	g, err := NewGroup(ctx, ms, GroupOptions{ProbeEvery: 20 * time.Millisecond, Log: slog.New(slog.NewTextHandler(&log, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { g.Close(ctx) })
+	p := protocol.RSAOAEPAES
+	importUntilOut := func() {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); g.Stats()[1].Up; {
+			if _, err := g.Import(ctx, p, newSoftCard(t, p, ms[0].Key.Public).c); err != nil {
+				t.Fatal(err)
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the member was never taken out")
+			}
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		login uint
+		back  bool
+	}{{"login fails as a device", pkcs11.CKR_DEVICE_ERROR, true}, {"PIN refused", pkcs11.CKR_PIN_INCORRECT, false}} {
+		// The token vanishes (its sessions closed, so its login gone),
+		// and comes back with a login that fails.
+		f.Vanish()
+		importUntilOut()
+		f.Set(fmt.Sprintf("fail C_Login 0x%X", tc.login))
+		// Let the probes run into the failing login, then clear.
+		time.Sleep(200 * time.Millisecond)
+		f.Clear()
+		deadline := time.Now().Add(2 * time.Second)
+		for !g.Stats()[1].Up && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		st := g.Stats()[1]
+		if st.Up != tc.back {
+			t.Fatalf("%s: member up %v after the fault cleared, want %v: %+v\n%s", tc.name, st.Up, tc.back, st, log.String())
+		}
+		if !tc.back && (strings.Count(log.String(), "out for good") != 1 || !strings.Contains(st.Reason, "CKR_PIN_INCORRECT")) {
+			t.Fatalf("%s: %+v\n%s", tc.name, st, log.String())
+		}
+		t.Logf("%s: member up %v: %s", tc.name, st.Up, st.Reason)
+	}
+}
+
+type syncLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *syncLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// Member names label /metrics series: unique over open and pending
+// members alike.
+func TestMemberNamesPending(t *testing.T) {
+	got := memberNames(nil, []Pending{{Name: "issuer"}, {Name: "issuer"}, {Name: "other"}})
+	if want := []string{"issuer@1", "issuer@2", "other"}; !slices.Equal(got, want) {
+		t.Fatalf("names %v, want %v", got, want)
 	}
 }

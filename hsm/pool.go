@@ -290,7 +290,14 @@ func (t *Token) openSession(ps *pooled) error {
 	if err == nil && si.State == pkcs11.CKS_RW_USER_FUNCTIONS {
 		return nil
 	}
-	return t.login(h)
+	if err := t.login(h); err != nil {
+		// Not a session to use: it would run without the user's
+		// objects (and find no key).
+		t.mod.ctx.CloseSession(h)
+		ps.ok = false
+		return err
+	}
+	return nil
 }
 
 // WithSO runs fn in a session logged in as the security officer, for the

@@ -127,7 +127,7 @@ func (is *Issuer) Members() []hsm.MemberStats {
 	return g.Stats()
 }
 
-// Failovers counts the token operations redone on another member.
+// Failovers counts the token calls redone after a device failure (hsm.Group.Failovers).
 func (is *Issuer) Failovers() int64 {
 	g, err := is.cardKeys()
 	if err != nil {

@@ -20,9 +20,9 @@ var (
 	memberOutages = prometheus.NewDesc("blindperso_issuer_token_member_outages_total",
 		"Times the token member was taken out.", []string{"member"}, nil)
 	memberInFlight = prometheus.NewDesc("blindperso_issuer_token_member_in_flight",
-		"Operations in the token member now.", []string{"member"}, nil)
+		"Operations waiting for one of the token member's sessions or in one now.", []string{"member"}, nil)
 	memberFailovers = prometheus.NewDesc("blindperso_issuer_token_failovers_total",
-		"Operations redone on another token member after one failed.", nil, nil)
+		"Token calls redone after a device failure: on another member, or, for a lone token, in a new session.", nil, nil)
 )
 
 func (c memberCollector) Describe(ch chan<- *prometheus.Desc) {
