@@ -46,7 +46,7 @@ func issuerFlags(c *cobra.Command, gated bool) func(ctx context.Context, session
 	}
 	key := c.Flags().String("key", "", "label of the issuer key in the token (required)")
 	kek := c.Flags().String("kek", "", "label of the KEK in the token (required)")
-	deadline := c.Flags().Duration("member-deadline", hsm.DefaultDeadline, "with several --token: how long one token operation may take before its member is taken out and the work redone on another")
+	deadline := c.Flags().Duration("member-deadline", hsm.DefaultDeadline, "with several --token: how long one token operation may take before its member is taken out and the work redone on another; 0: no deadline (device errors still fail over, a hung call is waited for; faster: docs/BENCHMARKS.md)")
 	c.MarkFlagRequired("key")
 	c.MarkFlagRequired("kek")
 	return func(ctx context.Context, sessions int) (is *issuer.Issuer, err error) {
@@ -54,8 +54,12 @@ func issuerFlags(c *cobra.Command, gated bool) func(ctx context.Context, session
 		if err != nil {
 			return nil, err
 		}
-		if *deadline <= 0 {
-			return nil, fmt.Errorf("--member-deadline %v: must be positive", *deadline)
+		if *deadline < 0 {
+			return nil, fmt.Errorf("--member-deadline %v: must be positive, or 0 for none", *deadline)
+		}
+		groupDeadline := *deadline
+		if groupDeadline == 0 {
+			groupDeadline = hsm.NoDeadline
 		}
 		var members []hsm.Member
 		var pending []hsm.Pending
@@ -96,7 +100,7 @@ func issuerFlags(c *cobra.Command, gated bool) func(ctx context.Context, session
 			return nil, fmt.Errorf("no token of the group could be opened: %w", errors.Join(pendingErrs(pending)...))
 		}
 		log := slog.New(slog.NewTextHandler(c.ErrOrStderr(), nil))
-		g, err := hsm.NewGroup(ctx, members, hsm.GroupOptions{Deadline: *deadline, Log: log, Pending: pending})
+		g, err := hsm.NewGroup(ctx, members, hsm.GroupOptions{Deadline: groupDeadline, Log: log, Pending: pending})
 		if err != nil {
 			return nil, err
 		}
