@@ -190,9 +190,31 @@ func TestReplicationCeremony(t *testing.T) {
 	n3 := count(t, m3.URI)
 	t2.Close()
 	t1.Close()
-	if _, err := run(t, groupScript(m1.URI, so1, membersYAML([2]string{m3.URI, so3}), out2, "-g2",
-		"replicate: {issuer-keys: [issuer-rsa-g, issuer-ec-g], kek: kek-g}\n"), false); err != nil {
+	res2, err := run(t, groupScript(m1.URI, so1, membersYAML([2]string{m3.URI, so3}), out2, "-g2",
+		"replicate: {issuer-keys: [issuer-rsa-g, issuer-ec-g], kek: kek-g}\n"), false)
+	if err != nil {
 		t.Fatal(err)
+	}
+	// The keys of replicate: have no profiles in the script; each is
+	// still proved by a throwaway card of its kind's profile, in the
+	// signed transcript.
+	v2, err := Verify(filepath.Join(out2, TranscriptFile), "", res2.Body.TranscriptKey.Fingerprint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proofs2 := stepOf(t, v2.Body, "replicate").Result["proofs"].([]any)
+	for _, tc := range []struct{ label, profile string }{{"issuer-rsa-g", "rsa-oaep-aes"}, {"issuer-ec-g", "ecdh-p256-aes"}} {
+		n := 0
+		for _, p := range proofs2 {
+			p := p.(map[string]any)
+			if p["what"] == "issuer key "+tc.label+" and KEK kek-g" && strings.Contains(fmt.Sprint(p["method"]), "throwaway card") &&
+				strings.Contains(fmt.Sprint(p["method"]), "profile "+tc.profile) && p["equal"] == true {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Errorf("member 3: %d card proofs of %s (profile %s), want 1", n, tc.label, tc.profile)
+		}
 	}
 	if n := count(t, m3.URI); n != n3+5 {
 		t.Errorf("member 3: %d objects, want %d", n, n3+5)

@@ -43,11 +43,14 @@ import (
 //     then copied by the user into a private, read-only token object as
 //     GenerateKEK does. Every attribute of each replica is compared with
 //     the source's; equality of the keys is proved in the tokens (a
-//     throwaway card imported on both gives the same blob, a throwaway
-//     key wrapped under both KEKs the same bytes).
-//   - Every transport object is destroyed at the end, also on failure;
-//     no object made for the transport is ever a token object, so none
-//     is visible to another process at any time.
+//     throwaway key wrapped under both KEKs gives the same bytes, and a
+//     throwaway card per issuer key imported on both the same blob,
+//     whenever the KEK is copied too: Replication.Profiles).
+//   - Every transport object is destroyed at the end, also on failure; a
+//     side whose objects could not be destroyed has its session closed,
+//     so that they die with it, and Replicate fails. No object made for
+//     the transport is ever a token object, so none is visible to
+//     another process at any time.
 
 // ErrReplicationRefused marks a token on which replicable keys and
 // replication are refused.
@@ -91,6 +94,30 @@ func replicableAttrs(t []*pkcs11.Attribute) []*pkcs11.Attribute {
 func flagAttr(s Session, h pkcs11.ObjectHandle, typ uint) bool {
 	a, err := s.P.GetAttributeValue(s.H, h, []*pkcs11.Attribute{attr(typ, nil)})
 	return err == nil && len(a[0].Value) == 1 && a[0].Value[0] != 0
+}
+
+// findAll returns the handles of every object matching tmpl, in batches
+// until the token has no more (as CountObjects counts them).
+func findAll(s Session, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
+	if err := s.P.FindObjectsInit(s.H, tmpl); err != nil {
+		return nil, Call("C_FindObjectsInit", nil, err)
+	}
+	var out []pkcs11.ObjectHandle
+	for {
+		hs, _, err := s.P.FindObjects(s.H, 100)
+		if err != nil {
+			s.P.FindObjectsFinal(s.H)
+			return nil, Call("C_FindObjects", nil, err)
+		}
+		if len(hs) == 0 {
+			break
+		}
+		out = append(out, hs...)
+	}
+	if err := s.P.FindObjectsFinal(s.H); err != nil {
+		return nil, Call("C_FindObjectsFinal", nil, err)
+	}
+	return out, nil
 }
 
 // GenerateReplicableIssuerKey is GenerateIssuerKey for a key to be
@@ -164,21 +191,26 @@ type Replication struct {
 	KEK  *KEKRef
 	// Profiles names, by issuer key label, the profile of the throwaway
 	// card that proves the two private keys equal (an import on both
-	// gives the same blob). A key without one is proved by its public
-	// key alone. The card's blob is wrapped under KEK, or, if KEK is nil,
-	// under the KEK labelled ProofKEK on both tokens ("" and no KEK: no
-	// card proof).
+	// gives the same blob, wrapped under KEK and its replica). A key
+	// without one gets the profile of its kind (Replication.ProofProfile). The public
+	// halves are not proof of anything: the replica's public object is
+	// made from the source's bytes. Without KEK there is no card proof
+	// (no KEK on both tokens to wrap the card's key under): an RSA key's
+	// private half is then shown equal only by the modulus read from its
+	// private object, an EC key's not at all.
 	Profiles map[string]protocol.Profile
-	ProofKEK string
 	// Capture, if set, is given the transport as it crossed the host
-	// (for the PIN-holder adversary, who may have captured it).
+	// (for the PIN-holder adversary, who may have captured it, and for
+	// tests), when Replicate ends, success or failure: after every
+	// transport object was destroyed, so its handles are void.
 	Capture func(*Transport)
 }
 
 // Transport is what of a replication crossed the host: the
 // replication-import public key, the transport key wrapped to it, each
 // object wrapped under the transport key, and the session objects made
-// for it (all destroyed when Replicate returns).
+// for it (all destroyed, or dead with their closed session, when
+// Replicate returns).
 type Transport struct {
 	ImportKeySPKI []byte
 	// WrappedTransport is the transport key, RSA-OAEP (KeyImportOAEP) to
@@ -229,13 +261,16 @@ type ReplicationResult struct {
 
 // CheckReplication refuses, before anything is made, a replication that
 // cannot be done safely: a token that does not enforce
-// CKA_WRAP_WITH_TRUSTED, a missing SO PIN, the same token twice, a key
-// that is not replicable, a label already on Target, a trusted key on
-// either token that could carry the replicable keys out
+// CKA_WRAP_WITH_TRUSTED, a missing SO PIN, the same token twice, nothing
+// to copy, a key that is not replicable, a label already on Target, a
+// trusted key on either token that could carry the replicable keys out
 // (UnsafeTrustedWrappers).
 func CheckReplication(ctx context.Context, r Replication) error {
 	if r.Source == nil || r.Target == nil {
 		return errors.New("replication: source and target are required")
+	}
+	if len(r.Keys) == 0 && r.KEK == nil {
+		return errors.New("replication: nothing to copy: name the issuer keys and/or the KEK")
 	}
 	if sameToken(r.Source, r.Target) {
 		return fmt.Errorf("replication: source and target are the same token %q (serial %s)", r.Source.info.Label, r.Source.info.Serial)
@@ -302,8 +337,8 @@ func sameToken(a, b *Token) bool {
 // it back without a usage: KEKUnwrapTemplate). A KTK imported before it
 // got KTKWrapTemplate is one (its receiver would open what it wraps); so
 // is a KEK made before KEK rotation existed (a key wrapped under it comes
-// back decrypting) and a trusted public key. The keys' values are never
-// read.
+// back decrypting) and a trusted public key. An attribute it cannot read
+// is an error, never a pass. The keys' values are never read.
 func (t *Token) UnsafeTrustedWrappers(ctx context.Context) ([]Finding, error) {
 	if !t.mech.EnforcesWrapWithTrusted {
 		return nil, nil // NSS: CKA_TRUSTED unknown; replication refused anyway
@@ -311,12 +346,25 @@ func (t *Token) UnsafeTrustedWrappers(ctx context.Context) ([]Finding, error) {
 	var out []Finding
 	err := t.With(ctx, func(s Session) error {
 		out = out[:0]
-		hs, err := findObjects(s, []*pkcs11.Attribute{attr(pkcs11.CKA_TRUSTED, true)}, 1024)
+		hs, err := findAll(s, []*pkcs11.Attribute{attr(pkcs11.CKA_TRUSTED, true)})
 		if err != nil {
 			return err
 		}
 		for _, h := range hs {
-			if !flagAttr(s, h, pkcs11.CKA_WRAP) {
+			// A trusted certificate has no CKA_WRAP and wraps nothing; any
+			// other trusted object is judged by what it says.
+			a, err := s.P.GetAttributeValue(s.H, h, []*pkcs11.Attribute{attr(pkcs11.CKA_CLASS, nil)})
+			if err != nil {
+				return fmt.Errorf("a trusted object (handle %d): read CKA_CLASS: %w", h, Call("C_GetAttributeValue", nil, err))
+			}
+			if class, err := ckULong(a[0].Value); err == nil && class == pkcs11.CKO_CERTIFICATE {
+				continue
+			}
+			wraps, err := boolAttr(s, h, pkcs11.CKA_WRAP)
+			if err != nil {
+				return fmt.Errorf("a trusted key (handle %d): read %s: %w", h, AttrName(pkcs11.CKA_WRAP), err)
+			}
+			if !wraps {
 				continue
 			}
 			wt, err := readArrayAttribute(s, h, pkcs11.CKA_WRAP_TEMPLATE)
@@ -326,7 +374,11 @@ func (t *Token) UnsafeTrustedWrappers(ctx context.Context) ([]Finding, error) {
 			if len(wt) > 0 {
 				continue
 			}
-			if flagAttr(s, h, pkcs11.CKA_UNWRAP) {
+			unwraps, err := boolAttr(s, h, pkcs11.CKA_UNWRAP)
+			if err != nil {
+				return fmt.Errorf("a trusted key (handle %d): read %s: %w", h, AttrName(pkcs11.CKA_UNWRAP), err)
+			}
+			if unwraps {
 				ut, err := readArrayAttribute(s, h, pkcs11.CKA_UNWRAP_TEMPLATE)
 				if err != nil {
 					return err
@@ -410,9 +462,13 @@ func tokenKey(t *Token) string { return t.mod.path + "\x00" + t.info.Serial + "\
 
 // Replicate copies r.Keys and r.KEK from r.Source to r.Target inside the
 // tokens (see the top of this file), compares every attribute of each
-// replica with its source and proves the keys equal in the tokens. On
-// any failure every replica made is destroyed, and so is every transport
-// object on both sides, whatever happened. Call CheckReplication first.
+// replica with its source and proves the keys equal in the tokens (each
+// issuer key also by a throwaway card, of Replication.ProofProfile,
+// when a KEK is copied with it). On any failure every replica made is
+// destroyed (the error says so, or names what could not be). Every
+// transport object on both sides is destroyed whatever happened; where
+// one could not be, the session it lives in is closed (it dies with it)
+// and Replicate fails. CheckReplication runs first.
 func Replicate(ctx context.Context, r Replication) (*ReplicationResult, error) {
 	if err := CheckReplication(ctx, r); err != nil {
 		return nil, err
@@ -420,11 +476,18 @@ func Replicate(ctx context.Context, r Replication) (*ReplicationResult, error) {
 	res := &ReplicationResult{}
 	err := exclusivePair(ctx, r.Source, r.Target, func(ps, pt *pooled) error {
 		x := &replication{r: r, ps: ps, pt: pt, res: res, tr: &Transport{Wrapped: map[string][]byte{}}}
-		defer x.destroyTransport()
 		err := x.run()
-		if err != nil {
-			x.destroyReplicas()
+		if err != nil && len(x.replicas) > 0 {
+			if derr := x.destroyReplicas(); derr != nil {
+				err = errors.Join(err, derr)
+			} else {
+				err = fmt.Errorf("%w (the replicas made were destroyed)", err)
+			}
 		}
+		if terr := x.endTransport(); terr != nil {
+			err = errors.Join(err, terr)
+		}
+		// Only now: every transport handle in x.tr is void.
 		if r.Capture != nil {
 			r.Capture(x.tr)
 		}
@@ -447,10 +510,17 @@ type replication struct {
 	// transport key.
 	rkiPub, rkiPriv, tTarget pkcs11.ObjectHandle
 	trustedPub, tSource      pkcs11.ObjectHandle
-	// replicas made on the target, found again by these templates.
-	replicas [][]*pkcs11.Attribute
+	// replicas made on the target, found again by their templates.
+	replicas []replica
 	// sources, by label, and what was read of them.
 	srcAttrs map[string]objAttrs
+}
+
+// replica is one object made on the target: what and label name it in
+// errors, find finds it again.
+type replica struct {
+	what, label string
+	find        []*pkcs11.Attribute
 }
 
 func (x *replication) src() Session { return x.r.Source.session(x.ps) }
@@ -489,7 +559,9 @@ func (x *replication) run() error {
 			return fmt.Errorf("the target unwraps issuer key %q: %w", k.Label, err)
 		}
 	}
-	x.destroyTransport()
+	if err := x.destroyTransport(); err != nil {
+		return err
+	}
 	if err := x.compare(); err != nil {
 		return err
 	}
@@ -525,12 +597,12 @@ func (x *replication) makeImportKey() error {
 	session(pubT)
 	session(privT)
 	m := pkcs11.NewMechanism(mech, nil)
-	x.rkiPub, x.rkiPriv, err = s.P.GenerateKeyPair(s.H, []*pkcs11.Mechanism{m}, pubT, privT)
 	x.tr.TargetLabels = append(x.tr.TargetLabels, label)
-	x.tr.TargetHandles = append(x.tr.TargetHandles, x.rkiPub, x.rkiPriv)
+	x.rkiPub, x.rkiPriv, err = s.P.GenerateKeyPair(s.H, []*pkcs11.Mechanism{m}, pubT, privT)
 	if err != nil {
 		return Call("C_GenerateKeyPair", m, err)
 	}
+	x.tr.TargetHandles = append(x.tr.TargetHandles, x.rkiPub, x.rkiPriv)
 	pk, err := exportPublic(s, x.rkiPub)
 	if err != nil {
 		return err
@@ -547,8 +619,11 @@ func (x *replication) makeImportKey() error {
 // key, wrap only) and wraps it to the public key with RSA-OAEP.
 func (x *replication) makeTransport() error {
 	pk, err := protocol.ParseIssuerKey(x.tr.ImportKeySPKI)
-	if err != nil || pk.RSA == nil {
-		return fmt.Errorf("the replication-import public key: %v", err)
+	if err != nil {
+		return fmt.Errorf("the replication-import public key: %w", err)
+	}
+	if pk.RSA == nil {
+		return errors.New("the replication-import public key is not an RSA key")
 	}
 	wt, err := newCKATemplate(pkcs11.CKA_WRAP_TEMPLATE, TransportWrapTemplate)
 	if err != nil {
@@ -636,8 +711,7 @@ func (x *replication) wrapObjects() error {
 		}
 	}
 	// Nothing more goes under the transport key.
-	x.destroySource()
-	return nil
+	return x.destroySource()
 }
 
 // receiveTransport: the target's user unwraps the transport key under the
@@ -658,37 +732,22 @@ func (x *replication) receiveTransport() error {
 		attr(pkcs11.CKA_TOKEN, false), attr(pkcs11.CKA_PRIVATE, false), attr(pkcs11.CKA_LABEL, label),
 		attr(pkcs11.CKA_SENSITIVE, true), attr(pkcs11.CKA_EXTRACTABLE, false), ut.attr,
 	}, usages(secretUsages, pkcs11.CKA_UNWRAP)...)
-	t = append(t, unwrapLocked(s.M)...)
+	t = forUnwrap(append(t, locked(s.M, false)...))
 	om := KeyImportOAEP()
 	x.tTarget, err = s.P.UnwrapKey(s.H, []*pkcs11.Mechanism{om}, x.rkiPriv, x.tr.WrappedTransport, t)
 	if err != nil {
 		return Call("C_UnwrapKey", om, err)
 	}
 	x.tr.TargetHandles = append(x.tr.TargetHandles, x.tTarget)
-	for _, h := range []*pkcs11.ObjectHandle{&x.rkiPriv, &x.rkiPub} {
-		if err := s.P.DestroyObject(s.H, *h); err != nil {
-			return fmt.Errorf("destroy the replication-import key: %w", Call("C_DestroyObject", nil, err))
-		}
-		*h = 0
-	}
-	return nil
-}
-
-// unwrapLocked is locked for an unwrap template: CKA_COPYABLE false, then
-// CKA_MODIFIABLE false last, because SoftHSM2 applies the template in
-// order and refuses every attribute after CKA_MODIFIABLE false
-// (CKR_ATTRIBUTE_READ_ONLY; see rewrapTemplate).
-func unwrapLocked(m *Mechanisms) []*pkcs11.Attribute {
-	var out []*pkcs11.Attribute
-	if m != nil && m.KnowsCopyable {
-		out = append(out, attr(pkcs11.CKA_COPYABLE, false))
-	}
-	return append(out, attr(pkcs11.CKA_MODIFIABLE, false))
+	return errors.Join(destroy(s, &x.rkiPriv, "the replication-import key (private)"), destroy(s, &x.rkiPub, "the replication-import key (public)"))
 }
 
 // forUnwrap reorders a generation template for C_UnwrapKey: CKA_COPYABLE
-// and CKA_MODIFIABLE last, in that order, and without the attributes a
-// token computes on unwrap (CKA_VALUE_LEN; SoftHSM2 refuses it).
+// and CKA_MODIFIABLE last, in that order, because SoftHSM2 applies the
+// template in order and refuses every attribute after CKA_MODIFIABLE
+// false (CKR_ATTRIBUTE_READ_ONLY; see rewrapTemplate); and without the
+// attributes a token computes on unwrap (CKA_VALUE_LEN; SoftHSM2 refuses
+// it).
 func forUnwrap(t []*pkcs11.Attribute) []*pkcs11.Attribute {
 	var out, tail []*pkcs11.Attribute
 	var mod *pkcs11.Attribute
@@ -731,7 +790,7 @@ func (x *replication) receiveKEK() error {
 	if err != nil {
 		return err
 	}
-	x.replicas = append(x.replicas, kekFind(k.Label, k.ID))
+	x.replicas = append(x.replicas, replica{"KEK", k.Label, kekFind(k.Label, k.ID)})
 	ref := &KEKRef{Label: k.Label, ID: k.ID, Trusted: true, Replicable: true, tok: x.r.Target}
 	ref.obj.find = kekFind(k.Label, k.ID)
 	ref.obj.set(x.r.Target, h)
@@ -757,7 +816,7 @@ func (x *replication) receiveKey(k *IssuerKeyRef) error {
 	if err != nil {
 		return Call("C_UnwrapKey", wm, err)
 	}
-	x.replicas = append(x.replicas, privateKeyFind(k.Label, k.ID))
+	x.replicas = append(x.replicas, replica{"issuer key (private)", k.Label, privateKeyFind(k.Label, k.ID)})
 	// The public object: the source's template without what generation
 	// alone takes (CKA_MODULUS_BITS), with the public key's values.
 	var pt []*pkcs11.Attribute
@@ -779,7 +838,7 @@ func (x *replication) receiveKey(k *IssuerKeyRef) error {
 	if err != nil {
 		return fmt.Errorf("create the public key: %w", Call("C_CreateObject", nil, err))
 	}
-	x.replicas = append(x.replicas, publicKeyFind(k.ID))
+	x.replicas = append(x.replicas, replica{"issuer key (public)", k.Label, publicKeyFind(k.ID)})
 	pk, err := exportPublic(s, pub)
 	if err != nil {
 		return err
@@ -791,41 +850,102 @@ func (x *replication) receiveKey(k *IssuerKeyRef) error {
 	return nil
 }
 
-// destroySource destroys the source's transport objects.
-func (x *replication) destroySource() {
-	s := x.src()
-	for _, h := range []*pkcs11.ObjectHandle{&x.tSource, &x.trustedPub} {
-		if *h != 0 {
-			s.P.DestroyObject(s.H, *h)
-			*h = 0
-		}
+// destroy destroys the object *h (if there is one) and clears *h only
+// once it is destroyed, so that a later pass tries again.
+func destroy(s Session, h *pkcs11.ObjectHandle, what string) error {
+	if *h == 0 {
+		return nil
 	}
+	if err := s.P.DestroyObject(s.H, *h); err != nil {
+		return fmt.Errorf("destroy %s: %w", what, Call("C_DestroyObject", nil, err))
+	}
+	*h = 0
+	return nil
+}
+
+// destroySource destroys the source's transport objects still there.
+func (x *replication) destroySource() error {
+	s := x.src()
+	return errors.Join(destroy(s, &x.tSource, "the source's transport key"), destroy(s, &x.trustedPub, "the source's trusted replication-import public key"))
+}
+
+// destroyTarget destroys the target's transport objects still there.
+func (x *replication) destroyTarget() error {
+	s := x.dst()
+	return errors.Join(destroy(s, &x.tTarget, "the target's transport key"),
+		destroy(s, &x.rkiPriv, "the replication-import key (private)"), destroy(s, &x.rkiPub, "the replication-import key (public)"))
 }
 
 // destroyTransport destroys every transport object still there, on both
 // sides.
-func (x *replication) destroyTransport() {
-	x.destroySource()
-	s := x.dst()
-	for _, h := range []*pkcs11.ObjectHandle{&x.tTarget, &x.rkiPriv, &x.rkiPub} {
-		if *h != 0 {
-			s.P.DestroyObject(s.H, *h)
-			*h = 0
-		}
-	}
+func (x *replication) destroyTransport() error {
+	return errors.Join(x.destroySource(), x.destroyTarget())
 }
 
-// destroyReplicas destroys every replica made on the target.
-func (x *replication) destroyReplicas() {
+// endTransport is the last pass of destroyTransport, when Replicate
+// ends: a side whose transport objects still cannot be destroyed has its
+// session closed, so that they die with it (they are session objects of
+// that session), and the session goes back to the pool not ok (its next
+// user opens a new one), never as usable with them alive.
+func (x *replication) endTransport() error {
+	var errs []error
+	for _, side := range []struct {
+		name    string
+		tok     *Token
+		ps      *pooled
+		destroy func() error
+		handles []*pkcs11.ObjectHandle
+	}{
+		{"source", x.r.Source, x.ps, x.destroySource, []*pkcs11.ObjectHandle{&x.tSource, &x.trustedPub}},
+		{"target", x.r.Target, x.pt, x.destroyTarget, []*pkcs11.ObjectHandle{&x.tTarget, &x.rkiPriv, &x.rkiPub}},
+	} {
+		err := side.destroy()
+		if err == nil {
+			continue
+		}
+		errs = append(errs, err)
+		cerr := side.tok.mod.ctx.CloseSession(side.ps.h)
+		side.ps.ok = false
+		side.tok.epoch.Add(1) // the close may have logged the user out: handles found before are stale
+		if cerr != nil {
+			errs = append(errs, fmt.Errorf("close the %s's session, in which a transport object is left: %w", side.name, Call("C_CloseSession", nil, cerr)))
+			continue
+		}
+		for _, h := range side.handles {
+			*h = 0 // died with the session
+		}
+		errs = append(errs, fmt.Errorf("the %s's session was closed, and its transport objects with it", side.name))
+	}
+	return errors.Join(errs...)
+}
+
+// destroyReplicas destroys every replica made on the target. A replica
+// it cannot find (or finds and cannot destroy) is named in the error: it
+// was made, so not finding it is not proof that it is gone.
+func (x *replication) destroyReplicas() error {
 	s := x.dst()
-	for _, f := range x.replicas {
-		if hs, err := findObjects(s, f, 4); err == nil {
-			for _, h := range hs {
-				s.P.DestroyObject(s.H, h)
+	var left []string
+	var errs []error
+	for _, r := range x.replicas {
+		hs, err := findAll(s, r.find)
+		if err == nil && len(hs) == 0 {
+			err = errors.New("not found")
+		}
+		for _, h := range hs {
+			if derr := s.P.DestroyObject(s.H, h); derr != nil && err == nil {
+				err = Call("C_DestroyObject", nil, derr)
 			}
 		}
+		if err != nil {
+			left = append(left, fmt.Sprintf("%s %q", r.what, r.label))
+			errs = append(errs, fmt.Errorf("%s %q: %w", r.what, r.label, err))
+		}
 	}
-	x.res.Keys, x.res.KEK = nil, nil
+	if len(left) > 0 {
+		return fmt.Errorf("the replicas could not all be destroyed: %s may be left on token %q (destroy them by label): %w",
+			strings.Join(left, ", "), x.r.Target.info.Label, errors.Join(errs...))
+	}
+	return nil
 }
 
 // compare reads every replica's attributes and compares them with its
@@ -846,14 +966,12 @@ func (x *replication) compare() error {
 			}
 		}
 		if len(diff) > 0 {
-			return fmt.Errorf("the replica of %s %q differs from its source: %s (the replicas were destroyed)", what, label, strings.Join(diff, "; "))
+			return fmt.Errorf("the replica of %s %q differs from its source: %s", what, label, strings.Join(diff, "; "))
 		}
 		hist := map[string][2]string{}
 		for _, n := range historyAttrs {
 			name := AttrName(n)
-			if v, ok := want.history[name]; ok {
-				hist[name] = [2]string{v, got.history[name]}
-			}
+			hist[name] = [2]string{want.history[name], got.history[name]}
 		}
 		x.res.Objects = append(x.res.Objects, ReplicatedObject{Label: label, What: what, Attributes: got.shown, History: hist})
 		return nil
@@ -882,13 +1000,31 @@ func (x *replication) compare() error {
 	return nil
 }
 
-// prove shows in the tokens that each replica is its source's key.
+// ProofProfile is the profile of the throwaway card that proves a
+// replica of k equal to k: r.Profiles' if it names one, else the AES-KDF
+// profile of k's kind (rsa-oaep-aes for an RSA key, ecdh-p256-aes for a
+// P-256 key), which every token replication runs on (SoftHSM2) runs.
+func (r Replication) ProofProfile(k *IssuerKeyRef) protocol.Profile {
+	if p, ok := r.Profiles[k.Label]; ok {
+		return p
+	}
+	if k.Public != nil && k.Public.EC != nil {
+		return protocol.ECDHP256AES
+	}
+	return protocol.RSAOAEPAES
+}
+
+// prove shows in the tokens that each replica is its source's key: the
+// public objects (made on the target from the source's bytes, so a check
+// of that copy, not of the private half), an RSA key's modulus read from
+// each private object, the KEKs by a throwaway key, and, with a KEK,
+// each issuer key by a throwaway card (ProofProfile) imported on both.
 func (x *replication) prove() error {
 	ss, st := x.src(), x.dst()
 	for i, k := range x.r.Keys {
 		rk := x.res.Keys[i]
 		sfp, tfp := k.Fingerprint(), rk.Fingerprint()
-		x.res.Proofs = append(x.res.Proofs, Proof{What: "issuer key " + k.Label, Method: "SHA-256 of the public key's DER SPKI, read from each token's public object",
+		x.res.Proofs = append(x.res.Proofs, Proof{What: "issuer key " + k.Label, Method: "SHA-256 of the public key's DER SPKI, read from each token's public object (the replica's is made from the source's values: this checks that copy, not the private key)",
 			Source: hex.EncodeToString(sfp[:]), Target: hex.EncodeToString(tfp[:]), Equal: sfp == tfp})
 		if k.Public.RSA != nil {
 			a, b := x.srcAttrs[k.Label+"/private"].raw[pkcs11.CKA_MODULUS], x.rawOf(st, rk, pkcs11.CKA_MODULUS)
@@ -896,53 +1032,33 @@ func (x *replication) prove() error {
 				Source: hashHex(a), Target: hashHex(b), Equal: len(a) > 0 && bytes.Equal(a, b)})
 		}
 	}
-	var kekS, kekT pkcs11.ObjectHandle
-	var kekLabel string
-	switch {
-	case x.r.KEK != nil:
-		var err error
-		if kekS, err = x.r.KEK.Handle(ss); err != nil {
+	if x.r.KEK != nil {
+		kekS, err := x.r.KEK.Handle(ss)
+		if err != nil {
 			return err
 		}
-		if kekT, err = x.res.KEK.Handle(st); err != nil {
+		kekT, err := x.res.KEK.Handle(st)
+		if err != nil {
 			return err
 		}
-		kekLabel = x.r.KEK.Label
-	case x.r.ProofKEK != "":
-		var err error
-		if kekS, err = findOne(ss, kekFind(x.r.ProofKEK, nil), "KEK"); err != nil {
-			return fmt.Errorf("the proof KEK %q on the source: %w", x.r.ProofKEK, err)
+		p, err := kekProof(ss, st, kekS, kekT)
+		if err != nil {
+			return err
 		}
-		if kekT, err = findOne(st, kekFind(x.r.ProofKEK, nil), "KEK"); err != nil {
-			return fmt.Errorf("the proof KEK %q on the target: %w", x.r.ProofKEK, err)
-		}
-		kekLabel = x.r.ProofKEK
-	}
-	if kekS != 0 {
-		if x.r.KEK != nil {
-			p, err := kekProof(ss, st, kekS, kekT)
-			if err != nil {
-				return err
-			}
-			p.What = "KEK " + kekLabel
-			x.res.Proofs = append(x.res.Proofs, p)
-		}
+		p.What = "KEK " + x.r.KEK.Label
+		x.res.Proofs = append(x.res.Proofs, p)
 		for i, k := range x.r.Keys {
-			prof, ok := x.r.Profiles[k.Label]
-			if !ok {
-				continue
-			}
-			p, err := cardProof(ss, st, prof, k, x.res.Keys[i], kekS, kekT)
+			p, err := cardProof(ss, st, x.r.ProofProfile(k), k, x.res.Keys[i], kekS, kekT)
 			if err != nil {
 				return err
 			}
-			p.What = fmt.Sprintf("issuer key %s and KEK %s", k.Label, kekLabel)
+			p.What = fmt.Sprintf("issuer key %s and KEK %s", k.Label, x.r.KEK.Label)
 			x.res.Proofs = append(x.res.Proofs, p)
 		}
 	}
 	for _, p := range x.res.Proofs {
 		if !p.Equal {
-			return fmt.Errorf("the replica of %s is not its source's key (%s: %s on the source, %s on the target; the replicas were destroyed)", p.What, p.Method, p.Source, p.Target)
+			return fmt.Errorf("the replica of %s is not its source's key (%s: %s on the source, %s on the target)", p.What, p.Method, p.Source, p.Target)
 		}
 	}
 	return nil
@@ -1131,10 +1247,11 @@ func showValue(n uint, v []byte) string {
 	return hex.EncodeToString(v)
 }
 
+// isBoolAttr: for an attribute showValue has not named already (CKA_CLASS,
+// CKA_KEY_TYPE, CKA_LABEL, CKA_VALUE_LEN), whether one byte is a CK_BBOOL.
 func isBoolAttr(n uint) bool {
 	switch n {
-	case pkcs11.CKA_CLASS, pkcs11.CKA_KEY_TYPE, pkcs11.CKA_LABEL, pkcs11.CKA_ID, pkcs11.CKA_VALUE_LEN,
-		pkcs11.CKA_MODULUS, pkcs11.CKA_PUBLIC_EXPONENT, pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT:
+	case pkcs11.CKA_ID, pkcs11.CKA_MODULUS, pkcs11.CKA_PUBLIC_EXPONENT, pkcs11.CKA_EC_PARAMS, pkcs11.CKA_EC_POINT:
 		return false
 	}
 	return true

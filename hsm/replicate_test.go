@@ -66,7 +66,8 @@ func TestReplicate(t *testing.T) {
 	var tr *Transport
 	res, err := Replicate(ctx, Replication{Source: src, Target: dst, SourceSOPIN: srcT.SOPIN, TargetSOPIN: dstT.SOPIN,
 		Keys: []*IssuerKeyRef{rsaK, ecK}, KEK: kek,
-		Profiles: map[string]protocol.Profile{"rep-rsa": protocol.RSAOAEPAES, "rep-ec": protocol.ECDHP256AES},
+		// rep-ec has no profile named: it gets its kind's (ProofProfile).
+		Profiles: map[string]protocol.Profile{"rep-rsa": protocol.RSAOAEPAES},
 		Capture:  func(x *Transport) { tr = x }})
 	if err != nil {
 		t.Fatal(err)
@@ -79,6 +80,18 @@ func TestReplicate(t *testing.T) {
 	}
 	if len(res.Objects) != 5 || len(res.Proofs) != 6 {
 		t.Errorf("%d objects, %d proofs; want 5 and 6", len(res.Objects), len(res.Proofs))
+	}
+	// A throwaway card's proof for every issuer key, named or not.
+	for _, tc := range []struct{ label, profile string }{{"rep-rsa", "rsa-oaep-aes"}, {"rep-ec", "ecdh-p256-aes"}} {
+		n := 0
+		for _, p := range res.Proofs {
+			if p.What == "issuer key "+tc.label+" and KEK rep-kek" && strings.Contains(p.Method, "profile "+tc.profile) && p.Equal {
+				n++
+			}
+		}
+		if n != 1 {
+			t.Errorf("%s: %d card proofs with profile %s, want 1", tc.label, n, tc.profile)
+		}
 	}
 	if n, _ := src.CountObjects(ctx); n != nS {
 		t.Errorf("source: %d objects before, %d after", nS, n)
@@ -215,6 +228,7 @@ func TestReplicationRefusals(t *testing.T) {
 		{"same token", func(r Replication) Replication { r.Target = src; return r }, "the same token"},
 		{"no source SO PIN", func(r Replication) Replication { r.SourceSOPIN = ""; return r }, "SO PIN"},
 		{"not replicable", func(r Replication) Replication { r.Keys = []*IssuerKeyRef{plain}; return r }, "not replicable"},
+		{"nothing to copy", func(r Replication) Replication { r.Keys = nil; return r }, "nothing to copy"},
 	} {
 		if err := CheckReplication(ctx, tc.r(ok)); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
@@ -453,6 +467,7 @@ func TestReplicateFails(t *testing.T) {
 	}{
 		{"wrong target SO PIN", Replication{Source: src, Target: dst, SourceSOPIN: srcT.SOPIN, TargetSOPIN: "wrong-pin", Keys: []*IssuerKeyRef{k}, KEK: kek}, "CKR_PIN_INCORRECT"},
 		{"source not the policy", Replication{Source: src, Target: dst, SourceSOPIN: srcT.SOPIN, TargetSOPIN: dstT.SOPIN, Keys: []*IssuerKeyRef{k, oddK}, KEK: kek}, "CKA_SIGN is false, the source's true"},
+		{"source not the policy: the replicas destroyed", Replication{Source: src, Target: dst, SourceSOPIN: srcT.SOPIN, TargetSOPIN: dstT.SOPIN, Keys: []*IssuerKeyRef{k, oddK}, KEK: kek}, "(the replicas made were destroyed)"},
 	} {
 		nS, _ := src.CountObjects(ctx)
 		nD, _ := dst.CountObjects(ctx)
@@ -545,5 +560,64 @@ func TestAuditReplicable(t *testing.T) {
 		}
 		tok.DestroyLabel(ctx, label)
 		tok.Close()
+	}
+}
+
+// TestReplicateDestroyFails: a transport object the token will not
+// destroy (C_DestroyObject fails on the source, through p11fault) fails
+// the replication, and the session it lives in is closed, so that it dies
+// with it: afterwards no transport label is left on the source, the
+// captured handles are void, and the source works again with a new
+// session.
+func TestReplicateDestroyFails(t *testing.T) {
+	ctx := context.Background()
+	srcT, dstT := hsmtest.SoftHSM(t), hsmtest.SoftHSM(t)
+	f := hsmtest.Faulty(t, srcT)
+	src := openFaultToken(t, f.Token.URI, 1)
+	dst := openFaultToken(t, dstT.URI, 1)
+	k, err := src.GenerateReplicableIssuerKey(ctx, KindP256, "df-ec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nS, _ := src.CountObjects(ctx)
+	nD, _ := dst.CountObjects(ctx)
+	var tr *Transport
+	f.Fail("C_DestroyObject", pkcs11.CKR_GENERAL_ERROR)
+	_, err = Replicate(ctx, Replication{Source: src, Target: dst, SourceSOPIN: srcT.SOPIN, TargetSOPIN: dstT.SOPIN,
+		Keys: []*IssuerKeyRef{k}, Capture: func(x *Transport) { tr = x }})
+	f.Clear()
+	if err == nil || !strings.Contains(err.Error(), "CKR_GENERAL_ERROR") || !strings.Contains(err.Error(), "the source's session was closed") {
+		t.Fatalf("Replicate with C_DestroyObject failing on the source: %v", err)
+	}
+	t.Logf("refused: %v", err)
+	if tr == nil || len(tr.SourceLabels) != 2 || len(tr.SourceHandles) != 2 {
+		t.Fatalf("transport captured: %+v", tr)
+	}
+	for _, l := range tr.SourceLabels {
+		if used, err := src.LabelInUse(ctx, l); err != nil || used {
+			t.Errorf("source: transport object %q left (%v)", l, err)
+		}
+	}
+	for _, l := range tr.TargetLabels {
+		if used, err := dst.LabelInUse(ctx, l); err != nil || used {
+			t.Errorf("target: transport object %q left (%v)", l, err)
+		}
+	}
+	src.With(ctx, func(s Session) error {
+		for _, h := range tr.SourceHandles {
+			if _, err := s.P.GetAttributeValue(s.H, h, []*pkcs11.Attribute{attr(pkcs11.CKA_LABEL, nil)}); err == nil {
+				t.Errorf("source: transport handle %d still valid", h)
+			}
+		}
+		return nil
+	})
+	if n, _ := src.CountObjects(ctx); n != nS {
+		t.Errorf("source: %d objects before, %d after", nS, n)
+	}
+	if n, _ := dst.CountObjects(ctx); n != nD {
+		t.Errorf("target: %d objects before, %d after", nD, n)
+	}
+	if _, err := src.FindIssuerKey(ctx, "df-ec"); err != nil {
+		t.Errorf("the source after its session was closed: %v", err)
 	}
 }
