@@ -352,21 +352,7 @@ func TestReplicationCeremonyRefusals(t *testing.T) {
 			if tc.uri == nss.URI {
 				src = so2 // not read: refused first
 			}
-			counts := []int{count(t, m1.URI), count(t, m2.URI), count(t, m3.URI), count(t, nss.URI)}
-			yaml := groupScript(tc.uri, src, tc.members, out, "-r", tc.body)
-			s, err := Parse([]byte(yaml))
-			if err == nil {
-				_, err = Run(ctx, s, Options{Log: testLog{t}})
-			}
-			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Fatalf("%v, want %q", err, tc.want)
-			}
-			t.Logf("refused: %v", err)
-			for i, u := range []string{m1.URI, m2.URI, m3.URI, nss.URI} {
-				if n := count(t, u); n != counts[i] {
-					t.Errorf("token %d: %d objects before, %d after", i, counts[i], n)
-				}
-			}
+			refusedUnchanged(t, groupScript(tc.uri, src, tc.members, out, "-r", tc.body), tc.want, m1.URI, m2.URI, m3.URI, nss.URI)
 			if _, err := os.Stat(out); !os.IsNotExist(err) {
 				t.Errorf("output directory %s made", out)
 			}
@@ -399,35 +385,14 @@ func TestGroupKEKRotation(t *testing.T) {
 		{"member without the old KEK", membersYAML([2]string{m3.URI, so3}), rotation, `does not hold kek-rotation.from`},
 		{"two KEKs to copy", membersYAML([2]string{m2.URI, so2}), rotation + "kek: {label: kek-other}\n", "kek and kek-rotation: a replication copies one KEK"},
 	} {
-		counts := []int{count(t, m1.URI), count(t, m2.URI), count(t, m3.URI)}
-		s, err := Parse([]byte(groupScript(m1.URI, so1, tc.members, filepath.Join(dir, "refused"), "-x", tc.body)))
-		if err == nil {
-			_, err = Run(ctx, s, Options{Log: testLog{t}})
-		}
-		if err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Fatalf("%s: %v, want %q", tc.name, err, tc.want)
-		}
-		for i, u := range []string{m1.URI, m2.URI, m3.URI} {
-			if n := count(t, u); n != counts[i] {
-				t.Errorf("%s: token %d: %d objects before, %d after", tc.name, i, counts[i], n)
-			}
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			refusedUnchanged(t, groupScript(m1.URI, so1, tc.members, filepath.Join(dir, "refused"), "-x", tc.body), tc.want, m1.URI, m2.URI, m3.URI)
+		})
 	}
 
 	// The card key stored before the rotation, under kek-g.
-	t1, err := hsm.OpenURI(m1.URI, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	t1, key, old := openKeys(t, m1.URI, "issuer-ec-g", "kek-g")
 	p := protocol.ECDHP256AES
-	key, err := t1.FindIssuerKey(ctx, "issuer-ec-g")
-	if err != nil {
-		t.Fatal(err)
-	}
-	old, err := t1.FindKEK(ctx, "kek-g")
-	if err != nil {
-		t.Fatal(err)
-	}
 	sec, c, err := protocol.Encapsulate(p, key.Public, rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -453,14 +418,8 @@ func TestGroupKEKRotation(t *testing.T) {
 	}
 
 	// issuer kek rotate's re-wrap on member 1, verified on member 2.
-	if t1, err = hsm.OpenURI(m1.URI, 1); err != nil {
-		t.Fatal(err)
-	}
+	t1, _, from := openKeys(t, m1.URI, "issuer-ec-g", "kek-g")
 	defer t1.Close()
-	from, err := t1.FindKEK(ctx, "kek-g")
-	if err != nil {
-		t.Fatal(err)
-	}
 	to, err := t1.FindKEK(ctx, "kek-g2")
 	if err != nil {
 		t.Fatal(err)
@@ -471,19 +430,8 @@ func TestGroupKEKRotation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t2, err := hsm.OpenURI(m2.URI, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
+	t2, key2, kek2 := openKeys(t, m2.URI, "issuer-ec-g", "kek-g2")
 	defer t2.Close()
-	key2, err := t2.FindIssuerKey(ctx, "issuer-ec-g")
-	if err != nil {
-		t.Fatal(err)
-	}
-	kek2, err := t2.FindKEK(ctx, "kek-g2")
-	if err != nil {
-		t.Fatal(err)
-	}
 	if !kek2.Replicable || !kek2.Trusted {
 		t.Errorf("member 2's kek-g2: replicable %v, trusted %v", kek2.Replicable, kek2.Trusted)
 	}
@@ -506,4 +454,48 @@ func TestGroupKEKRotation(t *testing.T) {
 			t.Errorf("member 2 verifies the re-wrapped card key: %v %v, want %v", ok, err, tc.want)
 		}
 	}
+}
+
+// refusedUnchanged: the ceremony script is refused with an error holding
+// want, and no token of uris has an object more or less.
+func refusedUnchanged(t *testing.T, yaml, want string, uris ...string) {
+	t.Helper()
+	var counts []int
+	for _, u := range uris {
+		counts = append(counts, count(t, u))
+	}
+	s, err := Parse([]byte(yaml))
+	if err == nil {
+		_, err = Run(context.Background(), s, Options{Log: testLog{t}})
+	}
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("%v, want %q", err, want)
+	}
+	t.Logf("refused: %v", err)
+	for i, u := range uris {
+		if n := count(t, u); n != counts[i] {
+			t.Errorf("token %d: %d objects before, %d after", i, counts[i], n)
+		}
+	}
+}
+
+// openKeys opens the token at uri (one session) and finds an issuer key
+// and a KEK in it; the caller closes the token.
+func openKeys(t *testing.T, uri, key, kek string) (*hsm.Token, *hsm.IssuerKeyRef, *hsm.KEKRef) {
+	t.Helper()
+	tok, err := hsm.OpenURI(uri, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := tok.FindIssuerKey(context.Background(), key)
+	if err != nil {
+		tok.Close()
+		t.Fatal(err)
+	}
+	w, err := tok.FindKEK(context.Background(), kek)
+	if err != nil {
+		tok.Close()
+		t.Fatal(err)
+	}
+	return tok, k, w
 }

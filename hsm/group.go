@@ -101,9 +101,8 @@ type Group struct {
 	keysOf     func(Member) *CardKeys // a member's CardKeys, as the options make them
 	rr         atomic.Uint64
 	failovers  atomic.Int64
-	done       chan struct{}
-	// probeCtx is the re-probing's context, cancelled by Close so that
-	// no probe holds Close up.
+	// probeCtx is the re-probing's context, cancelled by Close: it stops
+	// the re-probing, and no probe holds Close up.
 	probeCtx    context.Context
 	cancelProbe context.CancelFunc
 	closeMu     sync.Mutex // orders Close and starting a re-probe
@@ -158,7 +157,7 @@ func NewGroup(ctx context.Context, members []Member, opts GroupOptions) (*Group,
 	if len(members) == 0 {
 		return nil, errors.New("a token group needs at least one member that opens")
 	}
-	g := &Group{deadline: opts.Deadline, probeEvery: opts.ProbeEvery, log: opts.Log, done: make(chan struct{})}
+	g := &Group{deadline: opts.Deadline, probeEvery: opts.ProbeEvery, log: opts.Log}
 	g.probeCtx, g.cancelProbe = context.WithCancel(context.Background())
 	if g.deadline == 0 {
 		g.deadline = DefaultDeadline
@@ -200,6 +199,7 @@ func NewGroup(ctx context.Context, members []Member, opts GroupOptions) (*Group,
 	return g, nil
 }
 
+// complete refuses a Member without its token or keys.
 func complete(m Member) error {
 	if m.Token == nil || m.Key == nil || m.KEK == nil {
 		return errors.New("no token, issuer key or KEK")
@@ -207,6 +207,7 @@ func complete(m Member) error {
 	return nil
 }
 
+// slotsOf is a member's slots: one per session of its token.
 func slotsOf(m Member) chan struct{} { return make(chan struct{}, max(1, m.Token.Sessions())) }
 
 // memberNames names the members, then the pending ones, uniquely (the
@@ -558,7 +559,7 @@ func (g *Group) reprobe(m *member) {
 	defer t.Stop()
 	for {
 		select {
-		case <-g.done:
+		case <-g.probeCtx.Done():
 			return
 		case <-t.C:
 		}
@@ -628,8 +629,12 @@ func (g *Group) rejoinable(m *member) error {
 // pinRefused reports whether err is the token refusing the PIN: trying
 // again would only spend the token's retry counter and lock the PIN.
 func pinRefused(err error) bool {
-	rv, ok := RV(err)
-	return ok && (rv == pkcs11.CKR_PIN_INCORRECT || rv == pkcs11.CKR_PIN_LOCKED || rv == pkcs11.CKR_PIN_EXPIRED || rv == pkcs11.CKR_PIN_INVALID || rv == pkcs11.CKR_PIN_LEN_RANGE)
+	rv, _ := RV(err)
+	switch uint(rv) {
+	case pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED, pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE:
+		return true
+	}
+	return false
 }
 
 // pinStop is the log line of a member whose token refuses its PIN: it
@@ -803,7 +808,6 @@ func (g *Group) Close(ctx context.Context) error {
 	g.closeMu.Lock()
 	if !g.closed {
 		g.closed = true
-		close(g.done)
 		g.cancelProbe()
 	}
 	g.closeMu.Unlock()

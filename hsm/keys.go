@@ -607,6 +607,30 @@ func findObjects(s Session, tmpl []*pkcs11.Attribute, max int) ([]pkcs11.ObjectH
 	return hs, nil
 }
 
+// findAll returns the handles of every object matching tmpl, in batches
+// until the token has no more.
+func findAll(s Session, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
+	if err := s.P.FindObjectsInit(s.H, tmpl); err != nil {
+		return nil, Call("C_FindObjectsInit", nil, err)
+	}
+	var out []pkcs11.ObjectHandle
+	for {
+		hs, _, err := s.P.FindObjects(s.H, 100)
+		if err != nil {
+			s.P.FindObjectsFinal(s.H)
+			return nil, Call("C_FindObjects", nil, err)
+		}
+		if len(hs) == 0 {
+			break
+		}
+		out = append(out, hs...)
+	}
+	if err := s.P.FindObjectsFinal(s.H); err != nil {
+		return nil, Call("C_FindObjectsFinal", nil, err)
+	}
+	return out, nil
+}
+
 // findOne returns the one object matching tmpl; none or several is an
 // error naming what was looked for.
 func findOne(s Session, tmpl []*pkcs11.Attribute, what string) (pkcs11.ObjectHandle, error) {

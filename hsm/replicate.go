@@ -96,30 +96,6 @@ func flagAttr(s Session, h pkcs11.ObjectHandle, typ uint) bool {
 	return err == nil && len(a[0].Value) == 1 && a[0].Value[0] != 0
 }
 
-// findAll returns the handles of every object matching tmpl, in batches
-// until the token has no more (as CountObjects counts them).
-func findAll(s Session, tmpl []*pkcs11.Attribute) ([]pkcs11.ObjectHandle, error) {
-	if err := s.P.FindObjectsInit(s.H, tmpl); err != nil {
-		return nil, Call("C_FindObjectsInit", nil, err)
-	}
-	var out []pkcs11.ObjectHandle
-	for {
-		hs, _, err := s.P.FindObjects(s.H, 100)
-		if err != nil {
-			s.P.FindObjectsFinal(s.H)
-			return nil, Call("C_FindObjects", nil, err)
-		}
-		if len(hs) == 0 {
-			break
-		}
-		out = append(out, hs...)
-	}
-	if err := s.P.FindObjectsFinal(s.H); err != nil {
-		return nil, Call("C_FindObjectsFinal", nil, err)
-	}
-	return out, nil
-}
-
 // GenerateReplicableIssuerKey is GenerateIssuerKey for a key to be
 // copied to other members: the private key is extractable, only under
 // CKA_TRUSTED keys (CKA_WRAP_WITH_TRUSTED true), and otherwise exactly
@@ -739,7 +715,7 @@ func (x *replication) receiveTransport() error {
 		return Call("C_UnwrapKey", om, err)
 	}
 	x.tr.TargetHandles = append(x.tr.TargetHandles, x.tTarget)
-	return errors.Join(destroy(s, &x.rkiPriv, "the replication-import key (private)"), destroy(s, &x.rkiPub, "the replication-import key (public)"))
+	return destroyAll(s, x.targetObjects()[1:]) // the replication-import key: its work is done
 }
 
 // forUnwrap reorders a generation template for C_UnwrapKey: CKA_COPYABLE
@@ -863,23 +839,36 @@ func destroy(s Session, h *pkcs11.ObjectHandle, what string) error {
 	return nil
 }
 
-// destroySource destroys the source's transport objects still there.
-func (x *replication) destroySource() error {
-	s := x.src()
-	return errors.Join(destroy(s, &x.tSource, "the source's transport key"), destroy(s, &x.trustedPub, "the source's trusted replication-import public key"))
+// transportObject is one transport object of a side, by what it is.
+type transportObject struct {
+	h    *pkcs11.ObjectHandle
+	what string
 }
 
-// destroyTarget destroys the target's transport objects still there.
-func (x *replication) destroyTarget() error {
-	s := x.dst()
-	return errors.Join(destroy(s, &x.tTarget, "the target's transport key"),
-		destroy(s, &x.rkiPriv, "the replication-import key (private)"), destroy(s, &x.rkiPub, "the replication-import key (public)"))
+func (x *replication) sourceObjects() []transportObject {
+	return []transportObject{{&x.tSource, "the source's transport key"}, {&x.trustedPub, "the source's trusted replication-import public key"}}
 }
+
+func (x *replication) targetObjects() []transportObject {
+	return []transportObject{{&x.tTarget, "the target's transport key"},
+		{&x.rkiPriv, "the replication-import key (private)"}, {&x.rkiPub, "the replication-import key (public)"}}
+}
+
+func destroyAll(s Session, objs []transportObject) error {
+	var errs []error
+	for _, o := range objs {
+		errs = append(errs, destroy(s, o.h, o.what))
+	}
+	return errors.Join(errs...)
+}
+
+// destroySource destroys the source's transport objects still there.
+func (x *replication) destroySource() error { return destroyAll(x.src(), x.sourceObjects()) }
 
 // destroyTransport destroys every transport object still there, on both
 // sides.
 func (x *replication) destroyTransport() error {
-	return errors.Join(x.destroySource(), x.destroyTarget())
+	return errors.Join(x.destroySource(), destroyAll(x.dst(), x.targetObjects()))
 }
 
 // endTransport is the last pass of destroyTransport, when Replicate
@@ -890,16 +879,15 @@ func (x *replication) destroyTransport() error {
 func (x *replication) endTransport() error {
 	var errs []error
 	for _, side := range []struct {
-		name    string
-		tok     *Token
-		ps      *pooled
-		destroy func() error
-		handles []*pkcs11.ObjectHandle
+		name string
+		tok  *Token
+		ps   *pooled
+		objs []transportObject
 	}{
-		{"source", x.r.Source, x.ps, x.destroySource, []*pkcs11.ObjectHandle{&x.tSource, &x.trustedPub}},
-		{"target", x.r.Target, x.pt, x.destroyTarget, []*pkcs11.ObjectHandle{&x.tTarget, &x.rkiPriv, &x.rkiPub}},
+		{"source", x.r.Source, x.ps, x.sourceObjects()},
+		{"target", x.r.Target, x.pt, x.targetObjects()},
 	} {
-		err := side.destroy()
+		err := destroyAll(side.tok.session(side.ps), side.objs)
 		if err == nil {
 			continue
 		}
@@ -911,8 +899,8 @@ func (x *replication) endTransport() error {
 			errs = append(errs, fmt.Errorf("close the %s's session, in which a transport object is left: %w", side.name, Call("C_CloseSession", nil, cerr)))
 			continue
 		}
-		for _, h := range side.handles {
-			*h = 0 // died with the session
+		for _, o := range side.objs {
+			*o.h = 0 // died with the session
 		}
 		errs = append(errs, fmt.Errorf("the %s's session was closed, and its transport objects with it", side.name))
 	}

@@ -213,21 +213,9 @@ func (t *Token) LabelInUse(ctx context.Context, label string) (bool, error) {
 func (t *Token) CountObjects(ctx context.Context) (int, error) {
 	n := 0
 	err := t.With(ctx, func(s Session) error {
-		n = 0
-		if err := s.P.FindObjectsInit(s.H, nil); err != nil {
-			return Call("C_FindObjectsInit", nil, err)
-		}
-		defer s.P.FindObjectsFinal(s.H)
-		for {
-			hs, _, err := s.P.FindObjects(s.H, 100)
-			if err != nil {
-				return Call("C_FindObjects", nil, err)
-			}
-			if len(hs) == 0 {
-				return nil
-			}
-			n += len(hs)
-		}
+		hs, err := findAll(s, nil)
+		n = len(hs)
+		return err
 	})
 	return n, err
 }
